@@ -1,0 +1,44 @@
+"""The one place where memopt touches private PyTorch APIs (tests/test_torch_private.py covers each)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401 - re-exported
+
+Hook = Callable[[torch.Tensor], Any]
+
+
+def current_saved_tensors_hooks() -> tuple[Hook, Hook] | None:
+    """The innermost (pack, unpack) pair of saved-tensor hooks now in force, or None."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+@contextlib.contextmanager
+def observe_saved_tensors(observer: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call ``observer(t)`` on every tensor autograd saves, then hand it to the hooks already in force.
+
+    Only the innermost pair of saved-tensor hooks runs, so a plain ``saved_tensors_hooks`` would
+    replace, say, checkpoint's recomputation hooks; this wraps them instead.
+    """
+    inner = current_saved_tensors_hooks()
+    if inner is None:
+        def pack(t: torch.Tensor) -> Any:
+            observer(t)
+            return t
+
+        def unpack(x: Any) -> torch.Tensor:
+            return x
+    else:
+        inner_pack, inner_unpack = inner
+
+        def pack(t: torch.Tensor) -> Any:
+            observer(t)
+            return inner_pack(t)
+
+        unpack = inner_unpack
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

@@ -1,0 +1,303 @@
+"""Tensor memory measured at the allocation level, plus the host views (RSS, Python heap, CUDA stats).
+
+``TensorTracker`` is a TorchDispatchMode that sees every op's outputs, follows each new tensor storage
+until it is freed (a weakref callback on the storage), and keeps live bytes per category:
+
+  params, buffers      registered from the model
+  grads                the gradient a trainable parameter receives (hooks on the parameter)
+  optimizer            tensors in ``optimizer.state``
+  activations          storages autograd saves for backward (saved-tensor hooks), parameters excluded
+  temporaries          everything else the step allocates
+
+It works the same for CPU, CUDA and fake tensors. ``tracemalloc`` is *not* tensor memory (a 64 MiB
+CPU tensor leaves it at 0): it is reported separately as the Python heap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import tracemalloc
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+
+from memopt._torch_private import TorchDispatchMode, observe_saved_tensors
+
+CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
+STATE_CATEGORIES = ("params", "buffers", "grads", "optimizer")
+PHASES = ("forward", "backward", "optimizer")
+CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 bytes
+
+_ACTIVE: list[TensorTracker] = []
+
+
+def note_saved(tensor: torch.Tensor) -> None:
+    """Tell the running tracker that ``tensor`` is kept for backward (for strategies with own hooks)."""
+    if _ACTIVE:
+        _ACTIVE[-1].mark(tensor, "activations", only_from="temporaries")
+
+
+@dataclass
+class StepMemory:
+    """What the tracker saw during one step. Every number is bytes."""
+
+    peak_bytes: int
+    peak_breakdown: dict[str, int]
+    category_peak_bytes: dict[str, int]
+    phase_peak_bytes: dict[str, int]
+    state_bytes: dict[str, int]
+    peak_phase: str
+    timeline: list[tuple[str, tuple[int, ...]]] | None = None
+
+
+def _tensors(out: Any) -> Iterator[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+
+
+class TensorTracker(TorchDispatchMode):
+    """Live tensor bytes by category, with the step's peak, its breakdown and per-phase peaks."""
+
+    def __init__(self, device_type: str, *, timeline: bool = False, limit_bytes: int | None = None):
+        super().__init__()
+        self.device_type = device_type
+        self.round_to = CUDA_BLOCK if device_type == "cuda" else 1
+        self.limit_bytes = limit_bytes
+        self._live: dict[int, list[Any]] = {}  # storage key -> [weakref, category, nbytes]
+        self.bytes = dict.fromkeys(CATEGORIES, 0)
+        self.total = 0
+        self.phase = "forward"
+        self._record_timeline = timeline
+        self.begin_step()
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Start a new measurement window from what is live now."""
+        self.peak = self.total
+        self.peak_breakdown = dict(self.bytes)
+        self.peak_phase = self.phase
+        self._at_peak = True
+        self.category_peak = dict(self.bytes)
+        self.phase_peak = dict.fromkeys(PHASES, 0)
+        self.state_bytes = {c: self.bytes[c] for c in STATE_CATEGORIES}
+        self.timeline: list[tuple[str, tuple[int, ...]]] | None = [] if self._record_timeline else None
+
+    def result(self) -> StepMemory:
+        return StepMemory(self.peak, dict(self.peak_breakdown), dict(self.category_peak),
+                          dict(self.phase_peak), dict(self.state_bytes), self.peak_phase, self.timeline)
+
+    def _nbytes(self, storage: Any) -> int:
+        n = storage.nbytes()
+        return -(-n // self.round_to) * self.round_to
+
+    def _add(self, storage: Any, category: str) -> None:
+        key = storage._cdata
+        n = self._nbytes(storage)
+        ref = weakref.ref(storage, lambda _, k=key: self._free(k))
+        self._live[key] = [ref, category, n]
+        self.bytes[category] += n
+        self.total += n
+        if self.bytes[category] > self.category_peak[category]:
+            self.category_peak[category] = self.bytes[category]
+        if self.total > self.phase_peak[self.phase]:
+            self.phase_peak[self.phase] = self.total
+        if self.total > self.peak:
+            self.peak = self.total
+            self.peak_breakdown = dict(self.bytes)
+            self.peak_phase = self.phase
+            self._at_peak = True
+        else:
+            self._at_peak = False
+        self._tick()
+        if self.limit_bytes is not None and self.total > self.limit_bytes:
+            self._over_limit()
+
+    def _free(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is None:
+            return
+        self.bytes[entry[1]] -= entry[2]
+        self.total -= entry[2]
+        self._at_peak = False
+        self._tick()
+
+    def _tick(self) -> None:
+        if self.timeline is not None:
+            self.timeline.append((self.phase, tuple(self.bytes[c] for c in CATEGORIES)))
+
+    def _over_limit(self) -> None:
+        from memopt.errors import OutOfMemory
+        from memopt.units import format_bytes
+
+        limit = self.limit_bytes
+        self.limit_bytes = None  # do not raise again while the step unwinds
+        raise OutOfMemory(f"out of memory: live tensors reached {format_bytes(self.total)} during "
+                          f"{self.phase}, over the device's {format_bytes(limit or 0)}")
+
+    def mark(self, tensor: torch.Tensor, category: str, only_from: str | None = None) -> None:
+        """Put ``tensor``'s storage in ``category`` (tracking it if new)."""
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        entry = self._live.get(storage._cdata)
+        if entry is None:
+            if only_from is None and tensor.device.type == self.device_type:
+                self._add(storage, category)
+            return
+        old = entry[1]
+        if old == category or (only_from is not None and old != only_from):
+            return
+        self.bytes[old] -= entry[2]
+        self.bytes[category] += entry[2]
+        entry[1] = category
+        if self.bytes[category] > self.category_peak[category]:
+            self.category_peak[category] = self.bytes[category]
+        if self._at_peak:
+            self.peak_breakdown = dict(self.bytes)
+
+    def mark_all(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+        for t in tensors:
+            self.mark(t, category)
+
+    # -- phases and state --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        self.phase = phase
+        if self.total > self.phase_peak[phase]:
+            self.phase_peak[phase] = self.total
+        yield
+
+    def record_state(self) -> None:
+        """Remember params/buffers/grads/optimizer bytes now (after the optimizer step)."""
+        self.state_bytes = {c: self.bytes[c] for c in STATE_CATEGORIES}
+
+    # -- the dispatch hook ---------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+        out = func(*args, **(kwargs or {}))
+        for t in _tensors(out):
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if storage._cdata not in self._live and t.device.type == self.device_type:
+                self._add(storage, "temporaries")
+        return out
+
+    def __enter__(self) -> TensorTracker:
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
+
+    def saved_tensors(self) -> contextlib.AbstractContextManager[None]:
+        """Around forward+backward: storages autograd saves become activations."""
+        return observe_saved_tensors(lambda t: self.mark(t, "activations", only_from="temporaries"))
+
+
+class ModelWatch:
+    """Registers a model's and optimizer's tensors with a tracker and keeps gradients classified."""
+
+    def __init__(self, tracker: TensorTracker, model: torch.nn.Module, optimizer: Any | None):
+        self.tracker, self.model, self.optimizer = tracker, model, optimizer
+        self._handles: list[Any] = []
+        tracker.mark_all(model.parameters(), "params")
+        tracker.mark_all(model.buffers(), "buffers")
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is not None:
+                    tracker.mark(p.grad, "grads")
+                self._handles.append(p.register_hook(self._on_grad))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
+        self.rescan_optimizer()
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        self.tracker.mark(grad, "grads")
+
+    def _on_accumulated(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self.tracker.mark(param.grad, "grads")
+
+    def rescan_optimizer(self) -> None:
+        """Classify tensors in ``optimizer.state`` (created lazily by the first step)."""
+        if self.optimizer is None:
+            return
+        for state in getattr(self.optimizer, "state", {}).values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    self.tracker.mark(value, "optimizer")
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class RssSampler:
+    """Peak resident set size of this process, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+@dataclass
+class HostPeaks:
+    rss_peak_bytes: int = 0
+    python_heap_peak_bytes: int = 0
+    cuda: dict[str, int] | None = field(default=None)
+
+
+@contextlib.contextmanager
+def host_peaks(device_type: str) -> Iterator[HostPeaks]:
+    """RSS peak, Python-heap peak (tracemalloc) and CUDA allocator peaks over the enclosed code."""
+    peaks = HostPeaks()
+    cuda = device_type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    with RssSampler() as rss:
+        try:
+            yield peaks
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            peaks.python_heap_peak_bytes = tracemalloc.get_traced_memory()[1]
+            if started:
+                tracemalloc.stop()
+    peaks.rss_peak_bytes = rss.peak
+    if cuda:
+        peaks.cuda = {"max_allocated_bytes": torch.cuda.max_memory_allocated(),
+                      "max_reserved_bytes": torch.cuda.max_memory_reserved()}

@@ -1,0 +1,205 @@
+"""The Transformer builders: one LanguageModel with an encoder or a decoder stack.
+
+``encoder``: token + learned position embeddings, ``nn.TransformerEncoderLayer`` stack, output projection.
+``decoder``: causal LM with RMSNorm, RoPE, SwiGLU, grouped-query attention.
+Both return the training loss from ``model(tokens, targets)`` through a replaceable ``loss_head``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memopt.spec import ModelSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """Exact parameter count of ``build_model(spec)``, from the spec alone."""
+    d, v, f, L = spec.d_model, spec.vocab_size, spec.ffn_dim, spec.n_layers
+    assert f is not None and spec.n_kv_heads is not None
+    head = (0 if spec.tie_embeddings else v * d) + (v if spec.head_bias else 0)
+    if spec.arch == "encoder":
+        attn = 4 * d * d + 4 * d                       # in_proj (3d x d + 3d) and out_proj (d x d + d)
+        ffn = 2 * d * f + f + d                        # linear1, linear2 with biases
+        layer = attn + ffn + 4 * d                     # two LayerNorms
+        embed = v * d + spec.max_seq_len * d
+        final = 2 * d if spec.final_norm else 0
+    else:
+        kv = spec.n_kv_heads * spec.head_dim
+        layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # q, o, k, v, SwiGLU, two RMSNorms
+        embed = v * d
+        final = d if spec.final_norm else 0
+    return embed + L * layer + final + head
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules directly in ``dtype`` (``module.to(dtype)`` fails under FakeTensorMode)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(spec: ModelSpec, dtype: str = "float32", device: str | torch.device = "cpu") -> LanguageModel:
+    """Build the model with random weights directly on ``device`` in ``dtype``."""
+    with torch.device(device), default_dtype(TORCH_DTYPES[dtype]):
+        return LanguageModel(spec)
+
+
+class EncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` whose attention is eager (s*s scores materialised) or SDPA."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec.d_model, spec.n_heads, spec.ffn_dim, spec.dropout, activation=spec.activation,
+                         layer_norm_eps=spec.norm_eps, batch_first=True, norm_first=spec.norm_first)
+        self.attention = spec.attention
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):  # noqa: ANN001 - torch's signature
+        # need_weights=True makes MultiheadAttention compute softmax(QK^T) explicitly: b*heads*s*s floats.
+        eager = self.attention == "eager"
+        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                           need_weights=eager, average_attn_weights=False)[0]
+        return self.dropout1(x)
+
+
+class Rope(nn.Module):
+    """Rotary position embedding tables (non-persistent buffers)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
+        super().__init__()
+        inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv)  # s, hd/2
+        dtype = torch.get_default_dtype()
+        self.register_buffer("cos", angles.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: b, heads, s, hd
+        s = x.shape[-2]
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        cos, sin = self.cos[:s], self.sin[:s]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, rope: Rope):
+        super().__init__()
+        assert spec.n_kv_heads is not None
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.q = nn.Linear(spec.d_model, spec.d_model, bias=False)
+        self.k = nn.Linear(spec.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(spec.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(spec.d_model, spec.d_model, bias=False)
+        self.dropout = spec.dropout
+        self.attention = spec.attention
+        self._rope = [rope]  # shared, not a submodule (kept out of this module's state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        rope = self._rope[0]
+        q = rope(self.q(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2))     # b, h, s, hd
+        k = rope(self.k(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2))  # b, kv, s, hd
+        v = self.v(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)        # b, kv, s, hd
+        p = self.dropout if self.training else 0.0
+        if self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)                # b, h, s, s
+            mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+            att = F.dropout(scores.masked_fill(mask, float("-inf")).softmax(-1), p)
+            y = att @ v                                                                  # b, h, s, hd
+        return self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, ffn_dim, bias=False)
+        self.w3 = nn.Linear(d_model, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, rope: Rope):
+        super().__init__()
+        assert spec.ffn_dim is not None
+        self.attn_norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+        self.attn = CausalSelfAttention(spec, rope)
+        self.ffn_norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+        self.ffn = SwiGLU(spec.d_model, spec.ffn_dim)
+        self.drop = nn.Dropout(spec.dropout)
+
+    @property
+    def attention(self) -> str:
+        return self.attn.attention
+
+    @attention.setter
+    def attention(self, value: str) -> None:
+        self.attn.attention = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x)))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+
+class CrossEntropyHead(nn.Module):
+    """Output projection + mean cross-entropy over all tokens, logits materialised whole."""
+
+    def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)                                       # b, s, vocab
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        d = spec.d_model
+        self.tok = nn.Embedding(spec.vocab_size, d)
+        if spec.arch == "encoder":
+            self.pos: nn.Embedding | None = nn.Embedding(spec.max_seq_len, d)
+            self.rope = None
+            self.layers = nn.ModuleList(EncoderLayer(spec) for _ in range(spec.n_layers))
+            norm: nn.Module = nn.LayerNorm(d, eps=spec.norm_eps)
+        else:
+            self.pos = None
+            self.rope = Rope(spec.head_dim, spec.max_seq_len)
+            self.layers = nn.ModuleList(DecoderLayer(spec, self.rope) for _ in range(spec.n_layers))
+            norm = nn.RMSNorm(d, eps=spec.norm_eps)
+        self.norm = norm if spec.final_norm else nn.Identity()
+        self.head = nn.Linear(d, spec.vocab_size, bias=bool(spec.head_bias))
+        if spec.tie_embeddings:
+            self.head.weight = self.tok.weight
+        self.loss_head: nn.Module = CrossEntropyHead()
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (b, s) -> final hidden states (b, s, d)."""
+        x = self.tok(tokens)                                        # b, s, d
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """tokens, targets (b, s) -> scalar mean cross-entropy loss."""
+        return self.loss_head(self.hidden(tokens), self.head, targets)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (b, s) -> logits (b, s, vocab), for accuracy drift."""
+        return self.head(self.hidden(tokens))

@@ -1,0 +1,202 @@
+"""Build -> apply strategies -> warm-up step -> measured steps -> RunResult. Never prints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memopt.errors import MemoptError, OutOfMemory
+from memopt.measure import HostPeaks, ModelWatch, StepMemory, TensorTracker, host_peaks
+from memopt.model import LanguageModel, build_model
+from memopt.spec import Spec
+from memopt.strategies import StepPlan, Strategy, build_strategies
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    """Everything one run measured. Sizes are bytes, times seconds."""
+
+    name: str
+    strategies: list[dict[str, Any]]
+    device: str
+    ok: bool = True
+    error: str | None = None
+    params_total: int = 0
+    params_trainable: int = 0
+    memory: StepMemory | None = None
+    host: HostPeaks = field(default_factory=HostPeaks)
+    step_time_s: float = 0.0
+    step_times_s: list[float] = field(default_factory=list)
+    loss: float = float("nan")
+    strategy_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    pid: int = field(default_factory=os.getpid)
+
+
+@dataclass
+class Session:
+    """A built, strategy-applied model ready to step; what ``run`` measures and tests inspect."""
+
+    spec: Spec
+    device: str
+    model: LanguageModel
+    optimizer: Any | None
+    plan: StepPlan
+    strategies: list[Strategy]
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is a clear error."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise MemoptError("run.device: cuda was requested but no CUDA device is available here "
+                          "(use --device cpu, or memopt estimate --device cuda)")
+    return requested
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> Any | None:
+    """The spec's optimizer over the trainable parameters (None for ``none`` or nothing to train)."""
+    if name == "none" or not params:
+        return None
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def prepare(spec: Spec) -> Session:
+    """Build the model, apply the strategies in order and build the optimizer; nothing is stepped."""
+    device = resolve_device(spec.run.device)
+    strategies = build_strategies(spec, device)
+    torch.manual_seed(spec.run.seed)
+    model = build_model(spec.model, spec.run.dtype, device)
+    for strategy in strategies:
+        strategy.apply(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    for strategy in strategies:
+        optimizer = strategy.attach_optimizer(model, make_optimizer) or optimizer
+    if optimizer is None:
+        optimizer = make_optimizer(spec.train.optimizer, trainable, spec.train.lr)
+    plan = StepPlan()
+    for strategy in strategies:
+        strategy.configure(plan)
+    if spec.train.batch_size % plan.micro_batches:
+        raise MemoptError(f"accum.micro_batches: {plan.micro_batches} does not divide "
+                          f"train.batch_size {spec.train.batch_size}")
+    return Session(spec, device, model, optimizer, plan, strategies)
+
+
+def make_batch(spec: Spec, device: str, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random token ids: inputs and next-token targets, (batch, seq) each."""
+    gen = torch.Generator().manual_seed(spec.run.seed * 1_000_003 + step)
+    ids = torch.randint(spec.model.vocab_size, (spec.train.batch_size, spec.train.seq_len + 1), generator=gen)
+    ids = ids.to(device)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def train_step(session: Session, tracker: TensorTracker | None = None, watch: ModelWatch | None = None,
+               step: int = 0) -> float:
+    """One training step (forward, backward, optimizer) as the plan says; returns the mean loss."""
+    def phase(name: str) -> contextlib.AbstractContextManager[None]:
+        return tracker.in_phase(name) if tracker is not None else contextlib.nullcontext()
+
+    plan, model, optimizer = session.plan, session.model, session.optimizer
+    with phase("forward"):
+        tokens, targets = make_batch(session.spec, session.device, step)
+    k = plan.micro_batches
+    losses = []
+    for tok, tgt in zip(tokens.chunk(k), targets.chunk(k)):
+        with contextlib.ExitStack() as stack:
+            if tracker is not None:
+                stack.enter_context(tracker.saved_tensors())
+            for make_context in plan.contexts:
+                stack.enter_context(make_context())
+            with phase("forward"):
+                loss = model(tok, tgt)
+                scaled = loss / k if k > 1 else loss
+            with phase("backward"):
+                scaled.backward()
+        losses.append(loss.detach().float().item())
+        del loss, scaled
+    with phase("optimizer"):
+        if optimizer is not None and not plan.step_in_backward:
+            optimizer.step()
+        if watch is not None:
+            watch.rescan_optimizer()
+        if tracker is not None:
+            tracker.record_state()
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+    return sum(losses) / len(losses)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
+        progress: Progress | None = None) -> RunResult:
+    """Profile one spec: a warm-up step, then ``train.steps`` tracked steps. Raises MemoptError."""
+    say = progress or (lambda _msg: None)
+    say(f"{name}: building the model")
+    session = prepare(spec)
+    model = session.model
+    result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies], device=session.device,
+                       params_total=sum(p.numel() for p in _unique_params(model)),
+                       params_trainable=sum(p.numel() for p in _unique_params(model) if p.requires_grad))
+    phase_box = {"name": "warm-up"}
+    try:
+        say(f"{name}: warm-up step")
+        train_step(session, step=0)
+        _sync(session.device)
+        tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory)
+        with host_peaks(session.device) as host:
+            with tracker:
+                watch = ModelWatch(tracker, model, session.optimizer)
+                try:
+                    for i in range(spec.train.steps):
+                        say(f"{name}: measured step {i + 1}/{spec.train.steps}")
+                        tracker.begin_step()
+                        phase_box["name"] = "measured step"
+                        start = time.perf_counter()
+                        result.loss = train_step(session, tracker, watch, step=0)
+                        _sync(session.device)
+                        result.step_times_s.append(time.perf_counter() - start)
+                finally:
+                    watch.close()
+        result.host = host
+        result.memory = tracker.result()
+    except OutOfMemory:
+        raise
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise OutOfMemory(f"out of memory during the {phase_box['name']}: {str(exc).splitlines()[0]}") from exc
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+            raise OutOfMemory(f"out of memory during the {phase_box['name']}: {str(exc).splitlines()[0]}") from exc
+        raise
+    result.step_time_s = statistics.median(result.step_times_s)
+    for strategy in session.strategies:
+        facts = strategy.report()
+        if facts:
+            result.strategy_facts[strategy.name] = facts
+    result.notes.extend(session.plan.notes)
+    return result
+
+
+def _unique_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return list(model.parameters())  # nn.Module.parameters() already de-duplicates tied weights

@@ -1,0 +1,363 @@
+"""The YAML spec: loaded with yaml.safe_load, validated into frozen pydantic models.
+
+Every problem is collected and reported together, each with its path
+(``model.n_heads: 7 does not divide d_model 512``); unknown keys get a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from memopt.errors import SpecError
+
+Arch = Literal["encoder", "decoder"]
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSpec(_Frozen):
+    """Shape of the Transformer. Defaults are the design document's encoder."""
+
+    arch: Arch = "encoder"
+    d_model: int = Field(512, gt=0, le=2**17)
+    n_heads: int = Field(8, gt=0, le=2**12)
+    n_kv_heads: int | None = Field(None, gt=0, le=2**12, description="decoder only: grouped-query KV heads")
+    n_layers: int = Field(6, gt=0, le=1024)
+    vocab_size: int = Field(32000, gt=0, le=2**24)
+    ffn_dim: int | None = Field(None, gt=0, le=2**20, description="default 4*d_model")
+    max_seq_len: int = Field(512, gt=0, le=2**20)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    attention: Literal["eager", "sdpa"] | None = Field(
+        None, description="eager materialises the s*s scores; default eager (encoder), sdpa (decoder)")
+    tie_embeddings: bool = False
+    norm_first: bool = Field(False, description="encoder only: pre-norm layers")
+    activation: Literal["relu", "gelu"] = Field("relu", description="encoder only")
+    final_norm: bool | None = Field(None, description="default false (encoder), true (decoder)")
+    head_bias: bool | None = Field(None, description="default true (encoder), false (decoder)")
+    norm_eps: float = Field(1e-5, gt=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data: Any) -> Any:
+        """Defaults that depend on other fields (ffn 4*d_model, per-arch attention, norm, head bias)."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        decoder = out.get("arch") == "decoder"
+        d, heads = out.get("d_model", 512), out.get("n_heads", 8)
+        if out.get("ffn_dim") is None and type(d) is int:
+            out["ffn_dim"] = 4 * d
+        if out.get("n_kv_heads") is None and type(heads) is int:
+            out["n_kv_heads"] = heads
+        for key, default in (("attention", "sdpa" if decoder else "eager"), ("final_norm", decoder),
+                             ("head_bias", not decoder)):
+            if out.get(key) is None:
+                out[key] = default
+        return out
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelSpec:
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(f"n_heads: {self.n_heads} does not divide d_model {self.d_model}")
+        kv = self.n_kv_heads or self.n_heads
+        if self.arch == "encoder" and kv != self.n_heads:
+            problems.append("n_kv_heads: grouped-query attention needs arch: decoder")
+        elif self.n_heads % kv:
+            problems.append(f"n_kv_heads: {kv} does not divide n_heads {self.n_heads}")
+        if self.arch == "decoder" and not self.d_model % self.n_heads and self.head_dim % 2:
+            problems.append(f"n_heads: head dim {self.head_dim} must be even for RoPE")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class TrainSpec(_Frozen):
+    batch_size: int = Field(8, gt=0, le=2**20)
+    seq_len: int = Field(512, gt=0, le=2**20)
+    optimizer: Literal["none", "sgd", "adamw", "adafactor"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    steps: int = Field(3, gt=0, le=10_000, description="measured steps after one warm-up step")
+
+
+class RunSpec(_Frozen):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: DType = "float32"
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+
+class StrategySpec(_Frozen):
+    """One entry of ``strategies:``; ``options`` is the strategy's own validated options model."""
+
+    name: str
+    options: Any
+
+    def label(self) -> str:
+        return self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.name: self.options.model_dump()}
+
+
+class Spec(_Frozen):
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    run: RunSpec = RunSpec()
+    strategies: tuple[StrategySpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Spec:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len "
+                             f"{self.model.max_seq_len}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec, as YAML/JSON-ready plain data."""
+        data = self.model_dump(exclude={"strategies"})
+        data["strategies"] = [s.to_dict() for s in self.strategies]
+        return data
+
+    def with_strategies(self, strategies: tuple[StrategySpec, ...]) -> Spec:
+        return self.model_copy(update={"strategies": strategies})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(arch="encoder", d_model=768, n_heads=12, n_layers=12, vocab_size=50257, ffn_dim=3072,
+                 max_seq_len=1024, tie_embeddings=True, norm_first=True, activation="gelu",
+                 final_norm=True, head_bias=False),
+    "tinyllama-1.1b": dict(arch="decoder", d_model=2048, n_heads=32, n_kv_heads=4, n_layers=22,
+                           vocab_size=32000, ffn_dim=5632, max_seq_len=2048),
+    "llama-7b": dict(arch="decoder", d_model=4096, n_heads=32, n_layers=32, vocab_size=32000,
+                     ffn_dim=11008, max_seq_len=4096),
+    "llama-13b": dict(arch="decoder", d_model=5120, n_heads=40, n_layers=40, vocab_size=32000,
+                      ffn_dim=13824, max_seq_len=4096),
+    "llama-70b": dict(arch="decoder", d_model=8192, n_heads=64, n_kv_heads=8, n_layers=80,
+                      vocab_size=32000, ffn_dim=28672, max_seq_len=4096),
+}
+
+OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
+                  "steps": ("train", "steps"), "device": ("run", "device"), "dtype": ("run", "dtype"),
+                  "optimizer": ("train", "optimizer")}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys instead of silently keeping the last."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - yaml's signature
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "unhashable key", key_node.start_mark)
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, source: str = "spec") -> Any:
+    """Parse YAML text safely; any syntax problem becomes a SpecError with the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        if mark is not None:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([f"{source}: invalid YAML{where}: {problem}"]) from None
+    except RecursionError:
+        raise SpecError([f"{source}: invalid YAML: nested too deeply"]) from None
+
+
+def load_spec(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
+              strategies: list[Any] | None = None) -> Spec:
+    """CONFIG (a file path, a preset name, or None for the embedded default) -> a validated Spec.
+
+    ``overrides`` maps short names (``batch_size``, ``device``, ...) to values from the command line;
+    ``strategies``, when given, replaces the spec's own list.
+    """
+    data: Any = {}
+    source = "spec"
+    if config is not None:
+        path = Path(config)
+        if str(config) in PRESETS and not path.exists():
+            data = {"model": str(config)}
+        else:
+            source = str(path)
+            if not path.exists():
+                raise SpecError([f"{path}: no such file (nor a preset: {', '.join(PRESETS)})"])
+            if path.is_dir():
+                raise SpecError([f"{path}: is a directory, expected a YAML file"])
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SpecError([f"{path}: cannot read: {exc}"]) from None
+            data = read_yaml(text, source)
+            if data is None:
+                raise SpecError([f"{path}: the file is empty; expected a mapping with model/train/run"])
+    return spec_from_data(data, overrides, strategies, source)
+
+
+def spec_from_data(data: Any, overrides: dict[str, Any] | None = None, strategies: list[Any] | None = None,
+                   source: str = "spec") -> Spec:
+    """Validate already-parsed data (a dict) into a Spec, collecting every problem."""
+    if not isinstance(data, dict):
+        raise SpecError([f"{source}: expected a mapping with model/train/run at the top, "
+                         f"got {type(data).__name__}"])
+    data = dict(data)
+    problems: list[str] = []
+    data["model"] = _expand_preset(data.get("model", {}), problems)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, field = OVERRIDE_PATHS[key]
+        if not isinstance(data.get(section, {}), dict):
+            continue  # reported by validation below
+        data[section] = {**data.get(section, {}), field: value}
+    run = data.get("run")
+    if isinstance(run, dict) and isinstance(run.get("dtype"), str):
+        data["run"] = {**run, "dtype": DTYPE_ALIASES.get(run["dtype"], run["dtype"])}
+    raw_strategies = data.pop("strategies", None) if strategies is None else strategies
+    data.pop("strategies", None)
+    parsed = _parse_strategies(raw_strategies, problems)
+    spec = None
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_describe(err) for err in exc.errors())
+    if problems:
+        raise SpecError(problems)
+    assert spec is not None
+    return spec.with_strategies(tuple(parsed))
+
+
+def _expand_preset(model: Any, problems: list[str]) -> Any:
+    """``model: llama-7b`` or ``model: {preset: llama-7b, n_layers: 2}`` -> a full model mapping."""
+    if isinstance(model, str):
+        model = {"preset": model}
+    if not isinstance(model, dict) or "preset" not in model:
+        return model
+    name = model["preset"]
+    if not isinstance(name, str) or name not in PRESETS:
+        problems.append(f"model.preset: unknown preset {name!r}{_suggest(str(name), PRESETS)}; "
+                        f"known: {', '.join(PRESETS)}")
+        return {k: v for k, v in model.items() if k != "preset"}
+    return {**PRESETS[name], **{k: v for k, v in model.items() if k != "preset"}}
+
+
+def _parse_strategies(raw: Any, problems: list[str]) -> list[StrategySpec]:
+    """Entries are names, ``name:key=value`` strings, or ``{name: {options}}`` mappings."""
+    from memopt.strategies import validate_options  # the registry imports torch; keep it lazy
+
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        problems.append(f"strategies: expected a list of names or {{name: options}}, got {type(raw).__name__}")
+        return []
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"strategies[{i}]"
+        if isinstance(entry, str):
+            name, options = _parse_inline(entry, where, problems)
+        elif isinstance(entry, dict) and len(entry) == 1:
+            name, options = next(iter(entry.items()))
+            options = {} if options is None else options
+        else:
+            problems.append(f"{where}: expected a strategy name or a one-key mapping {{name: options}}")
+            continue
+        if not isinstance(name, str):
+            problems.append(f"{where}: strategy name must be a string, got {name!r}")
+            continue
+        if not isinstance(options, dict):
+            problems.append(f"{where}.{name}: options must be a mapping, got {type(options).__name__}")
+            continue
+        try:
+            out.append(StrategySpec(name=name, options=validate_options(name, options)))
+        except SpecError as exc:
+            problems.extend(f"{where}.{p}" if not p.startswith(where) else p for p in exc.problems)
+    names = [s.name for s in out]
+    for name in {n for n in names if names.count(n) > 1}:
+        problems.append(f"strategies: {name} is listed more than once")
+    return out
+
+
+def _parse_inline(text: str, where: str, problems: list[str]) -> tuple[str, dict[str, Any]]:
+    """'quant:bits=4,group_size=32' -> ('quant', {'bits': 4, 'group_size': 32}); values parsed as YAML."""
+    name, _, rest = text.strip().partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            problems.append(f"{where}.{name}: option {item!r} should look like key=value")
+            continue
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key.strip()] = value
+    return name.strip(), options
+
+
+def _suggest(word: str, choices: Any) -> str:
+    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Spec
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def describe_path(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "spec"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One pydantic error -> 'model.n_head: unknown key; did you mean n_heads?'."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    path = describe_path(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key{_suggest(str(loc[-1]), _known_fields(loc))}"
+    if kind == "missing":
+        return f"{path}: required"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        if msg.startswith(("n_heads", "n_kv_heads", "train.")):
+            return msg if msg.startswith("train.") else "; ".join(
+                f"{describe_path(loc + (part.split(':')[0],))}:{part.split(':', 1)[1]}"
+                for part in msg.split("; "))
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return f"{path}: {msg[0].lower() + msg[1:]} (got {shown})"

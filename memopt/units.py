@@ -1,0 +1,30 @@
+"""Binary byte units: format for people, parse from the command line."""
+
+import re
+
+from memopt.errors import MemoptError
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def format_bytes(n: int | float) -> str:
+    """1536 -> '1.50 KiB'; always binary units, as the house style wants."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512 MiB', '2e9' -> bytes. Decimal units (GB) are accepted and mean powers of ten."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise MemoptError(f"size {text!r}: expected a number with a unit such as 512MiB, 8GiB or 24GB")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise MemoptError(f"size {text!r}: must be positive")
+    return int(value)
