@@ -21,10 +21,10 @@ SCHEMA = 1
 
 CATEGORY_HELP = {
     "params": "weights",
-    "buffers": "RoPE tables etc.",
-    "grads": "trainable params' grads",
-    "optimizer": "optimizer state",
-    "activations": "saved for backward",
+    "buffers": "RoPE tables",
+    "grads": "gradients",
+    "optimizer": "e.g. Adam moments",
+    "activations": "saved for bwd",
     "temporaries": "all else",
 }
 
@@ -110,13 +110,13 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
         summary.add_row("CUDA max allocated", format_bytes(result.host.cuda["max_allocated_bytes"]),
                         "torch.cuda.max_memory_allocated")
         summary.add_row("CUDA max reserved", format_bytes(result.host.cuda["max_reserved_bytes"]),
-                        "caching allocator incl. fragmentation")
+                        "allocator cache")
     summary.add_row("Process RSS peak", format_bytes(result.host.rss_peak_bytes),
-                    "OS view: tensors, libraries, allocator caches")
+                    "OS view of the process")
     summary.add_row("Python heap peak", format_bytes(result.host.python_heap_peak_bytes),
-                    "tracemalloc: Python objects only, not tensors")
+                    "tracemalloc: not tensors")
     summary.add_row("Step time (median)", f"{result.step_time_s * 1000:.1f} ms",
-                    f"{len(result.step_times_s)} measured steps after 1 warm-up")
+                    f"of {len(result.step_times_s)}, after a warm-up")
     summary.add_row("Loss", f"{result.loss:.4f}", "")
     summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
     if result.strategies:
