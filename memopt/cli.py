@@ -131,6 +131,23 @@ def profile(config: ConfigArg = None, *, json_out: JsonOpt = None, device: Devic
         report.print_tables(report.profile_tables(spec, result))
 
 
+@app.command()
+@handle_errors
+def strategies(*, json_out: JsonOpt = None) -> None:
+    """List the strategies: options and defaults, what each saves, where it works.
+
+    Example: [bold]memopt strategies[/bold], then [bold]memopt profile --strategies ckpt:policy=selective,chunked_ce[/bold]
+    """
+    from memopt import report
+    from memopt.strategies import registry
+
+    rows = report.strategy_rows(registry())
+    if json_out is not None:
+        report.write_json({"schema": report.SCHEMA, "strategies": rows}, json_out)
+    if json_out != "-":
+        report.print_tables([report.strategies_table(rows)])
+
+
 def normalize_argv(args: list[str]) -> list[str]:
     """Give ``--json`` its optional value: a bare ``--json`` (last, or before an option or a YAML file)
     means ``--json -`` (stdout). Typer has no optional-value options, so the entry point does this."""

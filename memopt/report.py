@@ -152,3 +152,41 @@ def print_tables(tables: list[Table], console: Console | None = None) -> None:
     console = console or Console()
     for t in tables:
         console.print(t)
+
+
+def strategy_rows(strategies: dict[str, Any]) -> list[dict[str, Any]]:
+    """The registry as plain data: name, options with defaults, what it saves, where it works."""
+    rows = []
+    for name, cls in strategies.items():
+        options = {}
+        for field_name, info in cls.Options.model_fields.items():
+            options[field_name] = {"default": info.default, "type": _type_name(info.annotation),
+                                   "help": info.description or ""}
+        rows.append({"name": name, "order": cls.order, "summary": cls.summary, "saves": cls.saves,
+                     "devices": list(cls.devices), "lossy": cls.lossy, "options": options,
+                     "refuses": dict(cls.refuses)})
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    args = getattr(annotation, "__args__", None)
+    if getattr(annotation, "__origin__", None) is not None and args and all(isinstance(a, str) for a in args):
+        return " | ".join(args)  # Literal choices
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def strategies_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="memopt strategies (applied in this order when combined with +)", title_justify="left",
+                  expand=True)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("what it does / [dim]what it saves[/dim]", ratio=3)
+    table.add_column("options = default", ratio=2)
+    table.add_column("devices", no_wrap=True)
+    for row in rows:
+        opts = "\n".join(f"{k} = {v['default']}" + (f" [dim]({v['type']})[/dim]" if "|" in v["type"] else "")
+                         for k, v in row["options"].items()) or "-"
+        text = f"{row['summary']}\n[dim]{row['saves']}[/dim]" + ("\n[yellow]lossy[/yellow]" if row["lossy"] else "")
+        for other in row["refuses"]:
+            text += f"\n[red]refuses {other}[/red]"
+        table.add_row(row["name"], text, opts, ", ".join(row["devices"]))
+    return table

@@ -92,9 +92,6 @@ def prepare(spec: Spec) -> Session:
     plan = StepPlan()
     for strategy in strategies:
         strategy.configure(plan)
-    if spec.train.batch_size % plan.micro_batches:
-        raise MemoptError(f"accum.micro_batches: {plan.micro_batches} does not divide "
-                          f"train.batch_size {spec.train.batch_size}")
     return Session(spec, device, model, optimizer, plan, strategies)
 
 
@@ -106,32 +103,40 @@ def make_batch(spec: Spec, device: str, step: int = 0) -> tuple[torch.Tensor, to
     return ids[:, :-1], ids[:, 1:]
 
 
-def train_step(session: Session, tracker: TensorTracker | None = None, watch: ModelWatch | None = None,
-               step: int = 0) -> float:
-    """One training step (forward, backward, optimizer) as the plan says; returns the mean loss."""
-    def phase(name: str) -> contextlib.AbstractContextManager[None]:
-        return tracker.in_phase(name) if tracker is not None else contextlib.nullcontext()
+def _phase(tracker: TensorTracker | None, name: str) -> contextlib.AbstractContextManager[None]:
+    return tracker.in_phase(name) if tracker is not None else contextlib.nullcontext()
 
-    plan, model, optimizer = session.plan, session.model, session.optimizer
-    with phase("forward"):
-        tokens, targets = make_batch(session.spec, session.device, step)
-    k = plan.micro_batches
+
+def forward_backward(session: Session, tokens: torch.Tensor, targets: torch.Tensor,
+                     tracker: TensorTracker | None = None) -> float:
+    """Forward and backward over the plan's micro-batches, inside the strategies' contexts; mean loss."""
+    k = session.plan.micro_batches
     losses = []
     for tok, tgt in zip(tokens.chunk(k), targets.chunk(k)):
         with contextlib.ExitStack() as stack:
             if tracker is not None:
-                stack.enter_context(tracker.saved_tensors())
-            for make_context in plan.contexts:
+                stack.enter_context(tracker.saved_tensors())  # outermost: strategies' hooks take precedence
+            for make_context in session.plan.contexts:
                 stack.enter_context(make_context())
-            with phase("forward"):
-                loss = model(tok, tgt)
+            with _phase(tracker, "forward"):
+                loss = session.model(tok, tgt)
                 scaled = loss / k if k > 1 else loss
-            with phase("backward"):
+            with _phase(tracker, "backward"):
                 scaled.backward()
         losses.append(loss.detach().float().item())
         del loss, scaled
-    with phase("optimizer"):
-        if optimizer is not None and not plan.step_in_backward:
+    return sum(losses) / len(losses)
+
+
+def train_step(session: Session, tracker: TensorTracker | None = None, watch: ModelWatch | None = None,
+               step: int = 0) -> float:
+    """One training step (forward, backward, optimizer) as the plan says; returns the mean loss."""
+    optimizer = session.optimizer
+    with _phase(tracker, "forward"):
+        tokens, targets = make_batch(session.spec, session.device, step)
+    loss = forward_backward(session, tokens, targets, tracker)
+    with _phase(tracker, "optimizer"):
+        if optimizer is not None and not session.plan.step_in_backward:
             optimizer.step()
         if watch is not None:
             watch.rescan_optimizer()
@@ -140,8 +145,8 @@ def train_step(session: Session, tracker: TensorTracker | None = None, watch: Mo
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
         else:
-            model.zero_grad(set_to_none=True)
-    return sum(losses) / len(losses)
+            session.model.zero_grad(set_to_none=True)
+    return loss
 
 
 def _sync(device: str) -> None:

@@ -1,0 +1,36 @@
+"""Memory-efficient attention: F.scaled_dot_product_attention instead of materialising the s*s scores."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from memopt.errors import StrategyError
+from memopt.strategies import register
+from memopt.strategies.base import Options, StepPlan, Strategy
+
+
+class SdpaOptions(Options):
+    pass
+
+
+@register
+class Sdpa(Strategy):
+    name = "sdpa"
+    Options = SdpaOptions
+    summary = "eager attention (softmax(QK^T) materialised) -> F.scaled_dot_product_attention"
+    saves = "the b x heads x s x s score tensors: O(s^2) -> O(s) attention memory"
+    order = 10
+
+    def check(self, device: str) -> None:
+        if self.spec.model.attention == "sdpa":
+            raise StrategyError("sdpa: model.attention is already sdpa, so this strategy would change nothing "
+                                "(set model.attention: eager to compare)")
+
+    def apply(self, model: nn.Module) -> None:
+        for layer in model.layers:
+            layer.attention = "sdpa"
+
+    def configure(self, plan: StepPlan) -> None:
+        if self.spec.model.dropout > 0:
+            plan.notes.append("sdpa: attention dropout > 0 keeps SDPA off its flash kernel on CPU (math kernel, "
+                              "s^2 scores materialised); set model.dropout: 0 for the O(s) path")
