@@ -38,7 +38,7 @@ class ChunkedCrossEntropyHead(nn.Module):
 
 
 class ChunkedCeOptions(Options):
-    chunk_size: int = Field(1024, ge=1, le=2**24, description="tokens per chunk")
+    chunk_size: int = Field(256, ge=1, le=2**24, description="tokens per chunk")
 
 
 @register

@@ -1,0 +1,62 @@
+"""Run one profile in its own Python process, so that peaks, caches and crashes never leak between runs.
+
+The parent sends the resolved spec as JSON on stdin; the child (``python -m memopt.isolate``) runs it
+and prints one JSON object (the run, or its error) on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from memopt.spec import Spec
+
+
+def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None,
+                 timeout: float | None = None) -> dict[str, Any]:
+    """The run as schema-1 JSON; a run that dies comes back with ``ok: false`` and the reason."""
+    request = json.dumps({"spec": spec.to_dict(), "name": name, "device_memory": device_memory})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "memopt.isolate"], input=request, capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return _failed(spec, name, f"timed out after {timeout:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        why = "killed by the OS, probably out of memory" if sig == "SIGKILL" else f"died with {sig}"
+        return _failed(spec, name, why)
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return _failed(spec, name, f"exited with {proc.returncode}: {tail}")
+
+
+def _failed(spec: Spec, name: str, error: str) -> dict[str, Any]:
+    return {"name": name, "strategies": [s.to_dict() for s in spec.strategies], "ok": False, "error": error}
+
+
+def _child() -> None:
+    from memopt.errors import MemoptError
+    from memopt.report import run_to_json
+    from memopt.runner import run
+    from memopt.spec import spec_from_data
+
+    request = json.loads(sys.stdin.read())
+    spec = spec_from_data(request["spec"])
+    try:
+        result = run_to_json(run(spec, request["name"], device_memory=request.get("device_memory")))
+    except MemoptError as exc:
+        result = _failed(spec, request["name"], str(exc))
+    except MemoryError:
+        result = _failed(spec, request["name"], "out of memory (MemoryError)")
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    _child()
