@@ -39,6 +39,15 @@ def parameter_count(spec: ModelSpec) -> int:
     return embed + L * layer + final + head
 
 
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters; a packed quantized weight counts the parameters it stands for."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += getattr(p, "logical_numel", p.numel())
+        trainable += p.numel() if p.requires_grad else 0
+    return total, trainable
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Build modules directly in ``dtype`` (``module.to(dtype)`` fails under FakeTensorMode)."""
@@ -64,7 +73,35 @@ class EncoderLayer(nn.TransformerEncoderLayer):
                          layer_norm_eps=spec.norm_eps, batch_first=True, norm_first=spec.norm_first)
         self.attention = spec.attention
 
+    @property
+    def attention(self) -> str:
+        return self._attention
+
+    @attention.setter
+    def attention(self, value: str) -> None:
+        self._attention = value
+        if isinstance(self.self_attn, SelfAttention):
+            self.self_attn.attention = value
+
+    def split_attention(self) -> None:
+        """Replace nn.MultiheadAttention by SelfAttention (plain Linears), same weights and math, so that
+        compression strategies can quantize or prune its projections."""
+        if isinstance(self.self_attn, nn.MultiheadAttention):
+            self.self_attn = SelfAttention.from_multihead(self.self_attn, self.attention)
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,  # type: ignore[override]
+                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """The layer's training path (post- or pre-norm), also in eval: no inference fast path."""
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask))
+        return self.norm2(x + self._ff_block(x))
+
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):  # noqa: ANN001 - torch's signature
+        if isinstance(self.self_attn, SelfAttention):
+            return self.dropout1(self.self_attn(x))
         # need_weights=True makes MultiheadAttention compute softmax(QK^T) explicitly: b*heads*s*s floats.
         eager = self.attention == "eager"
         x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
@@ -90,36 +127,63 @@ class Rope(nn.Module):
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, spec: ModelSpec, rope: Rope):
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, causal: bool,
+           dropout: float) -> torch.Tensor:
+    """Scaled dot-product attention over (b, heads, s, hd) tensors; k, v may have fewer (grouped) heads.
+
+    ``eager`` materialises the b*heads*s*s probabilities; ``sdpa`` calls F.scaled_dot_product_attention.
+    """
+    grouped = k.shape[1] != q.shape[1]
+    if kind == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, enable_gqa=grouped)
+    if grouped:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])                          # b, h, s, s
+    if causal:
+        s = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return F.dropout(scores.softmax(-1), dropout) @ v                                     # b, h, s, hd
+
+
+class SelfAttention(nn.Module):
+    """Multi-head (optionally grouped-query, causal, rotary) self-attention with separate q, k, v, o."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool, causal: bool,
+                 dropout: float, attention: str, rope: Rope | None = None):
         super().__init__()
-        assert spec.n_kv_heads is not None
-        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
-        self.q = nn.Linear(spec.d_model, spec.d_model, bias=False)
-        self.k = nn.Linear(spec.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v = nn.Linear(spec.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.o = nn.Linear(spec.d_model, spec.d_model, bias=False)
-        self.dropout = spec.dropout
-        self.attention = spec.attention
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.causal, self.dropout, self.attention = causal, dropout, attention
         self._rope = [rope]  # shared, not a submodule (kept out of this module's state)
+
+    @classmethod
+    def from_multihead(cls, mha: nn.MultiheadAttention, attention: str) -> SelfAttention:
+        """The same weights as an ``nn.MultiheadAttention`` (self-attention, batch_first), split into Linears."""
+        d, h = mha.embed_dim, mha.num_heads
+        with torch.device(mha.in_proj_weight.device):
+            new = cls(d, h, h, d // h, bias=mha.in_proj_bias is not None, causal=False, dropout=mha.dropout,
+                      attention=attention)
+        with torch.no_grad():
+            for lin, w, b in zip((new.q, new.k, new.v), mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)):
+                lin.weight.copy_(w)
+                lin.bias.copy_(b)
+            new.o.weight.copy_(mha.out_proj.weight)
+            new.o.bias.copy_(mha.out_proj.bias)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)               # b, h, s, hd
+        k = self.k(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)            # b, kv, s, hd
+        v = self.v(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)            # b, kv, s, hd
         rope = self._rope[0]
-        q = rope(self.q(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2))     # b, h, s, hd
-        k = rope(self.k(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2))  # b, kv, s, hd
-        v = self.v(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)        # b, kv, s, hd
-        p = self.dropout if self.training else 0.0
-        if self.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
-        else:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)                # b, h, s, s
-            mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
-            att = F.dropout(scores.masked_fill(mask, float("-inf")).softmax(-1), p)
-            y = att @ v                                                                  # b, h, s, hd
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        y = attend(q, k, v, kind=self.attention, causal=self.causal, dropout=self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -139,7 +203,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         assert spec.ffn_dim is not None
         self.attn_norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
-        self.attn = CausalSelfAttention(spec, rope)
+        assert spec.n_kv_heads is not None
+        self.attn = SelfAttention(spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim, bias=False, causal=True,
+                                  dropout=spec.dropout, attention=str(spec.attention), rope=rope)
         self.ffn_norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
         self.ffn = SwiGLU(spec.d_model, spec.ffn_dim)
         self.drop = nn.Dropout(spec.dropout)

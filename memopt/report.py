@@ -51,6 +51,7 @@ def run_to_json(result: RunResult) -> dict[str, Any]:
         "cuda": result.host.cuda,
         "step_time_s": result.step_time_s,
         "loss": result.loss,
+        "drift": result.drift,
         "strategy_facts": result.strategy_facts,
         "notes": result.notes,
         "pid": result.pid,
@@ -119,6 +120,9 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
                     f"of {len(result.step_times_s)}, after a warm-up")
     summary.add_row("Loss", f"{result.loss:.4f}", "")
     summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
+    if result.drift is not None:
+        summary.add_row("Accuracy drift", f"{100 * result.drift['logits_rel_error']:.2f}%",
+                        f"logits vs unchanged model; loss {result.drift['loss_delta']:+.4f}")
     if result.strategies:
         summary.add_row("Strategies", ", ".join(next(iter(s)) for s in result.strategies), "")
     for name, facts in result.strategy_facts.items():

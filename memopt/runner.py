@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from memopt.drift import measure_drift
 from memopt.errors import MemoptError, OutOfMemory
 from memopt.measure import HostPeaks, ModelWatch, StepMemory, TensorTracker, host_peaks
-from memopt.model import LanguageModel, build_model
+from memopt.model import LanguageModel, build_model, count_parameters
 from memopt.spec import Spec
 from memopt.strategies import StepPlan, Strategy, build_strategies
 
@@ -37,6 +38,7 @@ class RunResult:
     step_time_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
     loss: float = float("nan")
+    drift: dict[str, float] | None = None
     strategy_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pid: int = field(default_factory=os.getpid)
@@ -161,9 +163,12 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_me
     say(f"{name}: building the model")
     session = prepare(spec)
     model = session.model
+    total, trainable = count_parameters(model)
     result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies], device=session.device,
-                       params_total=sum(p.numel() for p in _unique_params(model)),
-                       params_trainable=sum(p.numel() for p in _unique_params(model) if p.requires_grad))
+                       params_total=total, params_trainable=trainable)
+    if any(s.lossy for s in session.strategies):
+        say(f"{name}: measuring accuracy drift against the unchanged model")
+        result.drift = measure_drift(spec, model, *make_batch(spec, session.device), session.device)
     phase_box = {"name": "warm-up"}
     try:
         say(f"{name}: warm-up step")
@@ -201,7 +206,3 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_me
             result.strategy_facts[strategy.name] = facts
     result.notes.extend(session.plan.notes)
     return result
-
-
-def _unique_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return list(model.parameters())  # nn.Module.parameters() already de-duplicates tied weights

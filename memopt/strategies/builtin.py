@@ -1,3 +1,4 @@
 """Imports every built-in strategy module so that each registers itself."""
 
-from memopt.strategies import accum, amp, chunked_ce, ckpt, offload, optim_in_bwd, sdpa  # noqa: F401
+from memopt.strategies import (  # noqa: F401
+    accum, amp, chunked_ce, ckpt, offload, optim8bit, optim_in_bwd, prune, quant, sdpa)

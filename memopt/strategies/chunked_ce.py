@@ -1,7 +1,9 @@
-"""Output projection + cross-entropy in chunks of tokens, each chunk checkpointed.
+"""Output projection + cross-entropy in chunks of tokens, each chunk recomputed in backward.
 
-The batch x seq x vocab logits, their log-probabilities and their gradient never exist whole:
-only one chunk's (Liger Kernel's fused linear cross-entropy, Cut Cross-Entropy, in plain PyTorch).
+The batch x seq x vocab logits, their log-probabilities and their gradient never exist whole: only
+one chunk's (the idea of Liger Kernel's fused linear cross-entropy and Cut Cross-Entropy, in plain
+PyTorch). Forward keeps only the hidden states; backward recomputes each chunk's logits and writes
+the weight gradient into one buffer in place, so not even two weight-sized gradients coexist.
 """
 
 from __future__ import annotations
@@ -10,16 +12,43 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias)                         # chunk, vocab
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(hidden_i @ W^T + b, target_i), chunk by chunk in forward and in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # noqa: ANN001, ANN205 - autograd's signature
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+            logits = F.linear(h, weight, bias).float()                              # chunk, vocab
+            total += F.cross_entropy(logits, t, reduction="sum")
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk = chunk
+        return total / targets.numel()
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+        hidden, weight, bias, targets = ctx.saved_tensors
+        scale = grad_loss / targets.numel()
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, targets.numel(), ctx.chunk):
+            h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
+            probs = F.linear(h, weight, bias).float().softmax(-1)                    # chunk, vocab
+            probs[torch.arange(t.numel(), device=t.device), t] -= 1.0               # dCE/dlogits
+            g = probs.mul_(scale).to(weight.dtype)
+            if grad_hidden is not None:
+                torch.mm(g, weight, out=grad_hidden[start:start + ctx.chunk])
+            if grad_weight is not None:
+                grad_weight.addmm_(g.t(), h)
+            if grad_bias is not None:
+                grad_bias += g.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 class ChunkedCrossEntropyHead(nn.Module):
@@ -30,11 +59,8 @@ class ChunkedCrossEntropyHead(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-        flat, tgt = hidden.flatten(0, 1), targets.flatten()           # n, d and n
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for h, t in zip(flat.split(self.chunk_size), tgt.split(self.chunk_size)):
-            total = total + checkpoint(_chunk_loss, h, head.weight, head.bias, t, use_reentrant=False)
-        return total / tgt.numel()
+        return _ChunkedLinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, head.bias,
+                                                targets.flatten(), self.chunk_size)
 
 
 class ChunkedCeOptions(Options):
@@ -45,9 +71,18 @@ class ChunkedCeOptions(Options):
 class ChunkedCe(Strategy):
     name = "chunked_ce"
     Options = ChunkedCeOptions
-    summary = "output projection + cross-entropy in checkpointed chunks of tokens"
+    summary = "output projection + cross-entropy in chunks of tokens, recomputed chunk by chunk in backward"
     saves = "the b x s x vocab logits, log-probs and their gradient (3 x b*s*V floats)"
     order = 20
+
+    def check(self, device: str) -> None:
+        if "quant" in {s.name for s in self.spec.strategies}:
+            opts = next(s.options for s in self.spec.strategies if s.name == "quant")
+            if opts.head:
+                from memopt.errors import StrategyError
+
+                raise StrategyError("chunked_ce+quant: refused with quant.head: true (the chunked loss needs the "
+                                    "output layer's float weight); keep quant.head: false")
 
     def apply(self, model: nn.Module) -> None:
         model.loss_head = ChunkedCrossEntropyHead(self.options.chunk_size)  # type: ignore[attr-defined]

@@ -1,0 +1,116 @@
+"""Weight-only group-wise quantization (int8, int4, nf4) and LoRA adapters, on plain PyTorch tensors.
+
+Weights are stored packed (int4/nf4: two 4-bit codes per byte) with one scale per group of
+``group_size`` inputs. ``QuantLinear`` runs through a custom autograd Function that saves only the
+packed weight and its scales and dequantizes again in backward: a plain ``x @ dequant(w).t()`` under
+autograd would keep every dequantized weight alive until backward and lose the saving.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The 16 NF4 levels: quantiles of a standard normal, scaled to [-1, 1] (Dettmers et al. 2023, QLoRA).
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+
+
+def quantize(weight: torch.Tensor, bits: int, fmt: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> (packed codes, scales (out, in // group_size)), symmetric per group."""
+    out_f, in_f = weight.shape
+    groups = weight.detach().float().reshape(out_f, in_f // group_size, group_size)
+    absmax = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)          # out, g, 1
+    if fmt == "nf4":
+        levels = torch.tensor(NF4_LEVELS, device=weight.device)
+        codes = torch.bucketize(groups / absmax, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)  # nearest
+        scales = absmax
+    else:
+        qmax = 2 ** (bits - 1) - 1                                               # 127 or 7
+        scales = absmax / qmax
+        codes = (groups / scales).round().clamp(-qmax, qmax).to(torch.int8)
+        if bits == 4:
+            codes = (codes + 8).to(torch.uint8)                                  # 1..15 in a nibble
+    codes = codes.reshape(out_f, in_f)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)                           # out, in/2: two per byte
+    return codes.contiguous(), scales.squeeze(-1).to(weight.dtype).contiguous()
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """Packed codes + scales -> the (out, in) weight in ``dtype``; one weight-sized float tensor alive."""
+    out_f, groups = scales.shape
+    if bits == 4:
+        codes = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(out_f, -1)  # out, in (uint8)
+        if fmt == "nf4":
+            w = torch.tensor(NF4_LEVELS, dtype=dtype, device=codes.device)[codes.int()]
+        else:
+            w = codes.to(dtype).sub_(8)
+    else:
+        w = codes.to(dtype)
+    w = w.view(out_f, groups, -1).mul_(scales.to(dtype).unsqueeze(-1))
+    return w.view(out_f, -1)
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x @ dequant(W)^T, saving only the packed weight; backward dequantizes again."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, bits, fmt):  # noqa: ANN001, ANN205 - autograd's signature
+        ctx.save_for_backward(codes, scales)
+        ctx.bits, ctx.fmt = bits, fmt
+        w = dequantize(codes, scales, bits, fmt, x.dtype)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        codes, scales = ctx.saved_tensors
+        w = dequantize(codes, scales, ctx.bits, ctx.fmt, grad_out.dtype)
+        return grad_out @ w, None, None, None, None
+
+
+class QuantLinear(nn.Module):
+    """A frozen, packed Linear; ``lora_a``/``lora_b`` adapters train when given a rank."""
+
+    def __init__(self, linear: nn.Linear, bits: int, fmt: str, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bits, self.fmt, self.group_size = bits, fmt, group_size
+        codes, scales = quantize(linear.weight, bits, fmt, group_size)
+        self.codes = nn.Parameter(codes, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.codes.logical_numel = linear.weight.numel()  # the parameters it stands for
+        self.scales.logical_numel = 0                      # metadata, not model parameters
+        self.bias = linear.bias
+        self.lora_a: nn.Parameter | None = None
+        self.lora_b: nn.Parameter | None = None
+        self.lora_scale = 0.0
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """LoRA: y += (x A^T) B^T * alpha/rank; B starts at zero so the output is unchanged at first."""
+        ref = self.scales
+        with torch.no_grad():
+            a = torch.empty(rank, self.in_features, dtype=ref.dtype, device=ref.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_a = nn.Parameter(a)
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=ref.dtype, device=ref.device))
+        self.lora_scale = alpha / rank
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.bits, self.fmt, dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _QuantMatmul.apply(x, self.codes, self.scales, self.bits, self.fmt)
+        if self.bias is not None:
+            y = y + self.bias
+        if self.lora_a is not None and self.lora_b is not None:
+            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.fmt}{self.bits}, group_size={self.group_size}"

@@ -1,0 +1,116 @@
+"""Weight-only quantization of the Linear layers (and optionally the embedding), QLoRA style.
+
+Base weights are frozen and stored packed (int8, int4 or nf4, one scale per group). With
+``lora: {rank, alpha, targets}`` only the adapters train (QLoRA); without it the remaining float
+parameters (embeddings, norms, biases, the float output layer) train.
+``torch.ao.quantization.quantize_dynamic`` is no substitute: it gives no gradient.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from memopt.errors import StrategyError
+from memopt.quantize import QuantLinear, dequantize, quantize
+from memopt.strategies import register
+from memopt.strategies.base import Options, Strategy
+
+
+class LoraOptions(Options):
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: ["layers.*"],
+                               description="module name patterns (fnmatch) that get adapters")
+
+
+class QuantOptions(Options):
+    bits: Literal[8, 4] = 8
+    format: Literal["int", "nf4"] = "int"
+    group_size: int = Field(64, ge=2, le=2**16)
+    embedding: bool = Field(False, description="also quantize (and freeze) the token embedding")
+    head: bool = Field(False, description="also quantize the output projection (bitsandbytes keeps it in float)")
+    lora: LoraOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_shorthand(cls, data: Any) -> Any:
+        """``lora: 8`` means rank 8; ``lora: true`` the defaults."""
+        if isinstance(data, dict):
+            lora = data.get("lora")
+            if lora is True:
+                data = {**data, "lora": {}}
+            elif type(lora) is int:
+                data = {**data, "lora": {"rank": lora}}
+            elif lora is False:
+                data = {**data, "lora": None}
+        return data
+
+    @model_validator(mode="after")
+    def _nf4_is_4_bits(self) -> QuantOptions:
+        if self.format == "nf4" and self.bits != 4:
+            raise ValueError("format: nf4 is a 4-bit format; set bits: 4")
+        return self
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen, packed embedding table; rows are dequantized after the lookup."""
+
+    def __init__(self, embedding: nn.Embedding, bits: int, fmt: str, group_size: int):
+        super().__init__()
+        self.bits, self.fmt, self.dim = bits, fmt, embedding.embedding_dim
+        codes, scales = quantize(embedding.weight, bits, fmt, group_size)
+        self.codes = nn.Parameter(codes, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.codes.logical_numel = embedding.weight.numel()
+        self.scales.logical_numel = 0
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = dequantize(F.embedding(tokens.flatten(), self.codes), F.embedding(tokens.flatten(), self.scales),
+                          self.bits, self.fmt, self.scales.dtype)
+        return rows.view(*tokens.shape, self.dim)
+
+
+@register
+class Quant(Strategy):
+    name = "quant"
+    Options = QuantOptions
+    summary = "weight-only int8 / int4 / nf4 (group-wise scales) frozen base weights, optional LoRA adapters"
+    saves = "Linear weights 4-8x smaller; grads and optimizer state only for what still trains"
+    lossy = True
+    order = 5
+
+    def check(self, device: str) -> None:
+        opts: QuantOptions = self.options  # type: ignore[assignment]
+        m = self.spec.model
+        for width, what in ((m.d_model, "d_model"), (m.ffn_dim, "ffn_dim")):
+            if width and width % opts.group_size:
+                raise StrategyError(f"quant.group_size: {opts.group_size} does not divide model.{what} {width}")
+
+    def apply(self, model: nn.Module) -> None:
+        opts: QuantOptions = self.options  # type: ignore[assignment]
+        for layer in model.layers:
+            if hasattr(layer, "split_attention"):
+                layer.split_attention()
+        targets = [(name, module) for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and (name.startswith("layers.") or
+                                                         (name == "head" and opts.head and not
+                                                          self.spec.model.tie_embeddings))]
+        for name, linear in targets:
+            if linear.in_features % opts.group_size:
+                raise StrategyError(f"quant.group_size: {opts.group_size} does not divide the {linear.in_features} "
+                                    f"inputs of {name}")
+            quantized = QuantLinear(linear, opts.bits, opts.format, opts.group_size)
+            if opts.lora and any(fnmatch.fnmatch(name, pattern) for pattern in opts.lora.targets):
+                quantized.add_lora(opts.lora.rank, opts.lora.alpha)
+            model.set_submodule(name, quantized)
+        if opts.embedding and not self.spec.model.tie_embeddings:
+            model.tok = QuantEmbedding(model.tok, opts.bits, opts.format, opts.group_size)
+        if opts.lora:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
