@@ -18,9 +18,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 
 def _load_all() -> None:
-    if REGISTRY:
-        return
-    from memopt.strategies import builtin  # noqa: F401 - registers every strategy
+    from memopt.strategies import builtin  # noqa: F401 - importing registers every built-in strategy
 
 
 def registry() -> dict[str, type[Strategy]]:
