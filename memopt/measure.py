@@ -52,7 +52,8 @@ class StepMemory:
     phase_peak_bytes: dict[str, int]
     state_bytes: dict[str, int]
     peak_phase: str
-    timeline: list[tuple[str, tuple[int, ...]]] | None = None
+    peak_module: str | None = None
+    timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = None
 
 
 def _tensors(out: Any) -> Iterator[torch.Tensor]:
@@ -75,6 +76,7 @@ class TensorTracker(TorchDispatchMode):
         self.bytes = dict.fromkeys(CATEGORIES, 0)
         self.total = 0
         self.phase = "forward"
+        self.module: str | None = None  # the module running now (set by ModelWatch)
         self._record_timeline = timeline
         self.begin_step()
 
@@ -84,15 +86,17 @@ class TensorTracker(TorchDispatchMode):
         self.peak = self.total
         self.peak_breakdown = dict(self.bytes)
         self.peak_phase = self.phase
+        self.peak_module = self.module
         self._at_peak = True
         self.category_peak = dict(self.bytes)
         self.phase_peak = dict.fromkeys(PHASES, 0)
         self.state_bytes = {c: self.bytes[c] for c in STATE_CATEGORIES}
-        self.timeline: list[tuple[str, tuple[int, ...]]] | None = [] if self._record_timeline else None
+        self.timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = [] if self._record_timeline else None
 
     def result(self) -> StepMemory:
         return StepMemory(self.peak, dict(self.peak_breakdown), dict(self.category_peak),
-                          dict(self.phase_peak), dict(self.state_bytes), self.peak_phase, self.timeline)
+                          dict(self.phase_peak), dict(self.state_bytes), self.peak_phase, self.peak_module,
+                          self.timeline)
 
     def _nbytes(self, storage: Any) -> int:
         n = storage.nbytes()
@@ -113,6 +117,7 @@ class TensorTracker(TorchDispatchMode):
             self.peak = self.total
             self.peak_breakdown = dict(self.bytes)
             self.peak_phase = self.phase
+            self.peak_module = self.module
             self._at_peak = True
         else:
             self._at_peak = False
@@ -131,7 +136,7 @@ class TensorTracker(TorchDispatchMode):
 
     def _tick(self) -> None:
         if self.timeline is not None:
-            self.timeline.append((self.phase, tuple(self.bytes[c] for c in CATEGORIES)))
+            self.timeline.append((self.phase, self.module, tuple(self.bytes[c] for c in CATEGORIES)))
 
     def _over_limit(self) -> None:
         from memopt.errors import OutOfMemory
@@ -139,8 +144,9 @@ class TensorTracker(TorchDispatchMode):
 
         limit = self.limit_bytes
         self.limit_bytes = None  # do not raise again while the step unwinds
+        where = f" in {self.module}" if self.module else ""
         raise OutOfMemory(f"out of memory: live tensors reached {format_bytes(self.total)} during "
-                          f"{self.phase}, over the device's {format_bytes(limit or 0)}")
+                          f"{self.phase}{where}, over the device's {format_bytes(limit or 0)}")
 
     def mark(self, tensor: torch.Tensor, category: str, only_from: str | None = None) -> None:
         """Put ``tensor``'s storage in ``category`` (tracking it if new)."""
@@ -211,6 +217,10 @@ class ModelWatch:
     def __init__(self, tracker: TensorTracker, model: torch.nn.Module, optimizer: Any | None):
         self.tracker, self.model, self.optimizer = tracker, model, optimizer
         self._handles: list[Any] = []
+        self._stack: list[str | None] = []
+        for name, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._entering(name or "model")))
+            self._handles.append(module.register_forward_hook(self._leaving(name or "model")))
         tracker.mark_all(model.parameters(), "params")
         tracker.mark_all(model.buffers(), "buffers")
         for p in model.parameters():
@@ -220,6 +230,24 @@ class ModelWatch:
                 self._handles.append(p.register_hook(self._on_grad))
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
         self.rescan_optimizer()
+
+    def _entering(self, name: str) -> Any:
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            self._stack.append(self.tracker.module)
+            self.tracker.module = name
+        return hook
+
+    def _leaving(self, name: str) -> Any:
+        """Pop the module; its backward starts when the gradient of its output arrives."""
+        def on_output_grad(grad: torch.Tensor) -> None:
+            self.tracker.module = name
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self.tracker.module = self._stack.pop() if self._stack else None
+            if isinstance(output, torch.Tensor) and output.requires_grad and not hasattr(output, "_memopt_module"):
+                output._memopt_module = name  # the innermost module producing this tensor names its backward
+                output.register_hook(on_output_grad)
+        return hook
 
     def _on_grad(self, grad: torch.Tensor) -> None:
         self.tracker.mark(grad, "grads")

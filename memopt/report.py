@@ -44,6 +44,7 @@ def run_to_json(result: RunResult) -> dict[str, Any]:
             "category_peak_bytes": mem.category_peak_bytes,
             "phase_peak_bytes": mem.phase_peak_bytes,
             "peak_phase": mem.peak_phase,
+            "peak_module": mem.peak_module,
         })
     data.update({
         "python_heap_peak_bytes": result.host.python_heap_peak_bytes,
@@ -106,7 +107,8 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_column(style="dim")
-    summary.add_row("Peak tensor memory", format_bytes(mem.peak_bytes), f"during {mem.peak_phase}")
+    where = f" in {mem.peak_module}" if mem.peak_module else ""
+    summary.add_row("Peak tensor memory", format_bytes(mem.peak_bytes), f"during {mem.peak_phase}{where}")
     if result.host.cuda:
         summary.add_row("CUDA max allocated", format_bytes(result.host.cuda["max_allocated_bytes"]),
                         "torch.cuda.max_memory_allocated")

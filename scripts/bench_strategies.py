@@ -25,7 +25,11 @@ from memopt.units import format_bytes
 
 RUNS = ["ckpt", "ckpt:policy=every,every=2", "ckpt:policy=selective", "sdpa", "chunked_ce", "amp",
         "accum:micro_batches=4", "offload", "optim_in_bwd", "ckpt+chunked_ce+optim_in_bwd",
-        "ckpt+chunked_ce+optim_in_bwd+sdpa"]
+        "sdpa+chunked_ce+ckpt+optim_in_bwd",
+        # compression (issue: quantized frozen weights with LoRA, 8-bit optimizer states, pruning)
+        "quant:bits=8,lora=8", "quant:bits=4,lora=8", "quant:bits=4,format=nf4,lora=8", "optim8bit",
+        "prune:ffn=0.5,heads=0.25",
+        "quant:bits=4,lora=8,embedding=true+sdpa+ckpt+chunked_ce+accum:micro_batches=4"]
 
 
 def theory(name: str, spec: Spec, base: dict[str, Any], one_layer_acts: int) -> tuple[str, int] | None:
@@ -62,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=None)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--only", help="comma-separated words: run only the sets containing one of them")
     args = parser.parse_args()
     spec = load_spec(args.config, {"steps": args.steps, "device": "cpu"}, strategies=[])
     started = time.perf_counter()
@@ -70,16 +75,21 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:5.0f} s] {name}", file=sys.stderr)
         return run_isolated(spec_from_data(of.to_dict(), strategies=strategies), name)
 
+    if args.only:
+        global RUNS
+        RUNS = [r for r in RUNS if any(word in r for word in args.only.split(","))]
+
     base = profile([], "baseline")
     one_layer = spec_from_data({**spec.to_dict(), "model": {**spec.to_dict()["model"], "n_layers": 1}})
     one_layer_acts = profile([], "baseline, 1 layer", one_layer)["category_peak_bytes"]["activations"]
-    print(f"| run | peak | saving | step time | slowdown | targets | saving vs theory |")
-    print("|---|---:|---:|---:|---:|---|---:|")
-    print(f"| baseline | {format_bytes(base['peak_bytes'])} | - | {base['step_time_s']:.2f} s | 1.00x | - | - |")
+    print("| run | peak | saving | step time | slowdown | targets | saving vs theory | params | optimizer | drift |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    print(f"| baseline | {format_bytes(base['peak_bytes'])} | - | {base['step_time_s']:.2f} s | 1.00x | - | - "
+          f"| {format_bytes(base['state_bytes']['params'])} | {format_bytes(base['state_bytes']['optimizer'])} | - |")
     for label in RUNS:
         run = profile(label.split("+"), label)
         if not run["ok"]:
-            print(f"| {label} | failed: {run['error']} | | | | | |")
+            print(f"| {label} | failed: {run['error']} | | | | | | | | |")
             continue
         saving = 1 - run["peak_bytes"] / base["peak_bytes"]
         slowdown = run["step_time_s"] / base["step_time_s"]
@@ -88,8 +98,11 @@ def main() -> None:
         if expected is not None and expected[1] > 0:
             target = expected[0]
             vs_theory = f"{100 * measured_saving(expected[0], base, run) / expected[1]:.0f}%"
+        drift = run.get("drift")
+        drift_text = f"{100 * drift['logits_rel_error']:.2f}% (loss {drift['loss_delta']:+.4f})" if drift else "-"
         print(f"| {label} | {format_bytes(run['peak_bytes'])} | {100 * saving:.1f}% | {run['step_time_s']:.2f} s "
-              f"| {slowdown:.2f}x | {target} | {vs_theory} |", flush=True)
+              f"| {slowdown:.2f}x | {target} | {vs_theory} | {format_bytes(run['state_bytes']['params'])} "
+              f"| {format_bytes(run['state_bytes']['optimizer'])} | {drift_text} |", flush=True)
     print(f"\nbaseline peak {format_bytes(base['peak_bytes'])}; params + AdamW state "
           f"{format_bytes(base['state_bytes']['params'] + base['state_bytes']['optimizer'])} "
           f"({100 * (base['state_bytes']['params'] + base['state_bytes']['optimizer']) / base['peak_bytes']:.0f}% "
