@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Optional
@@ -34,6 +35,12 @@ StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Override train
 StrategiesOpt = Annotated[Optional[str], typer.Option(
     "--strategies", "-s", help="Comma-separated strategies replacing the spec's, e.g. ckpt,chunked_ce or "
                                "'ckpt:policy=every,every=2'.", show_default=False)]
+
+
+def _stdout() -> Any:
+    from memopt.report import stdout_console
+
+    return stdout_console()
 
 
 def _stderr() -> Any:
@@ -81,23 +88,10 @@ def _progress() -> Iterator[Callable[[str], None]]:
         yield lambda msg: status.update(msg)
 
 
-def _split_strategies(text: str | None) -> list[str] | None:
-    """'ckpt:policy=every,every=2,chunked_ce' -> ['ckpt:policy=every,every=2', 'chunked_ce']."""
-    if text is None:
-        return None
-    parts: list[str] = []
-    for piece in (p.strip() for p in text.split(",")):
-        if "=" in piece and ":" not in piece and parts:
-            parts[-1] += "," + piece  # another key=value of the previous strategy
-        elif piece:
-            parts.append(piece)
-    return parts
-
-
 def _load(config: str | None, strategies: str | None = None, **overrides: Any) -> Any:
-    from memopt.spec import load_spec
+    from memopt.spec import load_spec, split_strategy_list
 
-    return load_spec(config, overrides, _split_strategies(strategies))
+    return load_spec(config, overrides, split_strategy_list(strategies) if strategies is not None else None)
 
 
 @app.callback()
@@ -110,25 +104,156 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
         raise typer.Exit()
 
 
+DeviceMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--device-memory", help="Simulate a device of this size, e.g. 24GiB: a run whose live tensors exceed it stops "
+                            "as out of memory.", show_default=False)]
+MarkdownOpt = Annotated[Optional[str], typer.Option("--markdown", metavar="FILE",
+                                                    help="Also write the table as Markdown (for a PR comment).")]
+
+
 @app.command()
 @handle_errors
 def profile(config: ConfigArg = None, *, json_out: JsonOpt = None, device: DeviceOpt = None,
             dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
-            steps: StepsOpt = None, strategies: StrategiesOpt = None) -> None:
+            steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
+            timeline: Annotated[Optional[str], typer.Option(
+                "--timeline", metavar="FILE", help="Write live memory over the step: FILE.png or FILE.html.",
+                show_default=False)] = None) -> None:
     """Build the model, run a warm-up and measured training steps, and show where every byte went.
 
     Example: [bold]memopt profile configs/tiny.yaml --strategies ckpt,chunked_ce --json out.json[/bold]
     """
     from memopt import report, runner
+    from memopt.units import parse_size
 
     spec = _load(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                  steps=steps)
+    limit = parse_size(device_memory) if device_memory else None
+    if timeline and not timeline.lower().endswith((".png", ".html", ".htm")):
+        _fail(f"--timeline {timeline}: use a .png or .html file name")
     with _progress() as say:
-        result = runner.run(spec, progress=say)
+        result = runner.run(spec, progress=say, timeline=timeline is not None, device_memory=limit)
+    if timeline:
+        from memopt.plot import write_timeline
+
+        assert result.memory is not None
+        write_timeline(result.memory, timeline, f"memopt profile - {report.spec_title(spec, result.device)}")
     if json_out is not None:
         report.write_json(report.to_json(spec, [result], result.device), json_out)
     if json_out != "-":
         report.print_tables(report.profile_tables(spec, result))
+
+
+@app.command()
+@handle_errors
+def compare(config: ConfigArg = None, *, strategies: Annotated[str, typer.Option(
+                "--strategies", "-s", help="Comma-separated strategy sets; + joins strategies into one set, "
+                                           "name:key=value sets options, e.g. 'quant:bits=4,ckpt,quant+ckpt'.")],
+            json_out: JsonOpt = None, markdown: MarkdownOpt = None,
+            plot: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png",
+                                                        help="Bar chart of peak by category per run.")] = None,
+            device: DeviceOpt = None, dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+            steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None) -> None:
+    """Run the baseline and each strategy set side by side, each in its own process.
+
+    Example: [bold]memopt compare configs/tiny.yaml --strategies ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
+    """
+    from memopt import report
+    from memopt.compare import compare as run_compare
+    from memopt.compare import parse_sets, set_spec
+    from memopt.runner import resolve_device
+    from memopt.units import parse_size
+
+    spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps)
+    sets = parse_sets(strategies)
+    if not sets:
+        _fail("--strategies: name at least one strategy set, e.g. ckpt,chunked_ce")
+    for entries in sets:
+        set_spec(spec, entries)  # every set's names and options are checked before anything runs
+    limit = parse_size(device_memory) if device_memory else None
+    device_name = resolve_device(spec.run.device)
+    runs = _compare_with_progress(run_compare, spec, sets, limit)
+    title = f"memopt compare - {report.spec_title(spec, device_name)}"
+    if json_out is not None:
+        report.write_json(report.runs_document(spec, runs, device_name), json_out)
+    if markdown:
+        report.write_atomic(Path(markdown), report.compare_markdown(runs, title))
+    if plot:
+        from memopt.plot import write_compare_png
+
+        write_compare_png(runs, plot, title)
+    if json_out != "-":
+        report.print_tables([report.compare_table(runs, title)])
+    if not runs[0]["ok"]:
+        _fail(f"the baseline failed: {runs[0]['error']}")
+
+
+def _compare_with_progress(run_compare: Callable[..., Any], spec: Any, sets: list[list[str]],
+                           limit: int | None) -> list[dict[str, Any]]:
+    """Rich progress on stderr: one line per run with its elapsed time."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=_stderr(), transient=False, disable=not _stderr().is_terminal) as progress:
+        current: list[Any] = []
+
+        def on_run(name: str) -> None:
+            if current:
+                progress.update(current[-1], completed=1, total=1)
+            current.append(progress.add_task(f"run {len(current) + 1}/{len(sets) + 1}: {name}", total=None))
+
+        runs = run_compare(spec, sets, device_memory=limit, on_run=on_run)
+        if current:
+            progress.update(current[-1], completed=1, total=1)
+    return runs
+
+
+@app.command()
+@handle_errors
+def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
+              "--baseline", metavar="FILE", help="memopt JSON to compare with (written by --update).")],
+          tolerance: Annotated[str, typer.Option("--tolerance", help="Allowed growth, e.g. 2%.")] = "2%",
+          update: Annotated[bool, typer.Option("--update", help="Write the new baseline (atomically).")] = False,
+          json_out: JsonOpt = None, markdown: MarkdownOpt = None, device: DeviceOpt = None,
+          dtype: DtypeOpt = None, strategies: StrategiesOpt = None) -> None:
+    """CI memory-regression gate: exit 3 when the peak, a category or a phase grew past the tolerance.
+
+    Example: [bold]memopt check configs/tiny.yaml --baseline tests/baselines/tiny.json --tolerance 1%[/bold]
+    """
+    from memopt import report, runner
+    from memopt.check import ensure_comparable, growths, load_baseline, parse_tolerance
+
+    tol = parse_tolerance(tolerance)
+    spec = _load(config, strategies, device=device, dtype=dtype)
+    path = Path(baseline)
+    old = None if update else load_baseline(path)
+    device_name = runner.resolve_device(spec.run.device)
+    if old is not None:
+        ensure_comparable(old, spec, device_name)
+    with _progress() as say:
+        result = runner.run(spec, progress=say)
+    doc = report.to_json(spec, [result], result.device)
+    if update:
+        report.write_json(doc, str(path))
+        _stderr().print(f"baseline written to {path}: peak {report.format_bytes(doc['runs'][0]['peak_bytes'])}")
+        return
+    assert old is not None
+    found = growths(old["runs"][0], doc["runs"][0], tol)
+    if json_out is not None:
+        report.write_json({**doc, "check": {"tolerance": tol, "regressions": [g.__dict__ for g in found]}}, json_out)
+    if markdown:
+        report.write_atomic(Path(markdown), report.growth_markdown(found, tol, doc["runs"][0]["peak_bytes"],
+                                                                   old["runs"][0]["peak_bytes"]))
+    if json_out != "-":
+        console = _stdout()
+        if found:
+            console.print(report.growth_table(found, tol))
+        else:
+            console.print(f"[green]OK[/green]: peak {report.format_bytes(doc['runs'][0]['peak_bytes'])} "
+                          f"(baseline {report.format_bytes(old['runs'][0]['peak_bytes'])}); nothing grew more "
+                          f"than {100 * tol:g}%")
+    if found:
+        raise typer.Exit(3)
 
 
 @app.command()

@@ -16,10 +16,11 @@ from typing import Any
 from memopt.spec import Spec
 
 
-def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None,
-                 timeout: float | None = None) -> dict[str, Any]:
+def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, timeout: float | None = None,
+                 grads_to: str | None = None) -> dict[str, Any]:
     """The run as schema-1 JSON; a run that dies comes back with ``ok: false`` and the reason."""
-    request = json.dumps({"spec": spec.to_dict(), "name": name, "device_memory": device_memory})
+    request = json.dumps({"spec": spec.to_dict(), "name": name, "device_memory": device_memory,
+                          "grads_to": grads_to})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         proc = subprocess.run([sys.executable, "-m", "memopt.isolate"], input=request, capture_output=True,
@@ -50,7 +51,8 @@ def _child() -> None:
     request = json.loads(sys.stdin.read())
     spec = spec_from_data(request["spec"])
     try:
-        result = run_to_json(run(spec, request["name"], device_memory=request.get("device_memory")))
+        result = run_to_json(run(spec, request["name"], device_memory=request.get("device_memory"),
+                                 grads_to=request.get("grads_to")))
     except MemoptError as exc:
         result = _failed(spec, request["name"], str(exc))
     except MemoryError:

@@ -78,11 +78,13 @@ class TensorTracker(TorchDispatchMode):
         self.phase = "forward"
         self.module: str | None = None  # the module running now (set by ModelWatch)
         self._record_timeline = timeline
+        self._frozen_timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = None
         self.begin_step()
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def begin_step(self) -> None:
         """Start a new measurement window from what is live now."""
+        self.phase = "forward"
         self.peak = self.total
         self.peak_breakdown = dict(self.bytes)
         self.peak_phase = self.phase
@@ -92,11 +94,13 @@ class TensorTracker(TorchDispatchMode):
         self.phase_peak = dict.fromkeys(PHASES, 0)
         self.state_bytes = {c: self.bytes[c] for c in STATE_CATEGORIES}
         self.timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = [] if self._record_timeline else None
+        self._tick()
 
     def result(self) -> StepMemory:
+        timeline = self.timeline if self.timeline is not None else self._frozen_timeline
+        timeline = list(timeline) if timeline is not None else None
         return StepMemory(self.peak, dict(self.peak_breakdown), dict(self.category_peak),
-                          dict(self.phase_peak), dict(self.state_bytes), self.peak_phase, self.peak_module,
-                          self.timeline)
+                          dict(self.phase_peak), dict(self.state_bytes), self.peak_phase, self.peak_module, timeline)
 
     def _nbytes(self, storage: Any) -> int:
         n = storage.nbytes()
@@ -204,6 +208,8 @@ class TensorTracker(TorchDispatchMode):
 
     def __exit__(self, *exc: Any) -> None:
         _ACTIVE.remove(self)
+        # frees that happen after tracking ends (the model going away) must not extend the timeline
+        self._frozen_timeline, self.timeline = self.timeline, None
         return super().__exit__(*exc)
 
     def saved_tensors(self) -> contextlib.AbstractContextManager[None]:

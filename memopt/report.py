@@ -61,10 +61,7 @@ def run_to_json(result: RunResult) -> dict[str, Any]:
 
 
 def to_json(spec: Spec, results: list[RunResult], device: str) -> dict[str, Any]:
-    import torch
-
-    return {"schema": SCHEMA, "memopt_version": memopt.__version__, "torch_version": torch.__version__,
-            "device": device, "spec": spec.to_dict(), "runs": [run_to_json(r) for r in results]}
+    return runs_document(spec, [run_to_json(r) for r in results], device)
 
 
 def write_json(data: dict[str, Any], target: str) -> None:
@@ -76,12 +73,13 @@ def write_json(data: dict[str, Any], target: str) -> None:
     write_atomic(Path(target), text)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write via a temporary file in the same folder and a rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -99,10 +97,7 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
     """The summary, the breakdown by category and the peak by phase for one run."""
     mem = result.memory
     assert mem is not None
-    m = spec.model
-    title = (f"memopt profile - {m.arch} d{m.d_model} h{m.n_heads} L{m.n_layers} V{m.vocab_size}, "
-             f"batch {spec.train.batch_size} x seq {spec.train.seq_len}, {spec.train.optimizer}, "
-             f"{spec.run.dtype}, {result.device}")
+    title = f"memopt profile - {spec_title(spec, result.device)}"
     summary = Table(title=title, show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column(justify="right")
@@ -154,8 +149,14 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
     return [summary, breakdown, phases]
 
 
+def stdout_console() -> Console:
+    """Rich console for results; when piped (CI logs, files) it is wide enough for the tables."""
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 140))
+
+
 def print_tables(tables: list[Table], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or stdout_console()
     for t in tables:
         console.print(t)
 
@@ -196,3 +197,108 @@ def strategies_table(rows: list[dict[str, Any]]) -> Table:
             text += f"\n[red]refuses {other}[/red]"
         table.add_row(row["name"], text, opts, ", ".join(row["devices"]))
     return table
+
+
+def _changed_categories(run: dict[str, Any], base: dict[str, Any], top: int = 2) -> str:
+    """The categories whose own peak moved most against the baseline, e.g. 'activations -62%'."""
+    deltas = []
+    for c in CATEGORIES:
+        b, r = base["category_peak_bytes"][c], run["category_peak_bytes"][c]
+        if b != r:
+            deltas.append((abs(r - b), c, f"{c} {100 * (r - b) / b:+.0f}%" if b else f"{c} +{format_bytes(r)}"))
+    return ", ".join(text for _, _, text in sorted(deltas, reverse=True)[:top]) or "-"
+
+
+def compare_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row of display strings per run (shared by the Rich table and the Markdown)."""
+    base = runs[0]
+    rows = []
+    for run in runs:
+        vs = run.get("vs_baseline")
+        drift = run.get("drift")
+        if not run["ok"]:
+            rows.append({"run": run["name"], "peak": "-", "saving": "-", "changed": "-", "time": "-", "slowdown": "-",
+                         "loss": "-", "cosine": "-", "drift": "-", "status": f"failed: {run['error']}"})
+            continue
+        rows.append({
+            "run": run["name"], "peak": format_bytes(run["peak_bytes"]),
+            "saving": f"{100 * vs['saving']:.1f}%" if vs else "-",
+            "changed": _changed_categories(run, base) if vs else "-",
+            "time": f"{run['step_time_s'] * 1000:.0f} ms",
+            "slowdown": f"{vs['slowdown']:.2f}x" if vs else "-",
+            "loss": f"{vs['loss_delta']:+.2e}" if vs else f"{run['loss']:.4f}",
+            "cosine": f"{vs['grad_cosine']:.6f}" if vs and vs["grad_cosine"] is not None else "-",
+            "drift": f"{100 * drift['logits_rel_error']:.2f}%" if drift else "-",
+            "status": "ok",
+        })
+    return rows
+
+
+COMPARE_COLUMNS = [("run", "run"), ("peak", "peak"), ("saving", "saving"), ("changed", "changed most"),
+                   ("time", "step time"), ("slowdown", "slowdown"), ("loss", "loss Δ"), ("cosine", "grad cos"),
+                   ("drift", "drift"), ("status", "status")]
+
+
+def compare_table(runs: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for key, label in COMPARE_COLUMNS:
+        table.add_column(label, justify="left" if key in ("run", "changed", "status") else "right",
+                         no_wrap=key in ("peak", "saving", "time"))
+    failures = []
+    for row in compare_rows(runs):
+        style = None
+        if row["status"] != "ok":
+            failures.append(f"[{len(failures) + 1}] {row['run']}: {row['status'].removeprefix('failed: ')}")
+            row = {**row, "status": f"failed [{len(failures)}]"}
+            style = "red"
+        table.add_row(*(row[key] for key, _ in COMPARE_COLUMNS), style=style)
+    if failures:
+        table.caption = "\n".join(failures)
+        table.caption_justify = "left"
+    return table
+
+
+def compare_markdown(runs: list[dict[str, Any]], title: str) -> str:
+    lines = [f"**{title}**", "", "| " + " | ".join(label for _, label in COMPARE_COLUMNS) + " |",
+             "|" + "|".join("---" if key in ("run", "changed", "status") else "---:" for key, _ in COMPARE_COLUMNS)
+             + "|"]
+    for row in compare_rows(runs):
+        lines.append("| " + " | ".join(row[key].replace("|", "/") for key, _ in COMPARE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def spec_title(spec: Spec, device: str) -> str:
+    m = spec.model
+    return (f"{m.arch} d{m.d_model} h{m.n_heads} L{m.n_layers} V{m.vocab_size}, batch {spec.train.batch_size} x "
+            f"seq {spec.train.seq_len}, {spec.train.optimizer}, {spec.run.dtype}, {device}")
+
+
+def runs_document(spec: Spec, runs: list[dict[str, Any]], device: str, **extra: Any) -> dict[str, Any]:
+    """The schema-1 document for already-serialised runs (compare, check)."""
+    import torch
+
+    return {"schema": SCHEMA, "memopt_version": memopt.__version__, "torch_version": torch.__version__,
+            "device": device, "spec": spec.to_dict(), "runs": runs, **extra}
+
+
+def growth_table(found: list[Any], tolerance: float) -> Table:
+    """What grew past the tolerance in ``memopt check``."""
+    table = Table(title=f"Memory regressions (tolerance {100 * tolerance:g}%)", title_justify="left")
+    for col in ("what", "kind", "baseline", "now", "growth"):
+        table.add_column(col, justify="left" if col in ("what", "kind") else "right")
+    for g in found:
+        table.add_row(g.what, g.kind, format_bytes(g.baseline), format_bytes(g.now),
+                      f"+{100 * g.growth:.1f}%" if g.baseline else "new", style="red")
+    return table
+
+
+def growth_markdown(found: list[Any], tolerance: float, peak: int, baseline_peak: int) -> str:
+    if not found:
+        return (f"memopt check: OK, peak {format_bytes(peak)} (baseline {format_bytes(baseline_peak)}, "
+                f"tolerance {100 * tolerance:g}%)\n")
+    lines = [f"**memopt check: memory regression** (tolerance {100 * tolerance:g}%)", "",
+             "| what | kind | baseline | now | growth |", "|---|---|---:|---:|---:|"]
+    for g in found:
+        growth = f"+{100 * g.growth:.1f}%" if g.baseline else "new"
+        lines.append(f"| {g.what} | {g.kind} | {format_bytes(g.baseline)} | {format_bytes(g.now)} | {growth} |")
+    return "\n".join(lines) + "\n"

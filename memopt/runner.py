@@ -131,12 +131,17 @@ def forward_backward(session: Session, tokens: torch.Tensor, targets: torch.Tens
 
 
 def train_step(session: Session, tracker: TensorTracker | None = None, watch: ModelWatch | None = None,
-               step: int = 0) -> float:
-    """One training step (forward, backward, optimizer) as the plan says; returns the mean loss."""
+               step: int = 0, before_step: Callable[[Session], None] | None = None) -> float:
+    """One training step (forward, backward, optimizer) as the plan says; returns the mean loss.
+
+    ``before_step`` sees the session between backward and the optimizer step (gradients complete).
+    """
     optimizer = session.optimizer
     with _phase(tracker, "forward"):
         tokens, targets = make_batch(session.spec, session.device, step)
     loss = forward_backward(session, tokens, targets, tracker)
+    if before_step is not None:
+        before_step(session)
     with _phase(tracker, "optimizer"):
         if optimizer is not None and not session.plan.step_in_backward:
             optimizer.step()
@@ -156,9 +161,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def save_gradients(path: str) -> Callable[[Session], None]:
+    """A ``before_step`` that writes the trainable parameters' gradients (float32, CPU) to ``path``."""
+    def save(session: Session) -> None:
+        grads = [p.grad.detach().float().cpu() if p.grad is not None else None
+                 for p in session.model.parameters() if p.requires_grad]
+        torch.save(grads, path)
+    return save
+
+
 def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
-        progress: Progress | None = None) -> RunResult:
-    """Profile one spec: a warm-up step, then ``train.steps`` tracked steps. Raises MemoptError."""
+        progress: Progress | None = None, grads_to: str | None = None) -> RunResult:
+    """Profile one spec: a warm-up step, then ``train.steps`` tracked steps. Raises MemoptError.
+
+    ``grads_to``: save the warm-up step's gradients there (for gradient cosine between runs).
+    """
     say = progress or (lambda _msg: None)
     say(f"{name}: building the model")
     session = prepare(spec)
@@ -172,7 +189,7 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_me
     phase_box = {"name": "warm-up"}
     try:
         say(f"{name}: warm-up step")
-        train_step(session, step=0)
+        train_step(session, step=0, before_step=save_gradients(grads_to) if grads_to else None)
         _sync(session.device)
         tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory)
         with host_peaks(session.device) as host:

@@ -302,6 +302,17 @@ def _parse_strategies(raw: Any, problems: list[str]) -> list[StrategySpec]:
     return out
 
 
+def split_strategy_list(text: str) -> list[str]:
+    """'ckpt:policy=every,every=2,chunked_ce' -> ['ckpt:policy=every,every=2', 'chunked_ce']."""
+    parts: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if "=" in piece and ":" not in piece and parts:
+            parts[-1] += "," + piece  # another key=value of the previous strategy
+        elif piece:
+            parts.append(piece)
+    return parts
+
+
 def _parse_inline(text: str, where: str, problems: list[str]) -> tuple[str, dict[str, Any]]:
     """'quant:bits=4,group_size=32' -> ('quant', {'bits': 4, 'group_size': 32}); values parsed as YAML."""
     name, _, rest = text.strip().partition(":")

@@ -1,0 +1,63 @@
+"""``memopt compare``: the baseline and each strategy set, each in its own process, side by side."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from memopt.isolate import run_isolated
+from memopt.spec import Spec, spec_from_data, split_strategy_list
+
+
+def parse_sets(text: str) -> list[list[str]]:
+    """'quant:bits=4,ckpt,quant+ckpt' -> [['quant:bits=4'], ['ckpt'], ['quant', 'ckpt']]."""
+    return [[part.strip() for part in entry.split("+") if part.strip()] for entry in split_strategy_list(text)]
+
+
+def set_spec(spec: Spec, entries: list[str]) -> Spec:
+    """The spec with this set's strategies; a bare name takes its options from the spec when it has them."""
+    own = {s.name: s.to_dict() for s in spec.strategies}
+    strategies: list[Any] = [own.get(e, e) if ":" not in e else e for e in entries]
+    return spec_from_data(spec.to_dict(), strategies=strategies)
+
+
+def gradient_cosine(path_a: Path, path_b: Path) -> float | None:
+    """Cosine between two runs' saved gradients, or None when the trainable sets differ."""
+    import torch
+
+    if not (path_a.exists() and path_b.exists()):
+        return None
+    a, b = torch.load(path_a, mmap=True), torch.load(path_b, mmap=True)
+    if len(a) != len(b) or any(x is None or y is None or x.shape != y.shape for x, y in zip(a, b)):
+        return None
+    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+    na = sum(float(x.double().square().sum()) for x in a) ** 0.5
+    nb = sum(float(y.double().square().sum()) for y in b) ** 0.5
+    return dot / (na * nb) if na and nb else None
+
+
+def compare(spec: Spec, sets: list[list[str]], *, device_memory: int | None = None,
+            on_run: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run the baseline (the spec's own strategies) and every set, isolated; schema-1 run dicts.
+
+    Every set's spec is validated before anything runs; a run that fails at run time is kept, failed.
+    """
+    specs = [("baseline", spec)] + [("+".join(entries), set_spec(spec, entries)) for entries in sets]
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="memopt-compare-") as tmp:
+        for i, (name, run_spec) in enumerate(specs):
+            if on_run:
+                on_run(name)
+            runs.append(run_isolated(run_spec, name, device_memory=device_memory, grads_to=f"{tmp}/{i}.pt"))
+        base = runs[0]
+        for i, run in enumerate(runs[1:], start=1):
+            if run["ok"] and base["ok"]:
+                run["vs_baseline"] = {
+                    "saving": 1 - run["peak_bytes"] / base["peak_bytes"],
+                    "slowdown": run["step_time_s"] / base["step_time_s"],
+                    "loss_delta": run["loss"] - base["loss"],
+                    "grad_cosine": gradient_cosine(Path(tmp) / "0.pt", Path(tmp) / f"{i}.pt"),
+                }
+    return runs
