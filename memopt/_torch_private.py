@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401 - re-exported
 
 Hook = Callable[[torch.Tensor], Any]
@@ -42,3 +43,12 @@ def observe_saved_tensors(observer: Callable[[torch.Tensor], None]) -> Iterator[
         unpack = inner_unpack
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
+
+
+def fake_tensor_mode() -> FakeTensorMode:
+    """A mode in which tensors have shapes, dtypes and devices but no storage: tracing without memory."""
+    return FakeTensorMode()
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    return isinstance(t, FakeTensor)

@@ -273,6 +273,47 @@ def strategies(*, json_out: JsonOpt = None) -> None:
         report.print_tables([report.strategies_table(rows)])
 
 
+@app.command()
+@handle_errors
+def estimate(config: ConfigArg = None, *, json_out: JsonOpt = None, device: DeviceOpt = None,
+             dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+             strategies: StrategiesOpt = None, fits: Annotated[Optional[str], typer.Option(
+                 "--fits", metavar="SIZE", help="Answer whether it fits in SIZE (e.g. 24GiB); if not, which "
+                                                "single strategies would make it fit.", show_default=False)] = None
+             ) -> None:
+    """Predict the profile without allocating (fake tensors): for models larger than this machine.
+
+    Example: [bold]memopt estimate llama-7b --batch-size 1 --seq-len 2048 --dtype bf16 --device cuda --fits 80GiB[/bold]
+    """
+    from memopt import report
+    from memopt.estimate import analytic, estimate as run_estimate, fits as check_fits
+    from memopt.units import parse_size
+
+    spec = _load(config, strategies, device=device or "cpu", dtype=dtype, batch_size=batch_size,
+                 seq_len=seq_len)
+    budget = parse_size(fits) if fits else None
+    with _progress() as say:
+        result = run_estimate(spec, progress=say)
+        assert result.memory is not None
+        fit = check_fits(spec, result.memory.peak_bytes, budget, say) if budget else None
+    formulas = analytic(spec)
+    if json_out is not None:
+        doc = report.to_json(spec, [result], result.device)
+        doc["estimated"] = True
+        doc["analytic"] = formulas
+        if fit is not None:
+            doc["fits"] = {"budget_bytes": fit.budget, "fits": fit.fits, "margin_bytes": fit.margin,
+                           "single_strategies_that_fit": fit.helpers}
+        report.write_json(doc, json_out)
+    if json_out != "-":
+        tables = report.profile_tables(spec, result)
+        tables[0].title = str(tables[0].title).replace("memopt profile", "memopt estimate (traced, nothing allocated)")
+        console = _stdout()
+        report.print_tables([tables[0], tables[1], tables[2], report.estimate_table(result, formulas)], console)
+        for line in report.fit_lines(fit) if fit else []:
+            console.print(line)
+
+
 def normalize_argv(args: list[str]) -> list[str]:
     """Give ``--json`` its optional value: a bare ``--json`` (last, or before an option or a YAML file)
     means ``--json -`` (stdout). Typer has no optional-value options, so the entry point does this."""

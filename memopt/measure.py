@@ -67,10 +67,11 @@ def _tensors(out: Any) -> Iterator[torch.Tensor]:
 class TensorTracker(TorchDispatchMode):
     """Live tensor bytes by category, with the step's peak, its breakdown and per-phase peaks."""
 
-    def __init__(self, device_type: str, *, timeline: bool = False, limit_bytes: int | None = None):
+    def __init__(self, device_type: str, *, timeline: bool = False, limit_bytes: int | None = None,
+                 round_to: int | None = None):
         super().__init__()
         self.device_type = device_type
-        self.round_to = CUDA_BLOCK if device_type == "cuda" else 1
+        self.round_to = round_to or (CUDA_BLOCK if device_type == "cuda" else 1)
         self.limit_bytes = limit_bytes
         self._live: dict[int, list[Any]] = {}  # storage key -> [weakref, category, nbytes]
         self.bytes = dict.fromkeys(CATEGORIES, 0)
@@ -181,6 +182,8 @@ class TensorTracker(TorchDispatchMode):
     # -- phases and state --------------------------------------------------------------------------
     @contextlib.contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:
+        if phase != self.phase:
+            self.module = None  # module hooks name it again inside the new phase
         self.phase = phase
         if self.total > self.phase_peak[phase]:
             self.phase_peak[phase] = self.total
@@ -311,13 +314,18 @@ class HostPeaks:
 
 
 @contextlib.contextmanager
-def host_peaks(device_type: str) -> Iterator[HostPeaks]:
-    """RSS peak, Python-heap peak (tracemalloc) and CUDA allocator peaks over the enclosed code."""
+def host_peaks(device_type: str, python_heap: bool = True) -> Iterator[HostPeaks]:
+    """RSS peak, Python-heap peak (tracemalloc, unless ``python_heap`` is off) and CUDA allocator peaks."""
     peaks = HostPeaks()
     cuda = device_type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    if not python_heap:
+        with RssSampler() as rss:
+            yield peaks
+        peaks.rss_peak_bytes = rss.peak
+        return
     started = not tracemalloc.is_tracing()
     if started:
         tracemalloc.start()

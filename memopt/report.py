@@ -34,6 +34,7 @@ def run_to_json(result: RunResult) -> dict[str, Any]:
     mem = result.memory
     data: dict[str, Any] = {
         "name": result.name, "strategies": result.strategies, "ok": result.ok, "error": result.error,
+        "estimated": result.estimated,
         "params": {"total": result.params_total, "trainable": result.params_trainable},
     }
     if mem is not None:
@@ -111,11 +112,15 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
                         "allocator cache")
     summary.add_row("Process RSS peak", format_bytes(result.host.rss_peak_bytes),
                     "OS view of the process")
-    summary.add_row("Python heap peak", format_bytes(result.host.python_heap_peak_bytes),
-                    "tracemalloc: not tensors")
-    summary.add_row("Step time (median)", f"{result.step_time_s * 1000:.1f} ms",
-                    f"of {len(result.step_times_s)}, after a warm-up")
-    summary.add_row("Loss", f"{result.loss:.4f}", "")
+    if not result.estimated:
+        summary.add_row("Python heap peak", format_bytes(result.host.python_heap_peak_bytes),
+                        "tracemalloc: not tensors")
+    if result.estimated:
+        summary.add_row("Trace time", f"{result.step_time_s:.1f} s", "one step on fake tensors")
+    else:
+        summary.add_row("Step time (median)", f"{result.step_time_s * 1000:.1f} ms",
+                        f"of {len(result.step_times_s)}, after a warm-up")
+        summary.add_row("Loss", f"{result.loss:.4f}", "")
     summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
     if result.drift is not None:
         summary.add_row("Accuracy drift", f"{100 * result.drift['logits_rel_error']:.2f}%",
@@ -302,3 +307,35 @@ def growth_markdown(found: list[Any], tolerance: float, peak: int, baseline_peak
         growth = f"+{100 * g.growth:.1f}%" if g.baseline else "new"
         lines.append(f"| {g.what} | {g.kind} | {format_bytes(g.baseline)} | {format_bytes(g.now)} | {growth} |")
     return "\n".join(lines) + "\n"
+
+
+def estimate_table(result: RunResult, formulas: dict[str, int | None]) -> Table:
+    """Traced estimate beside the standard formulas, with the formulas' error."""
+    mem = result.memory
+    assert mem is not None
+    table = Table(title="Estimate vs the standard formulas (which ignore strategies, embeddings and the loss)",
+                  title_justify="left")
+    for col in ("", "traced estimate", "formula", "formula is off by"):
+        table.add_column(col, justify="left" if not col else "right")
+    traced = {"params": mem.state_bytes["params"], "grads": mem.state_bytes["grads"],
+              "optimizer": mem.state_bytes["optimizer"], "activations": mem.category_peak_bytes["activations"],
+              "peak": mem.peak_bytes}
+    for key, value in traced.items():
+        formula = formulas.get(key)
+        off = f"{100 * (formula - value) / value:+.1f}%" if formula is not None and value else "-"
+        table.add_row(key, format_bytes(value), format_bytes(formula) if formula is not None else "-", off,
+                      style="bold" if key == "peak" else None)
+    return table
+
+
+def fit_lines(fit: Any) -> list[str]:
+    if fit.fits:
+        return [f"[green]fits[/green] in {format_bytes(fit.budget)} with {format_bytes(fit.margin)} to spare"]
+    lines = [f"[red]does not fit[/red] in {format_bytes(fit.budget)}: {format_bytes(-fit.margin)} over"]
+    if fit.helpers:
+        lines.append("single strategies that would make it fit (estimated):")
+        lines += [f"  {h['strategies']}: peak {format_bytes(h['peak_bytes'])}" for h in
+                  sorted(fit.helpers, key=lambda h: h["peak_bytes"])]
+    else:
+        lines.append(f"no single strategy makes it fit ({fit.tried} tried); try combinations with memopt optimize")
+    return lines

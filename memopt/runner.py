@@ -14,7 +14,8 @@ import torch
 
 from memopt.drift import measure_drift
 from memopt.errors import MemoptError, OutOfMemory
-from memopt.measure import HostPeaks, ModelWatch, StepMemory, TensorTracker, host_peaks
+from memopt._torch_private import fake_tensor_mode, is_fake
+from memopt.measure import CUDA_BLOCK, HostPeaks, ModelWatch, StepMemory, TensorTracker, host_peaks
 from memopt.model import LanguageModel, build_model, count_parameters
 from memopt.spec import Spec
 from memopt.strategies import StepPlan, Strategy, build_strategies
@@ -29,6 +30,7 @@ class RunResult:
     name: str
     strategies: list[dict[str, Any]]
     device: str
+    estimated: bool = False
     ok: bool = True
     error: str | None = None
     params_total: int = 0
@@ -49,18 +51,19 @@ class Session:
     """A built, strategy-applied model ready to step; what ``run`` measures and tests inspect."""
 
     spec: Spec
-    device: str
+    device: str          # where tensors live (the CPU when tracing fake tensors for a CUDA estimate)
+    target_device: str   # the device the run stands for
     model: LanguageModel
     optimizer: Any | None
     plan: StepPlan
     strategies: list[Strategy]
 
 
-def resolve_device(requested: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is a clear error."""
+def resolve_device(requested: str, estimate: bool = False) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is a clear error (unless estimating)."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
+    if requested == "cuda" and not torch.cuda.is_available() and not estimate:
         raise MemoptError("run.device: cuda was requested but no CUDA device is available here "
                           "(use --device cpu, or memopt estimate --device cuda)")
     return requested
@@ -77,10 +80,15 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> An
     return torch.optim.AdamW(params, lr=lr)
 
 
-def prepare(spec: Spec) -> Session:
-    """Build the model, apply the strategies in order and build the optimizer; nothing is stepped."""
-    device = resolve_device(spec.run.device)
-    strategies = build_strategies(spec, device)
+def prepare(spec: Spec, fake: bool = False) -> Session:
+    """Build the model, apply the strategies in order and build the optimizer; nothing is stepped.
+
+    ``fake``: called under FakeTensorMode; tensors are traced on the CPU whatever device they stand for
+    (this PyTorch build may have no CUDA), strategies are still checked against the target device.
+    """
+    target = resolve_device(spec.run.device, estimate=fake)
+    device = "cpu" if fake else target
+    strategies = build_strategies(spec, target)
     torch.manual_seed(spec.run.seed)
     model = build_model(spec.model, spec.run.dtype, device)
     for strategy in strategies:
@@ -94,7 +102,7 @@ def prepare(spec: Spec) -> Session:
     plan = StepPlan()
     for strategy in strategies:
         strategy.configure(plan)
-    return Session(spec, device, model, optimizer, plan, strategies)
+    return Session(spec, device, target, model, optimizer, plan, strategies)
 
 
 def make_batch(spec: Spec, device: str, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +133,7 @@ def forward_backward(session: Session, tokens: torch.Tensor, targets: torch.Tens
                 scaled = loss / k if k > 1 else loss
             with _phase(tracker, "backward"):
                 scaled.backward()
-        losses.append(loss.detach().float().item())
+        losses.append(float("nan") if is_fake(loss) else loss.detach().float().item())
         del loss, scaled
     return sum(losses) / len(losses)
 
@@ -161,6 +169,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _create_optimizer_state(session: Session) -> None:
+    """Step the optimizer once on zero gradients: its lazily created state then exists, as after a warm-up.
+
+    Used under fake tensors, where the zeros cost nothing and a traced warm-up step would double the time.
+    """
+    optimizer = session.optimizer
+    if optimizer is None:
+        return
+    params = [p for p in session.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for opt in getattr(optimizer, "optimizers", {}).values() or [optimizer]:
+        opt.step()
+    for p in params:
+        p.grad = None
+
+
 def save_gradients(path: str) -> Callable[[Session], None]:
     """A ``before_step`` that writes the trainable parameters' gradients (float32, CPU) to ``path``."""
     def save(session: Session) -> None:
@@ -171,33 +196,48 @@ def save_gradients(path: str) -> Callable[[Session], None]:
 
 
 def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
-        progress: Progress | None = None, grads_to: str | None = None) -> RunResult:
+        progress: Progress | None = None, grads_to: str | None = None, fake: bool = False) -> RunResult:
     """Profile one spec: a warm-up step, then ``train.steps`` tracked steps. Raises MemoptError.
 
     ``grads_to``: save the warm-up step's gradients there (for gradient cosine between runs).
+    ``fake``: trace the very same step under FakeTensorMode (no storage): an estimate, one measured step.
     """
+    if fake:
+        with fake_tensor_mode():
+            return _run(spec, name, timeline, device_memory, progress, None, fake=True)
+    return _run(spec, name, timeline, device_memory, progress, grads_to, fake=False)
+
+
+def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progress: Progress | None,
+         grads_to: str | None, fake: bool) -> RunResult:
     say = progress or (lambda _msg: None)
-    say(f"{name}: building the model")
-    session = prepare(spec)
+    say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
+    session = prepare(spec, fake=fake)
     model = session.model
     total, trainable = count_parameters(model)
-    result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies], device=session.device,
-                       params_total=total, params_trainable=trainable)
-    if any(s.lossy for s in session.strategies):
+    result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies], device=session.target_device,
+                       estimated=fake, params_total=total, params_trainable=trainable)
+    if any(s.lossy for s in session.strategies) and not fake:
         say(f"{name}: measuring accuracy drift against the unchanged model")
         result.drift = measure_drift(spec, model, *make_batch(spec, session.device), session.device)
     phase_box = {"name": "warm-up"}
     try:
-        say(f"{name}: warm-up step")
-        train_step(session, step=0, before_step=save_gradients(grads_to) if grads_to else None)
-        _sync(session.device)
-        tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory)
-        with host_peaks(session.device) as host:
+        if fake:
+            say(f"{name}: creating optimizer state")
+            _create_optimizer_state(session)  # what a warm-up step leaves behind, without tracing one
+        else:
+            say(f"{name}: warm-up step")
+            train_step(session, step=0, before_step=save_gradients(grads_to) if grads_to else None)
+            _sync(session.device)
+        tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory,
+                                round_to=CUDA_BLOCK if session.target_device == "cuda" else 1)
+        with host_peaks(session.device, python_heap=not fake) as host:
             with tracker:
                 watch = ModelWatch(tracker, model, session.optimizer)
                 try:
-                    for i in range(spec.train.steps):
-                        say(f"{name}: measured step {i + 1}/{spec.train.steps}")
+                    steps = 1 if fake else spec.train.steps  # a traced step is the same every time
+                    for i in range(steps):
+                        say(f"{name}: {'traced' if fake else 'measured'} step {i + 1}/{steps}")
                         tracker.begin_step()
                         phase_box["name"] = "measured step"
                         start = time.perf_counter()

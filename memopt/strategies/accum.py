@@ -20,6 +20,7 @@ class Accum(Strategy):
     summary = "split the batch into k micro-batches and accumulate gradients"
     saves = "activations scale with the micro-batch: ~1/k of the baseline's"
     order = 60
+    candidates = ("accum:micro_batches=2", "accum:micro_batches=4", "accum:micro_batches=8")
 
     def check(self, device: str) -> None:
         k = self.options.micro_batches  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ class Amp(Strategy):
     summary = "autocast matmuls to bf16/fp16 (fp32 master weights, fp16 without loss scaling)"
     saves = "activations saved by matmuls halve; a low-precision copy of each weight is cached per step"
     order = 40
+    candidates = ("amp:dtype=bf16",)
 
     def check(self, device: str) -> None:
         if self.spec.run.dtype != "float32":

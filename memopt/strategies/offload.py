@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from memopt._torch_private import is_fake
 from memopt.errors import StrategyError
 from memopt.measure import note_saved
 from memopt.strategies import register
@@ -50,6 +51,19 @@ class _DiskTier:
         raw = torch.from_file(str(path), shared=False, size=numel * dtype.itemsize, dtype=torch.uint8)
         path.unlink(missing_ok=True)
         return raw.view(dtype).view(shape)
+
+
+class _FakeTier:
+    """Under fake tensors (estimate) the bytes leave the device by definition; readback allocates again."""
+
+    @staticmethod
+    def put(t: torch.Tensor) -> Any:
+        return t.shape, t.dtype, t.device
+
+    @staticmethod
+    def get(packed: Any) -> torch.Tensor:
+        shape, dtype, device = packed
+        return torch.empty(shape, dtype=dtype, device=device)
 
 
 class _CpuTier:
@@ -86,6 +100,7 @@ class Offload(Strategy):
         self.moved_tensors = 0
 
     def apply(self, model: nn.Module) -> None:
+        self.trace_device = next(model.parameters()).device.type  # the CPU when tracing a CUDA estimate
         self._pinned = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
 
     def configure(self, plan: StepPlan) -> None:
@@ -100,17 +115,19 @@ class Offload(Strategy):
 
         def pack(t: torch.Tensor) -> Any:
             nbytes = t.numel() * t.element_size()
-            if (t.device.type != self.device or nbytes < min_bytes
+            if (t.device.type != self.trace_device or nbytes < min_bytes
                     or t.untyped_storage()._cdata in self._pinned):
                 note_saved(t)
                 return ("kept", t)
             self.moved_bytes += nbytes
             self.moved_tensors += 1
+            if is_fake(t):
+                return ("fake", _FakeTier.put(t))
             return ("moved", tier.put(t))
 
         def unpack(packed: Any) -> torch.Tensor:
             kind, value = packed
-            return value if kind == "kept" else tier.get(value)
+            return value if kind == "kept" else (_FakeTier if kind == "fake" else tier).get(value)
 
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

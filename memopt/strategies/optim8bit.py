@@ -68,12 +68,12 @@ class AdamW8bit(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["step"] = 0  # a Python int: no tensor, and no .item() under fake tensors
                     zeros = torch.zeros_like(p, dtype=torch.float32)
                     state["m_codes"], state["m_absmax"] = encode(zeros, signed=True)
                     state["v_codes"], state["v_absmax"] = encode(zeros, signed=False)
                 state["step"] += 1
-                t = state["step"].item()
+                t = state["step"]
                 g = p.grad.float()
                 m = decode(state["m_codes"], state["m_absmax"], True, g).mul_(b1).add_(g, alpha=1 - b1)
                 v = decode(state["v_codes"], state["v_absmax"], False, g).mul_(b2).addcmul_(g, g, value=1 - b2)

@@ -77,6 +77,7 @@ class Prune(Strategy):
             "its dense masks add memory)"
     lossy = True
     order = 1
+    candidates = ("prune:ffn=0.25", "prune:ffn=0.5")
 
     def check(self, device: str) -> None:
         from memopt.errors import StrategyError

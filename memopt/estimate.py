@@ -1,0 +1,92 @@
+"""``memopt estimate``: the profile report without allocating, by tracing the same step on fake tensors.
+
+The model is built under FakeTensorMode (shapes and dtypes, no storage) and the very same training
+step runs under the very same tracker, so the estimate is the measurement without the memory.
+For ``--device cuda`` on a machine without CUDA the step is traced with the CPU kernels and each
+storage rounded to the CUDA caching allocator's 512-byte blocks; not included: the CUDA context
+(~300-600 MiB outside PyTorch's allocator), cuBLAS/cuDNN workspaces, the allocator's reserve and
+fragmentation (``max_memory_reserved`` - ``max_memory_allocated``), and CUDA-only attention kernels'
+small extra saved tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from memopt.errors import MemoptError
+from memopt.model import parameter_count
+from memopt.runner import RunResult, run
+from memopt.spec import DTYPE_BYTES, Spec, spec_from_data
+
+APPROXIMATIONS = ("CUDA estimates trace CPU kernels with 512-byte block rounding; the CUDA context, library "
+                  "workspaces and allocator reserve/fragmentation are not included")
+
+
+def estimate(spec: Spec, name: str = "baseline", progress: Callable[[str], None] | None = None) -> RunResult:
+    """The profile of ``spec`` from a traced step on fake tensors (no real weights are allocated)."""
+    return run(spec, name, progress=progress, fake=True)
+
+
+def analytic(spec: Spec) -> dict[str, int | None]:
+    """The standard formulas, ignoring strategies: what calculators and papers would say.
+
+    params/grads/optimizer: count x bytes (AdamW: two moments). activations: Korthikanti et al. 2022,
+    s*b*h*(34 + 5*a*s/h) bytes per layer for 16-bit activations with 1-byte dropout masks, scaled to
+    this dtype (x dtype_bytes/2); like the paper it leaves out the embedding and the output layer/loss.
+    """
+    m, t = spec.model, spec.train
+    dtype_bytes = DTYPE_BYTES[spec.run.dtype]
+    n = parameter_count(m)
+    s, b, h, a = t.seq_len, t.batch_size, m.d_model, m.n_heads
+    per_layer = s * b * h * (34 + 5 * a * s / h)
+    optimizer = {"adamw": 2 * n * dtype_bytes, "sgd": 0, "none": 0}.get(t.optimizer)
+    acts = int(m.n_layers * per_layer * dtype_bytes / 2)
+    parts = {"params": n * dtype_bytes, "grads": n * dtype_bytes if t.optimizer != "none" else 0,
+             "optimizer": optimizer, "activations": acts}
+    parts["peak"] = None if optimizer is None else sum(v for v in parts.values() if v is not None)
+    return parts
+
+
+@dataclass
+class Fit:
+    budget: int
+    peak: int
+    helpers: list[dict[str, Any]]  # single strategies that would make it fit: {"strategies", "peak_bytes"}
+    tried: int
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    @property
+    def margin(self) -> int:
+        return self.budget - self.peak
+
+
+def single_candidates(spec: Spec) -> list[str]:
+    """Every registered strategy in its typical settings, minus the ones the spec already uses."""
+    from memopt.strategies import registry
+
+    used = {s.name for s in spec.strategies}
+    return [c for name, cls in registry().items() if name not in used for c in (cls.candidates or (name,))]
+
+
+def fits(spec: Spec, peak: int, budget: int, progress: Callable[[str], None] | None = None) -> Fit:
+    """Does ``peak`` fit in ``budget``; if not, which single added strategy would (each estimated)."""
+    result = Fit(budget, peak, [], 0)
+    if result.fits:
+        return result
+    own = [s.to_dict() for s in spec.strategies]
+    for candidate in single_candidates(spec):
+        try:
+            trial = spec_from_data(spec.to_dict(), strategies=[*own, candidate])
+            estimated = estimate(trial, candidate, progress)
+        except MemoptError:
+            continue  # refused here (e.g. sdpa on a model already using sdpa)
+        result.tried += 1
+        assert estimated.memory is not None
+        if estimated.memory.peak_bytes <= budget:
+            result.helpers.append({"strategies": candidate, "peak_bytes": estimated.memory.peak_bytes})
+    return result
