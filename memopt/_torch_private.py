@@ -52,3 +52,10 @@ def fake_tensor_mode() -> FakeTensorMode:
 
 def is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
+
+
+def flop_counter() -> Any:
+    """FLOPs of the enclosed ops (matmuls, attention, convolutions), real or fake tensors alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)

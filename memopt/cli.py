@@ -314,6 +314,49 @@ def estimate(config: ConfigArg = None, *, json_out: JsonOpt = None, device: Devi
             console.print(line)
 
 
+@app.command()
+@handle_errors
+def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
+                 "--budget", help="Peak tensor memory to fit under, e.g. 8GiB.")],
+             allow_lossy: Annotated[bool, typer.Option(
+                 "--allow-lossy", help="Also try lossy strategies (quantization, pruning, 8-bit states, amp).")] = False,
+             top: Annotated[int, typer.Option("--top", min=1, max=20, help="Candidates to measure for real.")] = 3,
+             output: Annotated[Optional[str], typer.Option(
+                 "--output", "-o", metavar="FILE.yaml", help="Write the winning spec here.")] = None,
+             no_measure: Annotated[bool, typer.Option(
+                 "--no-measure", help="Rank on estimates only, even when the model runs here.")] = False,
+             json_out: JsonOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None,
+             batch_size: BatchOpt = None, seq_len: SeqOpt = None, steps: StepsOpt = None) -> None:
+    """Search strategy combinations; show the fastest that fits the budget and write it as a spec.
+
+    Example: [bold]memopt optimize configs/seed.yaml --budget 1GiB --output best.yaml[/bold], then [bold]memopt profile best.yaml[/bold]
+    """
+    import yaml
+
+    from memopt import report
+    from memopt.optimize import optimize as run_optimize
+    from memopt.optimize import winner_spec
+    from memopt.units import format_bytes, parse_size
+
+    spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps)
+    limit = parse_size(budget)
+    with _progress() as say:
+        outcome = run_optimize(spec, limit, allow_lossy=allow_lossy, top=top, measure=not no_measure, progress=say)
+    best = winner_spec(spec, outcome)
+    if output:
+        header = (f"# written by memopt optimize --budget {budget}: {outcome.winner.label}, estimated peak "
+                  f"{format_bytes(outcome.winner.peak)}\n")
+        report.write_atomic(Path(output), header + yaml.safe_dump(best, sort_keys=False))
+    if json_out is not None:
+        report.write_json({"schema": report.SCHEMA, "budget_bytes": limit, "winner": best["strategies"],
+                           "candidates": [c.__dict__ for c in outcome.ranked], "evaluated": outcome.evaluated,
+                           "search_s": outcome.seconds, "measured_here": outcome.measured_here}, json_out)
+    if json_out != "-":
+        console = _stdout()
+        console.print(report.optimize_table(outcome, top))
+        console.print(f"winner: [bold]{outcome.winner.label}[/bold]" + (f" -> {output}" if output else ""))
+
+
 def normalize_argv(args: list[str]) -> list[str]:
     """Give ``--json`` its optional value: a bare ``--json`` (last, or before an option or a YAML file)
     means ``--json -`` (stdout). Typer has no optional-value options, so the entry point does this."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +16,7 @@ from memopt.spec import Spec
 
 @torch.no_grad()
 def measure_drift(spec: Spec, model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor,
-                  device: str) -> dict[str, float]:
+                  device: str, contexts: Sequence[Callable[[], Any]] = ()) -> dict[str, float]:
     """Relative error of the logits (||changed - ref|| / ||ref||) and the loss difference, before any step.
 
     The reference is rebuilt from the same seed, so both start from identical weights; the batch is
@@ -27,7 +30,10 @@ def measure_drift(spec: Spec, model: LanguageModel, tokens: torch.Tensor, target
     diff2 = ref2 = loss_ref = loss_new = 0.0
     for tok, tgt in zip(tokens.split(1), targets.split(1)):
         ref = reference.logits(tok).float().flatten(0, 1)                         # s, vocab
-        new = model.logits(tok).float().flatten(0, 1)
+        with contextlib.ExitStack() as stack:  # the strategies' step contexts (autocast for amp)
+            for make_context in contexts:
+                stack.enter_context(make_context())
+            new = model.logits(tok).float().flatten(0, 1)
         diff2 += (new - ref).pow(2).sum().item()
         ref2 += ref.pow(2).sum().item()
         loss_ref += F.cross_entropy(ref, tgt.flatten(), reduction="sum").item()

@@ -339,3 +339,33 @@ def fit_lines(fit: Any) -> list[str]:
     else:
         lines.append(f"no single strategy makes it fit ({fit.tried} tried); try combinations with memopt optimize")
     return lines
+
+
+def optimize_table(outcome: Any, top: int) -> Table:
+    """The ranked sets that fit: peaks, predicted and measured time, drift, and why each is where it is."""
+    base = outcome.baseline
+    table = Table(title=f"memopt optimize - budget {format_bytes(outcome.budget)}: {outcome.evaluated} sets estimated "
+                        f"in {outcome.seconds:.0f} s", title_justify="left")
+    for col in ("#", "strategies", "est. peak", "measured peak", "predicted", "measured", "slowdown", "drift", "why"):
+        table.add_column(col, justify="left" if col in ("strategies", "why") else "right")
+    base_time = base.measured_s or base.predicted_s
+    for i, c in enumerate(outcome.ranked[: max(top, 1) + 2], start=1):
+        measured_time = c.measured_s if c.measured_s is not None else None
+        slowdown = (measured_time or c.predicted_s) / base_time if base_time else None
+        if c is outcome.winner:
+            why = "fastest measured set that fits" if c.measured_s is not None else "fastest predicted set that fits"
+        elif c.error:
+            why = f"failed: {c.error}"
+        elif c.measured_peak is not None and c.measured_peak > outcome.budget:
+            why = "over budget when measured"
+        elif c.measured_s is not None:
+            why = "slower when measured"
+        else:
+            why = "predicted slower" + (" (lossy)" if c.lossy else "")
+        table.add_row(str(i), c.label, format_bytes(c.peak),
+                      format_bytes(c.measured_peak) if c.measured_peak is not None else "-",
+                      f"{c.predicted_s:.2f} s", f"{measured_time:.2f} s" if measured_time is not None else "-",
+                      f"{slowdown:.2f}x" if slowdown else "-",
+                      f"{100 * c.drift['logits_rel_error']:.2f}%" if c.drift else "-", why,
+                      style="bold green" if c is outcome.winner else None)
+    return table

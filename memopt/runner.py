@@ -14,7 +14,7 @@ import torch
 
 from memopt.drift import measure_drift
 from memopt.errors import MemoptError, OutOfMemory
-from memopt._torch_private import fake_tensor_mode, is_fake
+from memopt._torch_private import fake_tensor_mode, flop_counter, is_fake
 from memopt.measure import CUDA_BLOCK, HostPeaks, ModelWatch, StepMemory, TensorTracker, host_peaks
 from memopt.model import LanguageModel, build_model, count_parameters
 from memopt.spec import Spec
@@ -41,6 +41,7 @@ class RunResult:
     step_times_s: list[float] = field(default_factory=list)
     loss: float = float("nan")
     drift: dict[str, float] | None = None
+    flops: int | None = None  # FLOPs of one step (estimates only: torch.utils.flop_counter)
     strategy_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pid: int = field(default_factory=os.getpid)
@@ -219,7 +220,8 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
                        estimated=fake, params_total=total, params_trainable=trainable)
     if any(s.lossy for s in session.strategies) and not fake:
         say(f"{name}: measuring accuracy drift against the unchanged model")
-        result.drift = measure_drift(spec, model, *make_batch(spec, session.device), session.device)
+        result.drift = measure_drift(spec, model, *make_batch(spec, session.device), session.device,
+                                     session.plan.contexts)
     phase_box = {"name": "warm-up"}
     try:
         if fake:
@@ -241,7 +243,9 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
                         tracker.begin_step()
                         phase_box["name"] = "measured step"
                         start = time.perf_counter()
-                        result.loss = train_step(session, tracker, watch, step=0)
+                        with flop_counter() if fake else contextlib.nullcontext() as flops:
+                            result.loss = train_step(session, tracker, watch, step=0)
+                        result.flops = flops.get_total_flops() if fake else None
                         _sync(session.device)
                         result.step_times_s.append(time.perf_counter() - start)
                 finally:

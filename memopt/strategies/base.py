@@ -46,7 +46,8 @@ class Strategy:
     lossy: ClassVar[bool] = False
     order: ClassVar[int] = 50       # composition order: lower applies first
     refuses: ClassVar[dict[str, str]] = {}  # other strategy name -> why the pair cannot work
-    candidates: ClassVar[tuple[str, ...]] = ()  # typical settings to try (estimate --fits, optimize); () = name
+    # typical settings to try (estimate --fits, optimize), lightest first, most saving last; () = just the name
+    candidates: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Options, spec: Spec):
         self.options = options

@@ -93,7 +93,7 @@ class Ckpt(Strategy):
     summary = "activation checkpointing per layer: full, every k-th layer, or selective (keep matmuls)"
     saves = "saved activations shrink from ~L x layer activations to L x layer input + one layer"
     order = 30
-    candidates = ("ckpt", "ckpt:policy=every,every=2", "ckpt:policy=selective")
+    candidates = ("ckpt:policy=selective", "ckpt:policy=every,every=2", "ckpt")
 
     def apply(self, model: nn.Module) -> None:
         opts: CkptOptions = self.options  # type: ignore[assignment]

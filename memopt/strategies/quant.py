@@ -84,7 +84,7 @@ class Quant(Strategy):
     saves = "Linear weights 4-8x smaller; grads and optimizer state only for what still trains"
     lossy = True
     order = 5
-    candidates = ("quant:bits=8,lora=8", "quant:bits=4,lora=8", "quant:bits=4,format=nf4,lora=8")
+    candidates = ("quant:bits=8,lora=8", "quant:bits=4,format=nf4,lora=8", "quant:bits=4,lora=8")
 
     def check(self, device: str) -> None:
         opts: QuantOptions = self.options  # type: ignore[assignment]

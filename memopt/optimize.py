@@ -1,0 +1,240 @@
+"""``memopt optimize --budget``: search strategy mixes, estimate each on fake tensors, rank by predicted
+time, confirm the best for real, and return the fastest that fits.
+
+Search: a beam over the registry's candidate settings. A set that fits is not extended (more strategies
+rarely make a step faster); the ``beam`` lowest-peak sets that do not fit yet, among those whose last
+strategy lowered the peak by at least 1%, are extended by one more strategy, up to ``max_depth``.
+Estimates are cached by set. A set is dropped when another is both smaller and predicted faster.
+
+Cost model: predicted step time = FLOPs of the traced step (torch.utils.flop_counter, so checkpoint
+recomputation is counted) / a FLOP rate calibrated on the measured baseline (or a nominal rate when the
+baseline does not run here) + offloaded bytes / the tier's bandwidth (disk 1 GB/s, PCIe 16 GB/s) +
+a per-micro-batch overhead (accumulation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from memopt.errors import MemoptError
+from memopt.estimate import estimate
+from memopt.spec import Spec, spec_from_data
+
+NOMINAL_FLOPS = {"cpu": 100e9, "cuda": 300e12}        # used when the baseline cannot be measured here
+OFFLOAD_BANDWIDTH = {"cpu": 1e9, "cuda": 16e9}         # bytes/s: disk on a CPU run, PCIe to host on CUDA
+MICRO_BATCH_OVERHEAD = 0.02                            # fraction of a step per extra micro-batch
+MEASURED_STEPS = 2                                     # measured steps per confirmation run (after a warm-up)
+
+
+@dataclass
+class Candidate:
+    strategies: tuple[str, ...]
+    peak: int = 0
+    flops: int = 0
+    offload_bytes: int = 0
+    micro_batches: int = 1
+    lossy: int = 0  # how many lossy strategies the set has (fewer is preferred)
+    predicted_s: float = 0.0
+    measured_peak: int | None = None
+    measured_s: float | None = None
+    drift: dict[str, float] | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.strategies) or "baseline"
+
+
+def _name(option: str) -> str:
+    return option.split(":", 1)[0]
+
+
+def search_options(spec: Spec, allow_lossy: bool) -> dict[str, list[str]]:
+    """Per registered strategy, its candidate settings that apply to this spec, lightest first."""
+    from memopt.strategies import registry
+
+    options: dict[str, list[str]] = {}
+    for name, cls in registry().items():
+        if cls.lossy and not allow_lossy:
+            continue
+        settings = [o for o in (cls.candidates or (name,))
+                    if not (name == "accum" and spec.train.batch_size % int(o.rsplit("=", 1)[1]))]
+        if settings:
+            options[name] = settings
+    return options
+
+
+class Search:
+    """Estimates strategy sets on fake tensors, with a cache, and predicts their step time."""
+
+    def __init__(self, spec: Spec, progress: Callable[[str], None] | None = None):
+        self.spec, self.progress = spec, progress or (lambda _m: None)
+        self.cache: dict[tuple[str, ...], Candidate] = {}
+        self.flop_rate = NOMINAL_FLOPS["cuda" if spec.run.device == "cuda" else "cpu"]
+        self.device = "cuda" if spec.run.device == "cuda" else "cpu"
+
+    def spec_for(self, strategies: tuple[str, ...], steps: int | None = None) -> Spec:
+        data = self.spec.to_dict()
+        if steps is not None:
+            data["train"]["steps"] = min(steps, data["train"]["steps"])
+        return spec_from_data(data, strategies=list(strategies))
+
+    def evaluate(self, strategies: tuple[str, ...]) -> Candidate:
+        key = tuple(sorted(strategies))
+        if key in self.cache:
+            return self.cache[key]
+        cand = Candidate(strategies)
+        try:
+            self.progress(f"estimating {cand.label} ({len(self.cache) + 1} sets so far)")
+            result = estimate(self.spec_for(strategies), cand.label)
+        except MemoptError as exc:  # refused combination: remembered, never chosen
+            cand.error = str(exc)
+        else:
+            assert result.memory is not None
+            cand.peak, cand.flops = result.memory.peak_bytes, result.flops or 0
+            cand.offload_bytes = result.strategy_facts.get("offload", {}).get("moved_off_device_bytes", 0)
+            from memopt.strategies import registry
+
+            known = registry()
+            cand.lossy = sum(known[_name(s)].lossy for s in strategies)
+            cand.micro_batches = next((int(s.rsplit("=", 1)[1]) for s in strategies if _name(s) == "accum"), 1)
+        self.cache[key] = cand
+        return cand
+
+    def predict(self, cand: Candidate) -> float:
+        compute = cand.flops / self.flop_rate
+        return (compute * (1 + MICRO_BATCH_OVERHEAD * (cand.micro_batches - 1))
+                + cand.offload_bytes * 2 / OFFLOAD_BANDWIDTH[self.device])  # written, then read back
+
+    def calibrate(self, measured_s: float) -> None:
+        """Derive this machine's FLOP rate from the measured baseline step."""
+        base = self.evaluate(())
+        if base.flops and measured_s > 0:
+            self.flop_rate = base.flops / measured_s
+
+    def run(self, budget: int, options: dict[str, list[str]], beam: int = 3, max_depth: int = 5,
+            refine: int = 3) -> list[Candidate]:
+        """Beam search with each strategy's strongest setting, then lighter settings for the best that fit."""
+        strongest = [settings[-1] for settings in options.values()]
+        base = self.evaluate(())
+        frontier = [base]
+        for _ in range(max_depth):
+            extended = []
+            for cand in frontier:
+                used = {_name(s) for s in cand.strategies}
+                for option in strongest:
+                    if _name(option) not in used:
+                        new = self.evaluate(cand.strategies + (option,))
+                        if new.error is None and (new.peak <= budget or new.peak < 0.99 * cand.peak):
+                            extended.append(new)  # a strategy that does not lower the peak is not pursued
+            open_sets = sorted((c for c in extended if c.peak > budget), key=lambda c: c.peak)
+            if not open_sets:
+                break
+            frontier = open_sets[:beam]
+        for cand in self._ranked_fitting(budget)[:refine]:  # lighter (faster) settings that still fit
+            for i, option in enumerate(cand.strategies):
+                for lighter in options[_name(option)][:-1]:
+                    self.evaluate(cand.strategies[:i] + (lighter,) + cand.strategies[i + 1:])
+                self.evaluate(cand.strategies[:i] + cand.strategies[i + 1:])  # or without it
+        return [c for c in self._done()]
+
+    def _done(self) -> list[Candidate]:
+        done = [c for c in self.cache.values() if c.error is None]
+        for c in done:
+            c.predicted_s = self.predict(c)
+        return done
+
+    def _ranked_fitting(self, budget: int) -> list[Candidate]:
+        return sorted((c for c in self._done() if c.peak <= budget), key=lambda c: (c.lossy, c.predicted_s))
+
+
+def non_dominated(cands: list[Candidate]) -> list[Candidate]:
+    """Drop a set when another is at most as large and predicted at most as slow (and strictly better once)."""
+    keep = []
+    for c in cands:
+        if not any(o is not c and o.peak <= c.peak and o.predicted_s <= c.predicted_s
+                   and (o.peak < c.peak or o.predicted_s < c.predicted_s) for o in cands):
+            keep.append(c)
+    return keep
+
+
+def runs_here(peak: int, device: str) -> bool:
+    """Whether measuring a run of this estimated peak is safe on this machine."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.is_available() and peak < 0.8 * torch.cuda.get_device_properties(0).total_memory
+    return peak < 0.5 * psutil.virtual_memory().available
+
+
+@dataclass
+class Outcome:
+    budget: int
+    baseline: Candidate
+    ranked: list[Candidate]          # the sets that fit, best first (the measured ones first)
+    winner: Candidate
+    evaluated: int
+    measured_here: bool
+    seconds: float = 0.0
+
+
+class NothingFits(MemoptError):
+    def __init__(self, budget: int, smallest: Candidate):
+        from memopt.units import format_bytes
+
+        self.smallest = smallest
+        super().__init__(f"nothing fits in {format_bytes(budget)}: the smallest achievable peak is "
+                         f"{format_bytes(smallest.peak)}, with {smallest.label}")
+
+
+def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3, measure: bool = True,
+             progress: Callable[[str], None] | None = None) -> Outcome:
+    """Find the fastest strategy mix whose peak fits ``budget``; measure the ``top`` candidates when possible."""
+    import time
+
+    from memopt.isolate import run_isolated
+
+    say = progress or (lambda _m: None)
+    started = time.perf_counter()
+    search = Search(spec, say)
+    base = search.evaluate(())
+    if base.error:
+        raise MemoptError(base.error)
+    measured_here = measure and runs_here(base.peak, search.device)
+    if measured_here:
+        say("measuring the baseline to calibrate the cost model")
+        base_run = run_isolated(search.spec_for((), MEASURED_STEPS), "baseline")
+        if base_run["ok"]:
+            search.calibrate(base_run["step_time_s"])
+            base.measured_peak, base.measured_s = base_run["peak_bytes"], base_run["step_time_s"]
+    cands = search.run(budget, search_options(spec, allow_lossy))
+    fitting = [c for c in cands if c.peak <= budget]
+    if not fitting:
+        raise NothingFits(budget, min(cands, key=lambda c: c.peak))
+    ranked = sorted(non_dominated(fitting), key=lambda c: (c.lossy, c.predicted_s))
+    if measured_here:
+        for cand in ranked[:top]:
+            if cand is base and base.measured_s is not None:
+                continue
+            say(f"measuring {cand.label} for real")
+            done = run_isolated(search.spec_for(cand.strategies, MEASURED_STEPS), cand.label)
+            if done["ok"]:
+                cand.measured_peak, cand.measured_s, cand.drift = done["peak_bytes"], done["step_time_s"], done["drift"]
+            else:
+                cand.error = done["error"]
+        confirmed = [c for c in ranked[:top] if c.measured_peak is not None and c.measured_peak <= budget]
+        confirmed.sort(key=lambda c: (c.lossy, c.measured_s))
+        rest = [c for c in ranked if c not in confirmed]
+        ranked = confirmed + rest
+    winner = ranked[0]
+    return Outcome(budget, base, ranked, winner, len(search.cache), measured_here, time.perf_counter() - started)
+
+
+def winner_spec(spec: Spec, outcome: Outcome) -> dict[str, Any]:
+    """The spec with the winning strategies: what ``--output`` writes and ``memopt profile`` reproduces."""
+    return spec_from_data(spec.to_dict(), strategies=list(outcome.winner.strategies)).to_dict()

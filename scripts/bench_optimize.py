@@ -1,0 +1,51 @@
+"""optimize on the seed config with budgets of 60%, 30% and 10% of the baseline peak.
+
+Usage: python scripts/bench_optimize.py [CONFIG]
+Prints: budget, chosen mix, its measured peak and slowdown, and the search time (target: each search
+<= 5 minutes on 2 cores, measured peak under the budget). The 10% budget is below parameters + AdamW
+state, so it is searched with --allow-lossy; the others without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from memopt.isolate import run_isolated
+from memopt.optimize import optimize, winner_spec
+from memopt.spec import load_spec, spec_from_data
+from memopt.units import format_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None)
+    args = parser.parse_args()
+    spec = load_spec(args.config, {"device": "cpu", "steps": 2}, strategies=[])
+    base = run_isolated(spec, "baseline")
+    print(f"baseline peak {format_bytes(base['peak_bytes'])}, step {base['step_time_s']:.2f} s", file=sys.stderr)
+    print("| budget | lossy allowed | chosen mix | estimated peak | measured peak | slowdown | sets estimated | search time |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for fraction, lossy in ((0.6, False), (0.3, False), (0.1, True)):
+        budget = int(base["peak_bytes"] * fraction)
+        started = time.perf_counter()
+        try:
+            outcome = optimize(spec, budget, allow_lossy=lossy, top=3,
+                               progress=lambda m: print(f"  [{time.perf_counter() - started:4.0f} s] {m}", file=sys.stderr))
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            print(f"| {fraction:.0%} ({format_bytes(budget)}) | {lossy} | {exc} | | | | | {time.perf_counter() - started:.0f} s |")
+            continue
+        seconds = time.perf_counter() - started
+        w = outcome.winner
+        if w.measured_peak is None:  # confirm the winner when the search could not measure it
+            done = run_isolated(spec_from_data(winner_spec(spec, outcome)), w.label)
+            w.measured_peak, w.measured_s = done.get("peak_bytes"), done.get("step_time_s")
+        slowdown = w.measured_s / base["step_time_s"] if w.measured_s else float("nan")
+        print(f"| {fraction:.0%} ({format_bytes(budget)}) | {lossy} | {w.label} | {format_bytes(w.peak)} | "
+              f"{format_bytes(w.measured_peak or 0)} {'ok' if (w.measured_peak or 0) <= budget else 'OVER'} | "
+              f"{slowdown:.2f}x | {outcome.evaluated} | {seconds:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""optimize: the chosen mix fits when profiled, lossy only when allowed, the fastest measured wins."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from memopt.optimize import Search, non_dominated, search_options
+from memopt.runner import run
+from memopt.spec import load_spec
+
+from .conftest import CONFIGS, invoke
+
+
+@pytest.fixture(scope="module")
+def tiny_peak() -> int:
+    return run(load_spec(CONFIGS / "tiny.yaml")).memory.peak_bytes
+
+
+def test_half_budget_yaml_reproduces_under_budget_and_reports_ordering(tmp_path, tiny_peak):
+    budget = tiny_peak // 2
+    best, out = tmp_path / "best.yaml", tmp_path / "opt.json"
+    result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", f"{budget}B", "--allow-lossy", "--top", "2",
+                     "--output", best, "--json", out])
+    assert result.exit_code == 0, result.output
+    assert run(load_spec(best)).memory.peak_bytes <= budget
+    doc = json.loads(out.read_text())
+    measured = [c for c in doc["candidates"] if c["measured_s"] is not None and c["measured_peak"] <= budget]
+    winner = doc["candidates"][0]
+    assert "+".join(winner["strategies"]) in result.output
+    # the winner is the fastest measured set that fits, among those with the fewest lossy strategies
+    fewest = min(c["lossy"] for c in measured)
+    assert winner["measured_s"] == min(c["measured_s"] for c in measured if c["lossy"] == fewest)
+    assert yaml.safe_load(best.read_text())["strategies"]
+
+
+def test_without_allow_lossy_no_lossy_strategy_is_chosen(tmp_path, tiny_peak):
+    best = tmp_path / "best.yaml"
+    result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", f"{int(tiny_peak * 0.6)}B", "--no-measure",
+                     "--output", best])
+    assert result.exit_code == 0, result.output
+    from memopt.strategies import registry
+
+    chosen = [next(iter(s)) for s in yaml.safe_load(best.read_text())["strategies"]]
+    assert chosen and not any(registry()[name].lossy for name in chosen)
+
+
+def test_impossible_budget_exits_1_naming_the_smallest_peak():
+    result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", "1MiB", "--no-measure"])
+    assert result.exit_code == 1
+    assert "nothing fits in 1.00 MiB: the smallest achievable peak is" in result.output
+
+
+def test_search_prunes_dominated_sets(tiny_peak):
+    search = Search(load_spec(CONFIGS / "tiny.yaml"))
+    cands = search.run(int(tiny_peak * 0.75), search_options(search.spec, False))
+    kept = non_dominated(cands)
+    for c in kept:
+        assert not any(o.peak < c.peak and o.predicted_s < c.predicted_s for o in cands)
+    assert len(search.cache) < 60  # cached, beam-limited: far fewer than the ~2^8 possible sets
+
+
+def test_bad_budget_is_a_clear_error():
+    result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", "eight gigs"])
+    assert result.exit_code == 1 and "size" in result.output
