@@ -54,8 +54,32 @@ def is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
-def flop_counter() -> Any:
-    """FLOPs of the enclosed ops (matmuls, attention, convolutions), real or fake tensors alike."""
-    from torch.utils.flop_counter import FlopCounterMode
+class FlopCounter(TorchDispatchMode):
+    """FLOPs of the enclosed ops (matmuls, attention, convolutions), real or fake tensors alike.
 
-    return FlopCounterMode(display=False)
+    Uses torch.utils.flop_counter's per-op formulas but not FlopCounterMode itself: that one tracks
+    modules with hooks that keep checkpoint-recomputed tensors alive, which would distort the memory
+    being measured at the same time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry = flop_registry
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = self.registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += int(count(*args, **kwargs, out_val=out))
+        return out
+
+    def get_total_flops(self) -> int:
+        return self.total
+
+
+def flop_counter() -> FlopCounter:
+    return FlopCounter()
