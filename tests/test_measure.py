@@ -11,7 +11,7 @@ from memopt.model import parameter_count
 from memopt.runner import make_batch, prepare, run, train_step
 from memopt.spec import load_spec, spec_from_data
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, memtracker_peak
 
 
 def _saved_storages(loss: torch.Tensor, exclude: set[int]) -> int:
@@ -111,15 +111,7 @@ def test_peak_breakdown_sums_to_peak_and_phases_bound_it(tiny_decoder):
 
 def test_total_peak_agrees_with_pytorch_memtracker(tiny):
     """Where MemTracker works (no frozen params, no module called twice) its peak is a reference."""
-    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
-    session = prepare(tiny)
-    train_step(session)
-    reference = mem_tracker.MemTracker()
-    reference.track_external(session.model, session.optimizer)
-    with reference:
-        train_step(session)
-    expected = reference.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    assert run(tiny).memory.peak_bytes == expected
+    assert run(tiny).memory.peak_bytes == memtracker_peak(tiny)
 
 
 def test_tracemalloc_does_not_see_tensors_but_the_tracker_does():

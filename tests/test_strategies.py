@@ -11,7 +11,7 @@ from memopt.errors import SpecError, StrategyError
 from memopt.runner import forward_backward, make_batch, prepare, run, train_step
 from memopt.spec import Spec, load_spec, spec_from_data
 
-from .conftest import CONFIGS, invoke
+from .conftest import CONFIGS, invoke, memtracker_peak
 
 
 def with_strategies(spec: Spec, *names: str) -> Spec:
@@ -119,15 +119,8 @@ def test_amp_halves_matmul_activations_and_keeps_the_loss_close(tiny):
 
 
 def test_full_ckpt_peak_agrees_with_pytorch_memtracker(tiny):
-    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
     spec = with_strategies(tiny, "ckpt")
-    session = prepare(spec)
-    train_step(session)
-    reference = mem_tracker.MemTracker()
-    reference.track_external(session.model, session.optimizer)
-    with reference:
-        train_step(session)
-    assert run(spec).memory.peak_bytes == reference.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    assert run(spec).memory.peak_bytes == memtracker_peak(spec)
 
 
 # ---- refusals and cleanup ------------------------------------------------------------------------------
