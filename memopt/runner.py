@@ -223,7 +223,8 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
         say(f"{name}: measuring accuracy drift against the unchanged model")
         result.drift = measure_drift(spec, model, *make_batch(spec, session.device), session.device,
                                      session.plan.contexts)
-    phase_box = {"name": "warm-up"}
+    stage = "warm-up step"
+    tracker = None
     try:
         if fake:
             say(f"{name}: creating optimizer state")
@@ -242,7 +243,7 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
                     for i in range(steps):
                         say(f"{name}: {'traced' if fake else 'measured'} step {i + 1}/{steps}")
                         tracker.begin_step()
-                        phase_box["name"] = "measured step"
+                        stage = "measured step"
                         start = time.perf_counter()
                         with flop_counter() if fake else contextlib.nullcontext() as flops:
                             result.loss = train_step(session, tracker, watch, step=0)
@@ -255,12 +256,12 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
         result.memory = tracker.result()
     except OutOfMemory:
         raise
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise OutOfMemory(f"out of memory during the {phase_box['name']}: {str(exc).splitlines()[0]}") from exc
-    except RuntimeError as exc:
-        if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
-            raise OutOfMemory(f"out of memory during the {phase_box['name']}: {str(exc).splitlines()[0]}") from exc
-        raise
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and not (
+                "can't allocate memory" in str(exc) or "out of memory" in str(exc)):
+            raise
+        where = f"{stage}, {tracker.phase}" if tracker is not None and stage == "measured step" else stage
+        raise OutOfMemory(f"out of memory during the {where}: {str(exc).splitlines()[0]}") from exc
     result.step_time_s = statistics.median(result.step_times_s)
     for strategy in session.strategies:
         facts = strategy.report()

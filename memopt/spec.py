@@ -106,9 +106,6 @@ class StrategySpec(_Frozen):
     name: str
     options: Any
 
-    def label(self) -> str:
-        return self.name
-
     def to_dict(self) -> dict[str, Any]:
         return {self.name: self.options.model_dump()}
 

@@ -90,6 +90,6 @@ def test_profile_json_file_is_written_and_tables_printed(tmp_path):
 def test_help_does_not_import_torch():
     code = "import sys, memopt.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
-    for command in ([], ["profile"]):
+    for command in ([], ["profile"], ["compare"], ["check"], ["estimate"], ["optimize"], ["strategies"]):
         result = invoke([*command, "--help"])
         assert result.exit_code == 0 and "Example" in result.output
