@@ -118,7 +118,7 @@ class Search:
             self.flop_rate = base.flops / measured_s
 
     def run(self, budget: int, options: dict[str, list[str]], beam: int = 3, max_depth: int = 5,
-            refine: int = 3) -> list[Candidate]:
+            refine: int = 2) -> list[Candidate]:
         """Beam search with each strategy's strongest setting, then lighter settings for the best that fit."""
         strongest = [settings[-1] for settings in options.values()]
         base = self.evaluate(())

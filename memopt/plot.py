@@ -86,8 +86,8 @@ def _timeline_png(data: dict[str, Any], title: str) -> bytes:
     ax.set_title(title, fontsize=10, pad=14)
     ax.set_ylim(0, data["peak_bytes"] / MIB * 1.12)
     ax.legend(loc="upper right", fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    buf = io.BytesIO()  # the data rides along in a PNG text chunk, as the HTML embeds it
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"memopt-timeline": json.dumps(data)})
     plt.close(fig)
     return buf.getvalue()
 

@@ -21,6 +21,7 @@ from memopt.spec import Spec
 from memopt.strategies import StepPlan, Strategy, build_strategies
 
 Progress = Callable[[str], None]
+TRACED_MICRO_BATCHES = 2  # under fake tensors: the first micro-batch (no grads yet) and a steady-state one
 
 
 @dataclass
@@ -122,8 +123,11 @@ def forward_backward(session: Session, tokens: torch.Tensor, targets: torch.Tens
                      tracker: TensorTracker | None = None) -> float:
     """Forward and backward over the plan's micro-batches, inside the strategies' contexts; mean loss."""
     k = session.plan.micro_batches
+    micro = list(zip(tokens.chunk(k), targets.chunk(k)))
+    if is_fake(tokens):
+        micro = micro[:TRACED_MICRO_BATCHES]  # micro-batches 3..k repeat the 2nd exactly: same shapes, same grads
     losses = []
-    for tok, tgt in zip(tokens.chunk(k), targets.chunk(k)):
+    for tok, tgt in micro:
         with contextlib.ExitStack() as stack:
             if tracker is not None:
                 stack.enter_context(tracker.saved_tensors())  # outermost: strategies' hooks take precedence
@@ -247,7 +251,9 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
                         start = time.perf_counter()
                         with flop_counter() if fake else contextlib.nullcontext() as flops:
                             result.loss = train_step(session, tracker, watch, step=0)
-                        result.flops = flops.get_total_flops() if fake else None
+                        if fake:  # scale to all micro-batches (only the first two were traced)
+                            k = session.plan.micro_batches
+                            result.flops = flops.get_total_flops() * k // min(k, TRACED_MICRO_BATCHES)
                         _sync(session.device)
                         result.step_times_s.append(time.perf_counter() - start)
                 finally:

@@ -39,7 +39,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
         for start in range(0, targets.numel(), ctx.chunk):
             h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
-            probs = F.linear(h, weight, bias).float().softmax(-1)                    # chunk, vocab
+            probs = F.linear(h, weight, bias).float()                                # chunk, vocab
+            probs.sub_(probs.amax(-1, keepdim=True)).exp_()                          # softmax, in place:
+            probs.div_(probs.sum(-1, keepdim=True))                                  # one chunk buffer
             probs[torch.arange(t.numel(), device=t.device), t] -= 1.0               # dCE/dlogits
             g = probs.mul_(scale).to(weight.dtype)
             if grad_hidden is not None:
