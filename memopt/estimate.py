@@ -67,10 +67,12 @@ class Fit:
 
 def single_candidates(spec: Spec) -> list[str]:
     """Every registered strategy in its typical settings, minus the ones the spec already uses."""
-    from memopt.strategies import registry
+    from memopt.runner import resolve_device
+    from memopt.strategies import candidate_settings
 
-    used = {s.name for s in spec.strategies}
-    return [c for name, cls in registry().items() if name not in used for c in (cls.candidates or (name,))]
+    settings = candidate_settings(spec, resolve_device(spec.run.device, estimate=True),
+                                  exclude={s.name for s in spec.strategies})
+    return [setting for group in settings.values() for setting in group]
 
 
 def fits(spec: Spec, peak: int, budget: int, progress: Callable[[str], None] | None = None) -> Fit:

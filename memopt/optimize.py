@@ -56,17 +56,10 @@ def _name(option: str) -> str:
 
 def search_options(spec: Spec, allow_lossy: bool) -> dict[str, list[str]]:
     """Per registered strategy, its candidate settings that apply to this spec, lightest first."""
-    from memopt.strategies import registry
+    from memopt.runner import resolve_device
+    from memopt.strategies import candidate_settings
 
-    options: dict[str, list[str]] = {}
-    for name, cls in registry().items():
-        if cls.lossy and not allow_lossy:
-            continue
-        settings = [o for o in (cls.candidates or (name,))
-                    if not (name == "accum" and spec.train.batch_size % int(o.rsplit("=", 1)[1]))]
-        if settings:
-            options[name] = settings
-    return options
+    return candidate_settings(spec, resolve_device(spec.run.device, estimate=True), allow_lossy=allow_lossy)
 
 
 class Search:

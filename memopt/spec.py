@@ -358,12 +358,10 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{path}: required"
     msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-        if msg.startswith(("n_heads", "n_kv_heads", "train.")):
-            return msg if msg.startswith("train.") else "; ".join(
-                f"{describe_path(loc + (part.split(':')[0],))}:{part.split(':', 1)[1]}"
-                for part in msg.split("; "))
+    if msg.startswith("Value error, "):  # our validators: "field: problem; field: problem", relative to loc
+        parts = [part.partition(": ") for part in msg[len("Value error, "):].split("; ")]
+        return "; ".join(f"{describe_path(loc + (key,))}: {text}" if text and " " not in key
+                         else f"{path}: {key}{sep}{text}" for key, sep, text in parts)
     got = err.get("input")
     shown = repr(got) if not isinstance(got, dict) else "a mapping"
     if len(shown) > 40:

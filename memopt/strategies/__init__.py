@@ -62,5 +62,30 @@ def build_strategies(spec: Any, device: str) -> list[Strategy]:
     return sorted(chosen, key=lambda s: s.order)
 
 
-__all__ = ["REGISTRY", "Options", "StepPlan", "Strategy", "build_strategies", "register", "registry",
+def candidate_settings(spec: Any, device: str, *, allow_lossy: bool = True,
+                       exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """Per strategy, its typical settings (lightest first) that its own checks accept for ``spec``.
+
+    What estimate --fits and optimize try; a setting the strategy would refuse here is left out.
+    """
+    from memopt.errors import MemoptError
+    from memopt.spec import spec_from_data
+
+    out: dict[str, list[str]] = {}
+    for name, cls in registry().items():
+        if name in exclude or (cls.lossy and not allow_lossy):
+            continue
+        accepted = []
+        for setting in cls.candidates or (name,):
+            try:
+                build_strategies(spec_from_data(spec.to_dict(), strategies=[setting]), device)
+            except MemoptError:
+                continue
+            accepted.append(setting)
+        if accepted:
+            out[name] = accepted
+    return out
+
+
+__all__ = ["candidate_settings", "REGISTRY", "Options", "StepPlan", "Strategy", "build_strategies", "register", "registry",
            "validate_options"]
