@@ -83,3 +83,25 @@ class FlopCounter(TorchDispatchMode):
 
 def flop_counter() -> FlopCounter:
     return FlopCounter()
+
+
+def saved_tensors_by_node(output: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(node name, tensor) for every tensor the autograd graph behind ``output`` saved for backward.
+
+    Reads the nodes' ``_saved_*`` attributes (the autograd notes' way to inspect saved tensors);
+    a tensor saved by several nodes is yielded once per node.
+    """
+    stack, visited = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            value = getattr(node, attr)
+            for item in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(item, torch.Tensor):
+                    yield type(node).__name__, item
+        stack.extend(fn for fn, _ in node.next_functions)

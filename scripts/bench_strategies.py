@@ -9,7 +9,9 @@ Prints a Markdown table (copied into README). Theory per strategy, in the catego
   accum k       activations: baseline x (1 - 1/k)
   offload       activations: all of them leave the device
   optim_in_bwd  grads: all gradients but the largest parameter's
-  amp           activations: half of them (matmul inputs saved in 16 bits)
+  amp           activations: half of what the baseline's matmuls save for backward (autocast stores those
+                in 16 bits) less a 16-bit copy of each weight they save (memopt.strategies.amp.expected_saving,
+                one forward of the baseline in this process)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from memopt.isolate import run_isolated
 from memopt.spec import Spec, load_spec, spec_from_data
+from memopt.strategies.amp import expected_saving
 from memopt.units import format_bytes
 
 RUNS = ["ckpt", "ckpt:policy=every,every=2", "ckpt:policy=selective", "sdpa", "chunked_ce", "amp",
@@ -52,7 +55,7 @@ def theory(name: str, spec: Spec, base: dict[str, Any], one_layer_acts: int) -> 
         largest = max(m.vocab_size, m.max_seq_len, m.ffn_dim or 0) * m.d_model * 4
         return "grads", base["category_peak_bytes"]["grads"] - largest
     if name == "amp":
-        return "activations", acts // 2
+        return "activations", expected_saving(spec)
     return None
 
 

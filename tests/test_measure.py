@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from memopt._torch_private import saved_tensors_by_node
 from memopt.measure import ModelWatch, TensorTracker, host_peaks
 from memopt.model import parameter_count
 from memopt.runner import make_batch, prepare, run, train_step
@@ -17,22 +18,10 @@ from .conftest import CONFIGS, memtracker_peak
 def _saved_storages(loss: torch.Tensor, exclude: set[int]) -> int:
     """Independent count: walk the autograd graph and sum the unique storages its nodes saved."""
     seen: dict[int, int] = {}
-    stack, visited = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        for attr in dir(node):
-            if not attr.startswith("_saved_"):
-                continue
-            value = getattr(node, attr)
-            for t in value if isinstance(value, (tuple, list)) else [value]:
-                if isinstance(t, torch.Tensor):
-                    st = t.untyped_storage()
-                    if st._cdata not in exclude:
-                        seen[st._cdata] = st.nbytes()
-        stack.extend(fn for fn, _ in node.next_functions)
+    for _, t in saved_tensors_by_node(loss):
+        st = t.untyped_storage()
+        if st._cdata not in exclude:
+            seen[st._cdata] = st.nbytes()
     return sum(seen.values())
 
 

@@ -2,7 +2,8 @@
 
 import torch
 
-from memopt._torch_private import TorchDispatchMode, current_saved_tensors_hooks, observe_saved_tensors
+from memopt._torch_private import (TorchDispatchMode, current_saved_tensors_hooks, observe_saved_tensors,
+                                    saved_tensors_by_node)
 
 
 def test_observer_sees_saved_tensors_and_keeps_inner_hooks():
@@ -29,3 +30,15 @@ def test_dispatch_mode_sees_op_outputs():
     with Spy():
         torch.ones(3) + 1
     assert torch.equal(outs[-1], torch.full((3,), 2.0))
+
+
+def test_graph_walk_names_each_saved_tensor_and_its_node():
+    a = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(4, 5, requires_grad=True)
+    h = a @ b
+    out = h.relu().sum()
+    saved = list(saved_tensors_by_node(out))
+    names = sorted(name for name, _ in saved)
+    assert names == ["MmBackward0", "MmBackward0", "ReluBackward0"]
+    relu_saved = next(t for name, t in saved if name == "ReluBackward0")
+    assert torch.equal(relu_saved, h.relu())
