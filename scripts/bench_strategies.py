@@ -100,7 +100,7 @@ def main() -> None:
         vs_theory, target = "-", "-"
         if expected is not None and expected[1] > 0:
             target = expected[0]
-            vs_theory = f"{100 * measured_saving(expected[0], base, run) / expected[1]:.0f}%"
+            vs_theory = f"{100 * measured_saving(expected[0], base, run) / expected[1]:.1f}%"
         drift = run.get("drift")
         drift_text = f"{100 * drift['logits_rel_error']:.2f}% (loss {drift['loss_delta']:+.4f})" if drift else "-"
         print(f"| {label} | {format_bytes(run['peak_bytes'])} | {100 * saving:.1f}% | {run['step_time_s']:.2f} s "
