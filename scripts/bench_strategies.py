@@ -2,8 +2,13 @@
 
 Usage: python scripts/bench_strategies.py [CONFIG] [--steps 2]
 Prints a Markdown table (copied into README). Theory per strategy, in the category it targets:
-  ckpt (full)   activations: baseline - (L x layer-input bytes + one layer + embedding/head), where
-                "one layer + embedding/head" is measured on the same spec with n_layers: 1
+  ckpt (full)   activations: baseline - what stays: L x layer-input bytes + the embedding/head's activations
+                at the end of forward, or L - 1 layer inputs + one recomputed layer in backward, whichever
+                is larger; one layer = (baseline - the 1-layer model) / (L - 1), embedding/head = the
+                1-layer model - one layer (the issue's looser bound, L inputs + one layer + head, reads 121%)
+  ckpt every k  activations: ceil(L / k) checkpointed layers x (one layer - its input)
+  ckpt selective activations: L x (one layer - its input - the matmul outputs it keeps), the kept outputs
+                being the projections, the b x heads x s^2 scores, attention x V and the FFN matmuls
   sdpa          activations: L x b x heads x s^2 x 4 bytes of attention probabilities
   chunked_ce    peak: 3 x b x s x V x 4 bytes (logits, log-probabilities, their gradient)
   accum k       activations: baseline x (1 - 1/k)
@@ -40,8 +45,15 @@ def theory(name: str, spec: Spec, base: dict[str, Any], one_layer_acts: int) -> 
     m, t = spec.model, spec.train
     acts = base["category_peak_bytes"]["activations"]
     bsd = t.batch_size * t.seq_len * m.d_model * 4
+    layer = (acts - one_layer_acts) // max(m.n_layers - 1, 1)
     if name == "ckpt":
-        return "activations", acts - (m.n_layers * bsd + one_layer_acts)
+        head = one_layer_acts - layer
+        return "activations", acts - max(m.n_layers * bsd + head, (m.n_layers - 1) * bsd + layer)
+    if name.startswith("ckpt:policy=every"):
+        k = int(name.rsplit("=", 1)[1])
+        return "activations", -(-m.n_layers // k) * (layer - bsd)
+    if name == "ckpt:policy=selective":
+        return "activations", m.n_layers * (layer - bsd - matmul_outputs(spec))
     if name == "sdpa":
         return "activations", m.n_layers * t.batch_size * m.n_heads * t.seq_len ** 2 * 4
     if name == "chunked_ce":
@@ -57,6 +69,16 @@ def theory(name: str, spec: Spec, base: dict[str, Any], one_layer_acts: int) -> 
     if name == "amp":
         return "activations", expected_saving(spec)
     return None
+
+
+def matmul_outputs(spec: Spec) -> int:
+    """Bytes of one layer's matmul and attention outputs, which selective checkpointing keeps."""
+    m, t = spec.model, spec.train
+    tokens = t.batch_size * t.seq_len
+    kv = 2 * (m.n_kv_heads or m.n_heads) * m.head_dim
+    ffn = m.ffn_dim * (2 if m.arch == "decoder" else 1)  # SwiGLU: gate and up
+    scores = t.batch_size * m.n_heads * t.seq_len ** 2 if m.attention == "eager" else 0
+    return 4 * (tokens * (m.d_model + kv + m.d_model + m.d_model + ffn + m.d_model) + scores)
 
 
 def measured_saving(category: str, base: dict[str, Any], run: dict[str, Any]) -> int:
