@@ -26,17 +26,6 @@ class Growth:
         return (self.now - self.baseline) / self.baseline if self.baseline else float("inf")
 
 
-def parse_tolerance(text: str) -> float:
-    """'2%' or '2' -> 0.02."""
-    try:
-        value = float(str(text).strip().rstrip("%"))
-    except ValueError:
-        raise MemoptError(f"--tolerance {text!r}: expected a percentage such as 2%") from None
-    if not 0 <= value < 1000:
-        raise MemoptError(f"--tolerance {text!r}: must be between 0% and 1000%")
-    return value / 100
-
-
 def load_baseline(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise MemoptError(f"baseline {path} does not exist; create it with: memopt check ... --baseline {path} --update")

@@ -221,9 +221,10 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
     Example: [bold]memopt check configs/tiny.yaml --baseline tests/baselines/tiny.json --tolerance 1%[/bold]
     """
     from memopt import report, runner
-    from memopt.check import ensure_comparable, growths, load_baseline, parse_tolerance
+    from memopt.check import ensure_comparable, growths, load_baseline
+    from memopt.units import parse_percent
 
-    tol = parse_tolerance(tolerance)
+    tol = parse_percent(tolerance, "--tolerance")
     spec = _load(config, strategies, device=device, dtype=dtype)
     path = Path(baseline)
     old = None if update else load_baseline(path)
@@ -325,6 +326,10 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
                  "--output", "-o", metavar="FILE.yaml", help="Write the winning spec here.")] = None,
              no_measure: Annotated[bool, typer.Option(
                  "--no-measure", help="Rank on estimates only, even when the model runs here.")] = False,
+             max_drift: Annotated[Optional[str], typer.Option(
+                 "--max-drift", metavar="PCT", help="Allow lossy strategies whose measured drift (relative error "
+                 "of the logits) stays under PCT, e.g. 1%; implies --allow-lossy, needs the model to run here.",
+                 show_default=False)] = None,
              json_out: JsonOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None,
              batch_size: BatchOpt = None, seq_len: SeqOpt = None, steps: StepsOpt = None) -> None:
     """Search strategy combinations; show the fastest that fits the budget and write it as a spec.
@@ -336,12 +341,14 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
     from memopt import report
     from memopt.optimize import optimize as run_optimize
     from memopt.optimize import winner_spec
-    from memopt.units import format_bytes, parse_size
+    from memopt.units import format_bytes, parse_percent, parse_size
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps)
     limit = parse_size(budget)
+    cap = parse_percent(max_drift, "--max-drift") if max_drift is not None else None
     with _progress() as say:
-        outcome = run_optimize(spec, limit, allow_lossy=allow_lossy, top=top, measure=not no_measure, progress=say)
+        outcome = run_optimize(spec, limit, allow_lossy=allow_lossy, top=top, measure=not no_measure,
+                               max_drift=cap, progress=say)
     best = winner_spec(spec, outcome)
     if output:
         header = (f"# written by memopt optimize --budget {budget}: {outcome.winner.label}, estimated peak "
@@ -350,10 +357,13 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
     if json_out is not None:
         report.write_json({"schema": report.SCHEMA, "budget_bytes": limit, "winner": best["strategies"],
                            "candidates": [c.__dict__ for c in outcome.ranked], "evaluated": outcome.evaluated,
-                           "search_s": outcome.seconds, "measured_here": outcome.measured_here}, json_out)
+                           "search_s": outcome.seconds, "measured_here": outcome.measured_here,
+                           "max_drift": cap, "left_out_for_drift": outcome.rejected}, json_out)
     if json_out != "-":
         console = _stdout()
         console.print(report.optimize_table(outcome, top))
+        if outcome.rejected:
+            console.print(f"left out for their own drift over {100 * cap:g}%: {', '.join(outcome.rejected)}")
         console.print(f"winner: [bold]{outcome.winner.label}[/bold]" + (f" -> {output}" if output else ""))
 
 

@@ -10,6 +10,10 @@ Cost model: predicted step time = FLOPs of the traced step (torch.utils.flop_cou
 recomputation is counted) / a FLOP rate calibrated on the measured baseline (or a nominal rate when the
 baseline does not run here) + offloaded bytes / the tier's bandwidth (disk 1 GB/s, PCIe 16 GB/s) +
 a per-micro-batch overhead (accumulation).
+
+Drift cap (``max_drift``): drift is a property of real numbers, so it needs the model to run here. Each
+lossy setting's own drift is measured first (one forward against the unchanged model) and settings over
+the cap are left out of the search; the measured candidates' drift is checked again, since drifts add up.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class Search:
     def __init__(self, spec: Spec, progress: Callable[[str], None] | None = None):
         self.spec, self.progress = spec, progress or (lambda _m: None)
         self.cache: dict[tuple[str, ...], Candidate] = {}
+        self.rejected: list[str] = []  # lossy settings left out for their drift
         self.flop_rate = NOMINAL_FLOPS["cuda" if spec.run.device == "cuda" else "cpu"]
         self.device = "cuda" if spec.run.device == "cuda" else "cpu"
 
@@ -174,6 +179,7 @@ class Outcome:
     evaluated: int
     measured_here: bool
     seconds: float = 0.0
+    rejected: list[str] = field(default_factory=list)  # lossy settings left out for their drift
 
 
 class NothingFits(MemoptError):
@@ -185,12 +191,41 @@ class NothingFits(MemoptError):
                          f"{format_bytes(smallest.peak)}, with {smallest.label}")
 
 
+def within_drift(cand: Candidate, max_drift: float | None) -> bool:
+    return max_drift is None or cand.drift is None or cand.drift["logits_rel_error"] <= max_drift
+
+
+def screen_drift(search: Search, options: dict[str, list[str]], max_drift: float,
+                 say: Callable[[str], None]) -> dict[str, list[str]]:
+    """The options without the lossy settings whose own drift (measured here) is over ``max_drift``."""
+    from memopt.runner import prepare, session_drift
+    from memopt.strategies import registry
+
+    kept: dict[str, list[str]] = {}
+    for name, settings in options.items():
+        if not registry()[name].lossy:
+            kept[name] = settings
+            continue
+        for setting in settings:
+            say(f"measuring the drift of {setting} alone")
+            drift = session_drift(prepare(search.spec_for((setting,))))["logits_rel_error"]
+            if drift <= max_drift:
+                kept.setdefault(name, []).append(setting)
+            else:
+                search.rejected.append(f"{setting} (drift {100 * drift:.2f}%)")
+    return kept
+
+
 def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3, measure: bool = True,
-             progress: Callable[[str], None] | None = None) -> Outcome:
-    """Find the fastest strategy mix whose peak fits ``budget``; measure the ``top`` candidates when possible."""
+             max_drift: float | None = None, progress: Callable[[str], None] | None = None) -> Outcome:
+    """Find the fastest strategy mix whose peak fits ``budget``; measure the ``top`` candidates when possible.
+
+    ``max_drift`` (a fraction of the logits' norm) allows lossy strategies whose measured drift stays under it.
+    """
     import time
 
     from memopt.isolate import run_isolated
+    from memopt.units import format_bytes
 
     say = progress or (lambda _m: None)
     started = time.perf_counter()
@@ -199,33 +234,54 @@ def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3
     if base.error:
         raise MemoptError(base.error)
     measured_here = measure and runs_here(base.peak, search.device)
+    if max_drift is not None and not measured_here:
+        why = "--no-measure was given" if not measure else (
+            f"the model (estimated peak {format_bytes(base.peak)}) is too large to run on this machine")
+        raise MemoptError(f"--max-drift: drift is measured on the real model, but {why}")
     if measured_here:
         say("measuring the baseline to calibrate the cost model")
         base_run = run_isolated(search.spec_for((), MEASURED_STEPS), "baseline")
         if base_run["ok"]:
             search.calibrate(base_run["step_time_s"])
             base.measured_peak, base.measured_s = base_run["peak_bytes"], base_run["step_time_s"]
-    cands = search.run(budget, search_options(spec, allow_lossy))
+    options = search_options(spec, allow_lossy or max_drift is not None)
+    if max_drift is not None:
+        options = screen_drift(search, options, max_drift, say)
+    cands = search.run(budget, options)
     fitting = [c for c in cands if c.peak <= budget]
     if not fitting:
         raise NothingFits(budget, min(cands, key=lambda c: c.peak))
     ranked = sorted(non_dominated(fitting), key=lambda c: (c.lossy, c.predicted_s))
     if measured_here:
-        for cand in ranked[:top]:
-            if cand is base and base.measured_s is not None:
-                continue
-            say(f"measuring {cand.label} for real")
-            done = run_isolated(search.spec_for(cand.strategies, MEASURED_STEPS), cand.label)
-            if done["ok"]:
-                cand.measured_peak, cand.measured_s, cand.drift = done["peak_bytes"], done["step_time_s"], done["drift"]
-            else:
-                cand.error = done["error"]
-        confirmed = [c for c in ranked[:top] if c.measured_peak is not None and c.measured_peak <= budget]
+        # with a drift cap, sets over it do not count: measure on (up to 2 x top) until top sets qualify
+        most = top if max_drift is None else 2 * top
+        confirmed, tried = [], 0
+        for cand in ranked:
+            if tried >= most or len(confirmed) >= top:
+                break
+            tried += 1
+            if cand is not base or base.measured_s is None:
+                say(f"measuring {cand.label} for real")
+                done = run_isolated(search.spec_for(cand.strategies, MEASURED_STEPS), cand.label)
+                if done["ok"]:
+                    cand.measured_peak, cand.measured_s = done["peak_bytes"], done["step_time_s"]
+                    cand.drift = done["drift"]
+                else:
+                    cand.error = done["error"]
+            if not within_drift(cand, max_drift):
+                cand.error = f"drift {100 * cand.drift['logits_rel_error']:.2f}% over --max-drift"
+            elif cand.measured_peak is not None and cand.measured_peak <= budget:
+                confirmed.append(cand)
+        if max_drift is not None and not confirmed:
+            raise MemoptError(f"nothing fits in {format_bytes(budget)} within --max-drift "
+                              f"{100 * max_drift:g}%: {tried} measured sets were over the budget or the cap"
+                              + (f"; left out alone: {', '.join(search.rejected)}" if search.rejected else ""))
         confirmed.sort(key=lambda c: (c.lossy, c.measured_s))
         rest = [c for c in ranked if c not in confirmed]
         ranked = confirmed + rest
     winner = ranked[0]
-    return Outcome(budget, base, ranked, winner, len(search.cache), measured_here, time.perf_counter() - started)
+    return Outcome(budget, base, ranked, winner, len(search.cache), measured_here, time.perf_counter() - started,
+                   search.rejected)
 
 
 def winner_spec(spec: Spec, outcome: Outcome) -> dict[str, Any]:

@@ -115,6 +115,13 @@ def make_batch(spec: Spec, device: str, step: int = 0) -> tuple[torch.Tensor, to
     return ids[:, :-1], ids[:, 1:]
 
 
+def session_drift(session: Session) -> dict[str, float]:
+    """Drift of the session's strategies: its model against the unchanged one on the first batch, before a step."""
+    spec = session.spec
+    return measure_drift(spec, session.model, *make_batch(spec, session.device), session.device,
+                         session.plan.contexts)
+
+
 def _phase(tracker: TensorTracker | None, name: str) -> contextlib.AbstractContextManager[None]:
     return tracker.in_phase(name) if tracker is not None else contextlib.nullcontext()
 
@@ -225,8 +232,7 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
                        estimated=fake, params_total=total, params_trainable=trainable)
     if any(s.lossy for s in session.strategies) and not fake:
         say(f"{name}: measuring accuracy drift against the unchanged model")
-        result.drift = measure_drift(spec, model, *make_batch(spec, session.device), session.device,
-                                     session.plan.contexts)
+        result.drift = session_drift(session)
     stage = "warm-up step"
     tracker = None
     try:

@@ -1,4 +1,4 @@
-"""Binary byte units: format for people, parse from the command line."""
+"""Binary byte units and percentages: format for people, parse from the command line."""
 
 import re
 
@@ -28,3 +28,14 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise MemoptError(f"size {text!r}: must be positive")
     return int(value)
+
+
+def parse_percent(text: str, option: str) -> float:
+    """'2%' or '2' -> 0.02; ``option`` names the flag in the error."""
+    try:
+        value = float(str(text).strip().rstrip("%"))
+    except ValueError:
+        raise MemoptError(f"{option} {text!r}: expected a percentage such as 2%") from None
+    if not 0 <= value < 1000:
+        raise MemoptError(f"{option} {text!r}: must be between 0% and 1000%")
+    return value / 100

@@ -65,3 +65,26 @@ def test_search_prunes_dominated_sets(tiny_peak):
 def test_bad_budget_is_a_clear_error():
     result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", "eight gigs"])
     assert result.exit_code == 1 and "size" in result.output
+
+
+def test_max_drift_leaves_out_what_drifts_more_and_the_winner_stays_under_it(tmp_path, tiny_peak):
+    budget, out = tiny_peak // 2, tmp_path / "opt.json"
+    result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", f"{budget}B", "--max-drift", "1%", "--top", "2",
+                     "--json", out])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    # on random weights pruning drifts by tens of percent and 4-bit quantization by a few: both left out
+    assert any(s.startswith("prune") for s in doc["left_out_for_drift"])
+    assert any(s.startswith("quant:bits=4") for s in doc["left_out_for_drift"])
+    winner = doc["candidates"][0]
+    names = [next(iter(s)) for s in doc["winner"]]
+    assert "prune" not in names and any(n in ("quant", "optim8bit", "amp") for n in names)  # lossless cannot fit
+    assert winner["measured_peak"] <= budget
+    assert winner["drift"] is None or winner["drift"]["logits_rel_error"] <= 0.01
+
+
+@pytest.mark.parametrize("args, message", [(["--max-drift", "1%", "--no-measure"], "--max-drift: drift is measured"),
+                                           (["--max-drift", "lots"], "--max-drift 'lots': expected a percentage")])
+def test_max_drift_errors_are_clear(args, message):
+    result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", "4MiB", *args])
+    assert result.exit_code == 1 and message in result.output
