@@ -129,12 +129,13 @@ def profile(config: ConfigArg = None, *, json_out: JsonOpt = None, device: Devic
     spec = _load(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                  steps=steps)
     limit = parse_size(device_memory) if device_memory else None
-    if timeline and not timeline.lower().endswith((".png", ".html", ".htm")):
-        _fail(f"--timeline {timeline}: use a .png or .html file name")
+    if timeline:
+        from memopt.plot import check_timeline_path, write_timeline
+
+        check_timeline_path(timeline)
     with _progress() as say:
         result = runner.run(spec, progress=say, timeline=timeline is not None, device_memory=limit)
     if timeline:
-        from memopt.plot import write_timeline
 
         assert result.memory is not None
         write_timeline(result.memory, timeline, f"memopt profile - {report.spec_title(spec, result.device)}")

@@ -72,7 +72,6 @@ class Search:
     def __init__(self, spec: Spec, progress: Callable[[str], None] | None = None):
         self.spec, self.progress = spec, progress or (lambda _m: None)
         self.cache: dict[tuple[str, ...], Candidate] = {}
-        self.rejected: list[str] = []  # lossy settings left out for their drift
         self.flop_rate = NOMINAL_FLOPS["cuda" if spec.run.device == "cuda" else "cpu"]
         self.device = "cuda" if spec.run.device == "cuda" else "cpu"
 
@@ -148,7 +147,12 @@ class Search:
         return done
 
     def _ranked_fitting(self, budget: int) -> list[Candidate]:
-        return sorted((c for c in self._done() if c.peak <= budget), key=lambda c: (c.lossy, c.predicted_s))
+        return sorted((c for c in self._done() if c.peak <= budget), key=by_prediction)
+
+
+def by_prediction(cand: Candidate) -> tuple[int, float]:
+    """Ranking before measuring: fewer lossy strategies first, then the predicted step time."""
+    return cand.lossy, cand.predicted_s
 
 
 def non_dominated(cands: list[Candidate]) -> list[Candidate]:
@@ -196,14 +200,17 @@ def within_drift(cand: Candidate, max_drift: float | None) -> bool:
 
 
 def screen_drift(search: Search, options: dict[str, list[str]], max_drift: float,
-                 say: Callable[[str], None]) -> dict[str, list[str]]:
-    """The options without the lossy settings whose own drift (measured here) is over ``max_drift``."""
+                 say: Callable[[str], None]) -> tuple[dict[str, list[str]], list[str]]:
+    """The options without the lossy settings whose own drift (measured here) is over ``max_drift``,
+    and those left out, each with its drift."""
     from memopt.runner import prepare, session_drift
     from memopt.strategies import registry
 
+    known = registry()
     kept: dict[str, list[str]] = {}
+    rejected: list[str] = []
     for name, settings in options.items():
-        if not registry()[name].lossy:
+        if not known[name].lossy:
             kept[name] = settings
             continue
         for setting in settings:
@@ -212,8 +219,35 @@ def screen_drift(search: Search, options: dict[str, list[str]], max_drift: float
             if drift <= max_drift:
                 kept.setdefault(name, []).append(setting)
             else:
-                search.rejected.append(f"{setting} (drift {100 * drift:.2f}%)")
-    return kept
+                rejected.append(f"{setting} (drift {100 * drift:.2f}%)")
+    return kept, rejected
+
+
+def confirm(search: Search, ranked: list[Candidate], base: Candidate, budget: int, top: int,
+            max_drift: float | None, say: Callable[[str], None]) -> list[Candidate]:
+    """Measure the best-ranked sets for real, each in its own process; the ones that fit (and stay under
+    ``max_drift``), fastest first. With a cap, measuring goes on (up to 2 x top sets) until top qualify."""
+    from memopt.isolate import run_isolated
+
+    most = top if max_drift is None else 2 * top
+    confirmed: list[Candidate] = []
+    for cand in ranked[:most]:
+        if len(confirmed) >= top:
+            break
+        if cand is not base or base.measured_s is None:
+            say(f"measuring {cand.label} for real")
+            done = run_isolated(search.spec_for(cand.strategies, MEASURED_STEPS), cand.label)
+            if done["ok"]:
+                cand.measured_peak, cand.measured_s = done["peak_bytes"], done["step_time_s"]
+                cand.drift = done["drift"]
+            else:
+                cand.error = done["error"]
+        if not within_drift(cand, max_drift):
+            assert cand.drift is not None
+            cand.error = f"drift {100 * cand.drift['logits_rel_error']:.2f}% over --max-drift"
+        elif cand.measured_peak is not None and cand.measured_peak <= budget:
+            confirmed.append(cand)
+    return sorted(confirmed, key=lambda c: (c.lossy, c.measured_s))
 
 
 def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3, measure: bool = True,
@@ -245,43 +279,23 @@ def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3
             search.calibrate(base_run["step_time_s"])
             base.measured_peak, base.measured_s = base_run["peak_bytes"], base_run["step_time_s"]
     options = search_options(spec, allow_lossy or max_drift is not None)
+    rejected: list[str] = []
     if max_drift is not None:
-        options = screen_drift(search, options, max_drift, say)
+        options, rejected = screen_drift(search, options, max_drift, say)
     cands = search.run(budget, options)
     fitting = [c for c in cands if c.peak <= budget]
     if not fitting:
         raise NothingFits(budget, min(cands, key=lambda c: c.peak))
-    ranked = sorted(non_dominated(fitting), key=lambda c: (c.lossy, c.predicted_s))
+    ranked = sorted(non_dominated(fitting), key=by_prediction)
     if measured_here:
-        # with a drift cap, sets over it do not count: measure on (up to 2 x top) until top sets qualify
-        most = top if max_drift is None else 2 * top
-        confirmed, tried = [], 0
-        for cand in ranked:
-            if tried >= most or len(confirmed) >= top:
-                break
-            tried += 1
-            if cand is not base or base.measured_s is None:
-                say(f"measuring {cand.label} for real")
-                done = run_isolated(search.spec_for(cand.strategies, MEASURED_STEPS), cand.label)
-                if done["ok"]:
-                    cand.measured_peak, cand.measured_s = done["peak_bytes"], done["step_time_s"]
-                    cand.drift = done["drift"]
-                else:
-                    cand.error = done["error"]
-            if not within_drift(cand, max_drift):
-                cand.error = f"drift {100 * cand.drift['logits_rel_error']:.2f}% over --max-drift"
-            elif cand.measured_peak is not None and cand.measured_peak <= budget:
-                confirmed.append(cand)
+        confirmed = confirm(search, ranked, base, budget, top, max_drift, say)
         if max_drift is not None and not confirmed:
             raise MemoptError(f"nothing fits in {format_bytes(budget)} within --max-drift "
-                              f"{100 * max_drift:g}%: {tried} measured sets were over the budget or the cap"
-                              + (f"; left out alone: {', '.join(search.rejected)}" if search.rejected else ""))
-        confirmed.sort(key=lambda c: (c.lossy, c.measured_s))
-        rest = [c for c in ranked if c not in confirmed]
-        ranked = confirmed + rest
-    winner = ranked[0]
-    return Outcome(budget, base, ranked, winner, len(search.cache), measured_here, time.perf_counter() - started,
-                   search.rejected)
+                              f"{100 * max_drift:g}%: the measured sets were over the budget or the cap"
+                              + (f"; left out alone: {', '.join(rejected)}" if rejected else ""))
+        ranked = confirmed + [c for c in ranked if c not in confirmed]
+    seconds = time.perf_counter() - started
+    return Outcome(budget, base, ranked, ranked[0], len(search.cache), measured_here, seconds, rejected)
 
 
 def winner_spec(spec: Spec, outcome: Outcome) -> dict[str, Any]:

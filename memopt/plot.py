@@ -56,16 +56,21 @@ def _phase_spans(phases: list[str]) -> list[tuple[str, int, int]]:
     return spans
 
 
+def check_timeline_path(path: str | Path) -> None:
+    """Refuse a timeline file name whose suffix names no format (before a run, not after it)."""
+    if Path(path).suffix.lower() not in (".png", ".html", ".htm"):
+        raise MemoptError(f"--timeline {path}: use a .png or .html file name")
+
+
 def write_timeline(memory: StepMemory, path: str | Path, title: str) -> None:
     """Write the timeline as PNG or HTML, chosen by the file's suffix."""
+    check_timeline_path(path)
     path = Path(path)
     data = timeline_data(memory)
     if path.suffix.lower() == ".png":
         write_atomic(path, _timeline_png(data, title))
-    elif path.suffix.lower() in (".html", ".htm"):
-        write_atomic(path, _timeline_html(data, title))
     else:
-        raise MemoptError(f"--timeline {path}: use a .png or .html file name")
+        write_atomic(path, _timeline_html(data, title))
 
 
 def _timeline_png(data: dict[str, Any], title: str) -> bytes:
@@ -86,8 +91,12 @@ def _timeline_png(data: dict[str, Any], title: str) -> bytes:
     ax.set_title(title, fontsize=10, pad=14)
     ax.set_ylim(0, data["peak_bytes"] / MIB * 1.12)
     ax.legend(loc="upper right", fontsize=8)
-    buf = io.BytesIO()  # the data rides along in a PNG text chunk, as the HTML embeds it
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"memopt-timeline": json.dumps(data)})
+    return _png_bytes(plt, fig, {"memopt-timeline": json.dumps(data)})  # the data rides along, as in the HTML
+
+
+def _png_bytes(plt: Any, fig: Any, metadata: dict[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
     return buf.getvalue()
 
@@ -144,7 +153,4 @@ def write_compare_png(runs: list[dict[str, Any]], path: str | Path, title: str) 
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    write_atomic(Path(path), buf.getvalue())
+    write_atomic(Path(path), _png_bytes(plt, fig))

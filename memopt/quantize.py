@@ -57,6 +57,18 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, fmt: str, d
     return w.view(out_f, -1)
 
 
+def packed_parameters(weight: torch.Tensor, bits: int, fmt: str,
+                      group_size: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """Frozen packed codes and scales of ``weight``; the codes count the parameters they stand for
+    (``logical_numel``), the scales, being metadata, none."""
+    codes, scales = quantize(weight, bits, fmt, group_size)
+    codes_param = nn.Parameter(codes, requires_grad=False)
+    scales_param = nn.Parameter(scales, requires_grad=False)
+    codes_param.logical_numel = weight.numel()
+    scales_param.logical_numel = 0
+    return codes_param, scales_param
+
+
 class _QuantMatmul(torch.autograd.Function):
     """y = x @ dequant(W)^T, saving only the packed weight; backward dequantizes again."""
 
@@ -81,11 +93,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bits, self.fmt, self.group_size = bits, fmt, group_size
-        codes, scales = quantize(linear.weight, bits, fmt, group_size)
-        self.codes = nn.Parameter(codes, requires_grad=False)
-        self.scales = nn.Parameter(scales, requires_grad=False)
-        self.codes.logical_numel = linear.weight.numel()  # the parameters it stands for
-        self.scales.logical_numel = 0                      # metadata, not model parameters
+        self.codes, self.scales = packed_parameters(linear.weight, bits, fmt, group_size)
         self.bias = linear.bias
         self.lora_a: nn.Parameter | None = None
         self.lora_b: nn.Parameter | None = None

@@ -123,7 +123,7 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
         summary.add_row("Loss", f"{result.loss:.4f}", "")
     summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
     if result.drift is not None:
-        summary.add_row("Accuracy drift", f"{100 * result.drift['logits_rel_error']:.2f}%",
+        summary.add_row("Accuracy drift", drift_text(result.drift),
                         f"logits vs unchanged model; loss {result.drift['loss_delta']:+.4f}")
     if result.strategies:
         summary.add_row("Strategies", ", ".join(next(iter(s)) for s in result.strategies), "")
@@ -220,7 +220,6 @@ def compare_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
     rows = []
     for run in runs:
         vs = run.get("vs_baseline")
-        drift = run.get("drift")
         if not run["ok"]:
             rows.append({"run": run["name"], "peak": "-", "saving": "-", "changed": "-", "time": "-", "slowdown": "-",
                          "loss": "-", "cosine": "-", "drift": "-", "status": f"failed: {run['error']}"})
@@ -233,7 +232,7 @@ def compare_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
             "slowdown": f"{vs['slowdown']:.2f}x" if vs else "-",
             "loss": f"{vs['loss_delta']:+.2e}" if vs else f"{run['loss']:.4f}",
             "cosine": f"{vs['grad_cosine']:.6f}" if vs and vs["grad_cosine"] is not None else "-",
-            "drift": f"{100 * drift['logits_rel_error']:.2f}%" if drift else "-",
+            "drift": drift_text(run.get("drift")),
             "status": "ok",
         })
     return rows
@@ -286,14 +285,24 @@ def runs_document(spec: Spec, runs: list[dict[str, Any]], device: str, **extra: 
             "device": device, "spec": spec.to_dict(), "runs": runs, **extra}
 
 
+def drift_text(drift: dict[str, float] | None) -> str:
+    """'0.37%': the logits' relative error against the unchanged model, or '-' for a lossless run."""
+    return f"{100 * drift['logits_rel_error']:.2f}%" if drift else "-"
+
+
+def growth_text(g: Any) -> str:
+    """'+12.5%' for a number that grew, 'new' for one the baseline did not have."""
+    return f"+{100 * g.growth:.1f}%" if g.baseline else "new"
+
+
 def growth_table(found: list[Any], tolerance: float) -> Table:
     """What grew past the tolerance in ``memopt check``."""
     table = Table(title=f"Memory regressions (tolerance {100 * tolerance:g}%)", title_justify="left")
     for col in ("what", "kind", "baseline", "now", "growth"):
         table.add_column(col, justify="left" if col in ("what", "kind") else "right")
     for g in found:
-        table.add_row(g.what, g.kind, format_bytes(g.baseline), format_bytes(g.now),
-                      f"+{100 * g.growth:.1f}%" if g.baseline else "new", style="red")
+        table.add_row(g.what, g.kind, format_bytes(g.baseline), format_bytes(g.now), growth_text(g),
+                      style="red")
     return table
 
 
@@ -304,8 +313,8 @@ def growth_markdown(found: list[Any], tolerance: float, peak: int, baseline_peak
     lines = [f"**memopt check: memory regression** (tolerance {100 * tolerance:g}%)", "",
              "| what | kind | baseline | now | growth |", "|---|---|---:|---:|---:|"]
     for g in found:
-        growth = f"+{100 * g.growth:.1f}%" if g.baseline else "new"
-        lines.append(f"| {g.what} | {g.kind} | {format_bytes(g.baseline)} | {format_bytes(g.now)} | {growth} |")
+        cells = (g.what, g.kind, format_bytes(g.baseline), format_bytes(g.now), growth_text(g))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -350,8 +359,7 @@ def optimize_table(outcome: Any, top: int) -> Table:
         table.add_column(col, justify="left" if col in ("strategies", "why") else "right")
     base_time = base.measured_s or base.predicted_s
     for i, c in enumerate(outcome.ranked[: max(top, 1) + 2], start=1):
-        measured_time = c.measured_s if c.measured_s is not None else None
-        slowdown = (measured_time or c.predicted_s) / base_time if base_time else None
+        slowdown = (c.measured_s or c.predicted_s) / base_time if base_time else None
         if c is outcome.winner:
             why = "fastest measured set that fits" if c.measured_s is not None else "fastest predicted set that fits"
         elif c.error:
@@ -364,8 +372,8 @@ def optimize_table(outcome: Any, top: int) -> Table:
             why = "predicted slower" + (" (lossy)" if c.lossy else "")
         table.add_row(str(i), c.label, format_bytes(c.peak),
                       format_bytes(c.measured_peak) if c.measured_peak is not None else "-",
-                      f"{c.predicted_s:.2f} s", f"{measured_time:.2f} s" if measured_time is not None else "-",
+                      f"{c.predicted_s:.2f} s", f"{c.measured_s:.2f} s" if c.measured_s is not None else "-",
                       f"{slowdown:.2f}x" if slowdown else "-",
-                      f"{100 * c.drift['logits_rel_error']:.2f}%" if c.drift else "-", why,
+                      drift_text(c.drift), why,
                       style="bold green" if c is outcome.winner else None)
     return table

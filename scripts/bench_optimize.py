@@ -16,6 +16,7 @@ import time
 from memopt.isolate import run_isolated
 from memopt.optimize import optimize, winner_spec
 from memopt.spec import load_spec, spec_from_data
+from memopt.report import drift_text
 from memopt.units import format_bytes
 
 
@@ -51,10 +52,9 @@ def main() -> None:
             done = run_isolated(spec_from_data(winner_spec(spec, outcome)), w.label)
             w.measured_peak, w.measured_s = done.get("peak_bytes"), done.get("step_time_s")
         slowdown = w.measured_s / base["step_time_s"] if w.measured_s else float("nan")
-        drift = f"{100 * w.drift['logits_rel_error']:.2f}%" if w.drift else "-"
         print(f"| {fraction:.0%} ({format_bytes(budget)}) | {allowed} | {w.label} | {format_bytes(w.peak)} | "
               f"{format_bytes(w.measured_peak or 0)} {'ok' if (w.measured_peak or 0) <= budget else 'OVER'} | "
-              f"{slowdown:.2f}x | {drift} | {outcome.evaluated} | {seconds:.0f} s |", flush=True)
+              f"{slowdown:.2f}x | {drift_text(w.drift)} | {outcome.evaluated} | {seconds:.0f} s |", flush=True)
         if outcome.rejected:
             print(f"  left out for drift: {', '.join(outcome.rejected)}", file=sys.stderr)
 

@@ -10,7 +10,7 @@ import torch
 from memopt.errors import SpecError, StrategyError
 from memopt.runner import forward_backward, make_batch, prepare, run, train_step
 from memopt.spec import Spec, load_spec, spec_from_data
-from memopt.strategies.amp import expected_saving
+from memopt.theory import amp_saving, expected_saving, layer_input_bytes, one_layer_spec
 
 from .conftest import CONFIGS, invoke, memtracker_peak
 
@@ -68,9 +68,7 @@ def acts(spec: Spec) -> int:
 
 
 def test_full_ckpt_keeps_layer_inputs_plus_one_layer(tiny):
-    m, t = tiny.model, tiny.train
-    one_layer = spec_from_data({**tiny.to_dict(), "model": {**tiny.to_dict()["model"], "n_layers": 1}})
-    bound = m.n_layers * t.batch_size * t.seq_len * m.d_model * 4 + acts(one_layer)  # inputs + 1 layer + head
+    bound = tiny.model.n_layers * layer_input_bytes(tiny) + acts(one_layer_spec(tiny))  # + 1 layer + head
     measured = acts(with_strategies(tiny, "ckpt"))
     assert measured <= 1.15 * bound
     assert measured < 0.5 * acts(tiny)
@@ -80,6 +78,19 @@ def test_every_and_selective_ckpt_save_less_than_baseline_more_than_full(tiny):
     base, full = acts(tiny), acts(with_strategies(tiny, "ckpt"))
     for policy in ("ckpt:policy=every,every=2", "ckpt:policy=selective"):
         assert full < acts(with_strategies(tiny, policy)) < base
+
+
+@pytest.mark.parametrize("policy", ["ckpt", "ckpt:policy=every,every=2", "ckpt:policy=selective"])
+@pytest.mark.parametrize("config", ["tiny.yaml", "tiny-decoder.yaml"])
+def test_each_ckpt_policy_saves_its_theory(config, policy):
+    """memopt/theory.py: what stays is the layer inputs (selective: plus the matmul outputs) and the head's
+    activations at the end of forward, or the layers below plus one recomputed layer in backward."""
+    spec = load_spec(CONFIGS / config)
+    base = run(spec).memory.category_peak_bytes
+    category, theory = expected_saving(policy, spec, base, acts(one_layer_spec(spec)))
+    saving = base[category] - run(with_strategies(spec, policy)).memory.category_peak_bytes[category]
+    assert theory > 0.05 * base[category]
+    assert abs(saving - theory) <= 0.02 * theory
 
 
 def test_chunked_ce_removes_the_logits():
@@ -120,7 +131,7 @@ def test_amp_saves_what_autocast_stores_in_16_bits(config):
     decoder, whose SiLU and products of matmul outputs stay 16-bit as well)."""
     base_spec = load_spec(CONFIGS / config)
     base, amp = run(base_spec), run(with_strategies(base_spec, "amp"))
-    theory = expected_saving(base_spec)
+    theory = amp_saving(base_spec)
     saving = base.memory.category_peak_bytes["activations"] - amp.memory.category_peak_bytes["activations"]
     assert theory > 0.15 * base.memory.category_peak_bytes["activations"]
     if base_spec.model.arch == "encoder":

@@ -26,7 +26,7 @@ class StepPlan:
     contexts: entered around each micro-batch's forward+backward (outermost first).
     micro_batches: the global batch is split into this many, gradients accumulate.
     step_in_backward: the optimizer already stepped inside backward; the runner skips ``step()``.
-    forward: optional replacement for ``model(tokens, targets) -> loss``.
+    notes: what the report should tell the user about this step (e.g. a kernel that could not be used).
     """
 
     contexts: list[Callable[[], AbstractContextManager[Any]]] = field(default_factory=list)

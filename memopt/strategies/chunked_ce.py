@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from memopt.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
 
@@ -78,13 +79,10 @@ class ChunkedCe(Strategy):
     order = 20
 
     def check(self, device: str) -> None:
-        if "quant" in {s.name for s in self.spec.strategies}:
-            opts = next(s.options for s in self.spec.strategies if s.name == "quant")
-            if opts.head:
-                from memopt.errors import StrategyError
-
-                raise StrategyError("chunked_ce+quant: refused with quant.head: true (the chunked loss needs the "
-                                    "output layer's float weight); keep quant.head: false")
+        quant = next((s.options for s in self.spec.strategies if s.name == "quant"), None)
+        if quant is not None and quant.head:
+            raise StrategyError("chunked_ce+quant: refused with quant.head: true (the chunked loss needs the "
+                                "output layer's float weight); keep quant.head: false")
 
     def apply(self, model: nn.Module) -> None:
         model.loss_head = ChunkedCrossEntropyHead(self.options.chunk_size)  # type: ignore[attr-defined]

@@ -91,7 +91,6 @@ class Offload(Strategy):
 
     def check(self, device: str) -> None:
         opts: OffloadOptions = self.options  # type: ignore[assignment]
-        self.device = device
         self.target = opts.target if opts.target != "auto" else ("cpu" if device == "cuda" else "disk")
         if device == "cpu" and self.target == "cpu":
             raise StrategyError("offload.target: cpu on a CPU device moves nothing (the tensors are already "

@@ -11,6 +11,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from memopt.errors import StrategyError
 from memopt.model import DecoderLayer, EncoderLayer, SelfAttention
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
@@ -80,8 +81,6 @@ class Prune(Strategy):
     candidates = ("prune:ffn=0.25", "prune:ffn=0.5")
 
     def check(self, device: str) -> None:
-        from memopt.errors import StrategyError
-
         if self.options.ffn == 0 and self.options.heads == 0:  # type: ignore[attr-defined]
             raise StrategyError("prune: set ffn and/or heads to a fraction above 0, otherwise nothing is pruned")
 

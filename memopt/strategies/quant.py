@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from memopt.errors import StrategyError
-from memopt.quantize import QuantLinear, dequantize, quantize
+from memopt.quantize import QuantLinear, dequantize, packed_parameters
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
 
@@ -64,11 +64,7 @@ class QuantEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, bits: int, fmt: str, group_size: int):
         super().__init__()
         self.bits, self.fmt, self.dim = bits, fmt, embedding.embedding_dim
-        codes, scales = quantize(embedding.weight, bits, fmt, group_size)
-        self.codes = nn.Parameter(codes, requires_grad=False)
-        self.scales = nn.Parameter(scales, requires_grad=False)
-        self.codes.logical_numel = embedding.weight.numel()
-        self.scales.logical_numel = 0
+        self.codes, self.scales = packed_parameters(embedding.weight, bits, fmt, group_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = dequantize(F.embedding(tokens.flatten(), self.codes), F.embedding(tokens.flatten(), self.scales),
