@@ -66,28 +66,21 @@ def to_json(spec: Spec, results: list[RunResult], device: str) -> dict[str, Any]
 
 
 def write_json(data: dict[str, Any], target: str) -> None:
-    """``-`` -> stdout; otherwise written atomically (temp file + rename), never half-written."""
+    """``-`` -> stdout; otherwise memopt.files.write_output (atomic for regular files, never half-written)."""
+    from memopt.files import write_output
+
     text = json.dumps(data, indent=2) + "\n"
     if target == "-":
         print(text, end="")
         return
-    write_atomic(Path(target), text)
+    write_output(target, text)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write via a temporary file in the same folder and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a result file through memopt.files.write_output (kept for callers of this name)."""
+    from memopt.files import write_output
+
+    write_output(path, data)
 
 
 def _pct(part: int, whole: int) -> str:

@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from memopt.errors import SpecError
+from memopt.errors import MemoptError, SpecError
+from memopt.files import read_input
 
 Arch = Literal["encoder", "decoder"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -152,12 +153,18 @@ OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "s
                   "optimizer": ("train", "optimizer")}
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses duplicate keys instead of silently keeping the last."""
+SPEC_LIMIT_BYTES = 2**20     # a spec is a few hundred bytes; anything near this is not one
+ALIAS_LIMIT_NODES = 100_000  # nodes that aliases may add when expanded (a "billion laughs" adds ~10**9)
 
-    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - yaml's signature
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys instead of silently keeping the last, and alias bombs."""
+
+    def construct_mapping(self, node, deep=False):  # yaml's signature, untyped
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *base``: merged by SafeConstructor; the keys written here override it
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
@@ -169,11 +176,61 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def get_single_data(self) -> Any:
+        """Compose the node graph (aliases are shared nodes there), bound its expansion, then construct."""
+        node = self.get_single_node()
+        if node is None:
+            return None
+        added = _expanded_size(node) - _distinct_nodes(node)
+        if added > ALIAS_LIMIT_NODES:
+            raise _AliasBomb(f"too many aliases (they expand the document by {added:,} nodes, "
+                             f"more than {ALIAS_LIMIT_NODES:,})")
+        return self.construct_document(node)
+
+
+class _AliasBomb(Exception):
+    """The composed document would expand past ALIAS_LIMIT_NODES."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes the document has once every alias is copied out: one pass over the shared graph, memoised
+    (a node inside itself, ``&a [*a]``, counts once)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key not in sizes:
+            sizes[key] = 1  # while being counted: a recursive reference adds one
+            sizes[key] = 1 + sum(size(child) for child in _children(node))
+        return sizes[key]
+
+    return size(root)
+
+
+def _distinct_nodes(root: yaml.Node) -> int:
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(_children(node))
+    return len(seen)
+
 
 def read_yaml(text: str, source: str = "spec") -> Any:
-    """Parse YAML text safely; any syntax problem becomes a SpecError with the line."""
+    """Parse YAML text safely; any syntax problem (or nesting too deep, or an alias bomb) becomes a
+    SpecError naming ``source`` and the line."""
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
@@ -181,6 +238,8 @@ def read_yaml(text: str, source: str = "spec") -> Any:
             where = f" (line {mark.line + 1}, column {mark.column + 1})"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError([f"{source}: invalid YAML{where}: {problem}"]) from None
+    except _AliasBomb as exc:
+        raise SpecError([f"{source}: invalid YAML: {exc}"]) from None
     except RecursionError:
         raise SpecError([f"{source}: invalid YAML: nested too deeply"]) from None
 
@@ -190,7 +249,8 @@ def load_spec(config: str | Path | None = None, overrides: dict[str, Any] | None
     """CONFIG (a file path, a preset name, or None for the embedded default) -> a validated Spec.
 
     ``overrides`` maps short names (``batch_size``, ``device``, ...) to values from the command line;
-    ``strategies``, when given, replaces the spec's own list.
+    ``strategies``, when given, replaces the spec's own list. The file is read with memopt.files.read_input:
+    a regular file of at most SPEC_LIMIT_BYTES (a FIFO or /dev/zero is refused before it is opened).
     """
     data: Any = {}
     source = "spec"
@@ -205,9 +265,9 @@ def load_spec(config: str | Path | None = None, overrides: dict[str, Any] | None
             if path.is_dir():
                 raise SpecError([f"{path}: is a directory, expected a YAML file"])
             try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise SpecError([f"{path}: cannot read: {exc}"]) from None
+                text = read_input(path, "spec", SPEC_LIMIT_BYTES)
+            except MemoptError as exc:
+                raise SpecError([str(exc)]) from None
             data = read_yaml(text, source)
             if data is None:
                 raise SpecError([f"{path}: the file is empty; expected a mapping with model/train/run"])
