@@ -1,8 +1,9 @@
 """Weight-only group-wise quantization (int8, int4, nf4) and LoRA adapters, on plain PyTorch tensors.
 
 Weights are stored packed (int4/nf4: two 4-bit codes per byte) with one scale per group of
-``group_size`` inputs. ``QuantLinear`` runs through a custom autograd Function that saves only the
-packed weight and its scales and dequantizes again in backward: a plain ``x @ dequant(w).t()`` under
+``group_size`` inputs; a row the group size does not divide is padded with zeros to whole groups.
+``QuantLinear`` runs through a custom autograd Function that saves only the packed weight and its
+scales and dequantizes again in backward: a plain ``x @ dequant(w).t()`` under
 autograd would keep every dequantized weight alive until backward and lose the saving.
 """
 
@@ -21,10 +22,26 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.7229568362236023, 1.0)
 
 
+def padded_width(in_features: int, group_size: int) -> int:
+    """Inputs one row of codes stands for: ``in_features`` rounded up to whole groups."""
+    return -(-in_features // group_size) * group_size
+
+
 def quantize(weight: torch.Tensor, bits: int, fmt: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float weight -> (packed codes, scales (out, in // group_size)), symmetric per group."""
+    """(out, in) float weight -> (packed codes, scales (out, ceil(in / group_size))), symmetric per group.
+
+    Any width works: a row is padded with zeros to whole groups (as bitsandbytes' blockwise format
+    does), and 4-bit codes of an odd padded width get one filler code so that they pack two to a byte.
+    The padding is stored, so it counts in the bytes: codes are out x padded_width x bits / 8 bytes
+    (4 bits: rounded up to whole bytes per row), scales out x groups. Where the group size divides
+    ``in``, nothing is padded.
+    """
     out_f, in_f = weight.shape
-    groups = weight.detach().float().reshape(out_f, in_f // group_size, group_size)
+    width = padded_width(in_f, group_size)
+    w = weight.detach().float()
+    if width != in_f:
+        w = F.pad(w, (0, width - in_f))                                          # zeros: absmax unchanged
+    groups = w.reshape(out_f, width // group_size, group_size)
     absmax = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)          # out, g, 1
     if fmt == "nf4":
         levels = torch.tensor(NF4_LEVELS, device=weight.device)
@@ -36,25 +53,33 @@ def quantize(weight: torch.Tensor, bits: int, fmt: str, group_size: int) -> tupl
         codes = (groups / scales).round().clamp(-qmax, qmax).to(torch.int8)
         if bits == 4:
             codes = (codes + 8).to(torch.uint8)                                  # 1..15 in a nibble
-    codes = codes.reshape(out_f, in_f)
+    codes = codes.reshape(out_f, width)
     if bits == 4:
-        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)                           # out, in/2: two per byte
+        if width % 2:
+            codes = F.pad(codes, (0, 1))                                         # filler, never read
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)                           # out, width/2: two per byte
     return codes.contiguous(), scales.squeeze(-1).to(weight.dtype).contiguous()
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, fmt: str, dtype: torch.dtype) -> torch.Tensor:
-    """Packed codes + scales -> the (out, in) weight in ``dtype``; one weight-sized float tensor alive."""
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, fmt: str, dtype: torch.dtype,
+               in_features: int) -> torch.Tensor:
+    """Packed codes + scales -> the (out, in_features) weight in ``dtype``; one float tensor of the padded
+    width alive (what is returned is a view of it without the padding)."""
     out_f, groups = scales.shape
     if bits == 4:
         codes = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(out_f, -1)  # out, in (uint8)
+    width = codes.shape[1] // groups * groups  # drops the 4-bit filler code of an odd padded width
+    if width != codes.shape[1]:
+        codes = codes[:, :width]
+    if bits == 4:
         if fmt == "nf4":
             w = torch.tensor(NF4_LEVELS, dtype=dtype, device=codes.device)[codes.int()]
         else:
             w = codes.to(dtype).sub_(8)
     else:
         w = codes.to(dtype)
-    w = w.view(out_f, groups, -1).mul_(scales.to(dtype).unsqueeze(-1))
-    return w.view(out_f, -1)
+    w = w.view(out_f, groups, -1).mul_(scales.to(dtype).unsqueeze(-1)).view(out_f, -1)
+    return w if width == in_features else w[:, :in_features]
 
 
 def packed_parameters(weight: torch.Tensor, bits: int, fmt: str,
@@ -73,17 +98,17 @@ class _QuantMatmul(torch.autograd.Function):
     """y = x @ dequant(W)^T, saving only the packed weight; backward dequantizes again."""
 
     @staticmethod
-    def forward(ctx, x, codes, scales, bits, fmt):  # noqa: ANN001, ANN205 - autograd's signature
+    def forward(ctx, x, codes, scales, bits, fmt, in_features):  # noqa: ANN001, ANN205 - autograd's signature
         ctx.save_for_backward(codes, scales)
-        ctx.bits, ctx.fmt = bits, fmt
-        w = dequantize(codes, scales, bits, fmt, x.dtype)
+        ctx.bits, ctx.fmt, ctx.in_features = bits, fmt, in_features
+        w = dequantize(codes, scales, bits, fmt, x.dtype, in_features)
         return F.linear(x, w)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         codes, scales = ctx.saved_tensors
-        w = dequantize(codes, scales, ctx.bits, ctx.fmt, grad_out.dtype)
-        return grad_out @ w, None, None, None, None
+        w = dequantize(codes, scales, ctx.bits, ctx.fmt, grad_out.dtype, ctx.in_features)
+        return grad_out @ w, None, None, None, None, None
 
 
 class QuantLinear(nn.Module):
@@ -110,10 +135,12 @@ class QuantLinear(nn.Module):
         self.lora_scale = alpha / rank
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.codes, self.scales, self.bits, self.fmt, dtype or self.scales.dtype)
+        """The (out, in) float weight the packed codes stand for (padding dropped)."""
+        return dequantize(self.codes, self.scales, self.bits, self.fmt, dtype or self.scales.dtype,
+                          self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _QuantMatmul.apply(x, self.codes, self.scales, self.bits, self.fmt)
+        y = _QuantMatmul.apply(x, self.codes, self.scales, self.bits, self.fmt, self.in_features)
         if self.bias is not None:
             y = y + self.bias
         if self.lora_a is not None and self.lora_b is not None:

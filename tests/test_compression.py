@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from memopt.estimate import estimate
 from memopt.model import count_parameters
 from memopt.quantize import QuantLinear, dequantize
 from memopt.runner import prepare, run, train_step
-from memopt.spec import Spec, spec_from_data
+from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.strategies.optim8bit import AdamW8bit
+from memopt.strategies.quant import Quant
+
+from .conftest import CONFIGS
 
 TINY = {"model": {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 1000, "ffn_dim": 256, "max_seq_len": 64},
         "train": {"batch_size": 4, "seq_len": 64, "steps": 1}, "run": {"device": "cpu"}}
@@ -18,6 +25,13 @@ TINY = {"model": {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 1000
 
 def tiny(*strategies: str, **model: object) -> Spec:
     return spec_from_data({**TINY, "model": {**TINY["model"], **model}}, strategies=list(strategies))
+
+
+def packed_bytes(out_f: int, in_f: int, bits: int, group: int) -> tuple[int, int]:
+    """(codes, float32 scales) bytes of an (out_f, in_f) weight: each row padded to whole groups,
+    4-bit codes rounded up to whole bytes per row."""
+    groups = math.ceil(in_f / group)
+    return out_f * math.ceil(groups * group * bits / 8), out_f * groups * 4
 
 
 @pytest.mark.parametrize(("bits", "fmt"), [(8, "int"), (4, "int"), (4, "nf4")])
@@ -32,6 +46,85 @@ def test_quantized_weights_take_exactly_their_packed_bytes(bits, fmt):
     assert mem.state_bytes["grads"] == floats * 4
     n_float_tensors = 3 + 1 + layers * (6 + 4)                          # tok, pos, head w/b; per layer 6 biases, 4 norms
     assert mem.state_bytes["optimizer"] == 2 * floats * 4 + n_float_tensors * 4
+
+
+@pytest.mark.parametrize(("bits", "fmt"), [(8, "int"), (4, "int"), (4, "nf4")])
+@pytest.mark.parametrize("embedding", [False, True])
+def test_padded_shapes_take_exactly_their_padded_bytes(bits, fmt, embedding):
+    """d_model 48 and ffn 176 with group 32: every row is padded to whole groups and the padding is stored."""
+    d, f, layers, v, s = 48, 176, 2, 1000, 64
+    spec = tiny(f"quant:bits={bits},format={fmt},group_size=32,embedding={str(embedding).lower()}",
+                d_model=d, ffn_dim=f)
+    shapes = layers * [(d, d)] * 4 + layers * [(f, d), (d, f)] + ([(v, d)] if embedding else [])
+    quantized = sum(sum(packed_bytes(o, i, bits, 32)) for o, i in shapes)
+    floats = (0 if embedding else v * d) + s * d + v * d + v + layers * (4 * d + f + d + 4 * d)
+    result = run(spec)
+    assert result.memory.state_bytes["params"] == quantized + floats * 4
+    assert result.params_trainable == floats
+    assert result.params_total == floats + sum(o * i for o, i in shapes)  # codes count what they stand for
+
+
+@pytest.mark.parametrize(("bits", "fmt"), [(8, "int"), (4, "int"), (4, "nf4")])
+@pytest.mark.parametrize(("out_f", "in_f", "group"), [(96, 49, 32), (33, 49, 7), (7, 20, 64), (5, 3, 2)])
+def test_quant_linear_on_any_width_pads_and_matches_its_dequantized_weight(bits, fmt, out_f, in_f, group):
+    """Odd widths, a group size that does not divide, one larger than the width; (33, 49, 7) and (5, 3, 2)
+    have an odd padded width, whose 4-bit codes take one filler nibble per row."""
+    torch.manual_seed(0)
+    linear = nn.Linear(in_f, out_f)
+    q = QuantLinear(linear, bits, fmt, group)
+    assert (q.codes.nbytes, q.scales.nbytes) == packed_bytes(out_f, in_f, bits, group)
+    assert q.scales.shape == (out_f, math.ceil(in_f / group))
+    w = q.dequantized_weight()
+    assert w.shape == (out_f, in_f)
+    # the padding is zeros: the same as quantizing the zero-padded weight and dropping its padding
+    width = math.ceil(in_f / group) * group
+    wide = nn.Linear(width, out_f)
+    with torch.no_grad():
+        wide.weight.copy_(F.pad(linear.weight, (0, width - in_f)))
+    assert torch.equal(QuantLinear(wide, bits, fmt, group).dequantized_weight()[:, :in_f], w)
+    assert (w - linear.weight).norm() <= (0.02 if bits == 8 else 0.2) * linear.weight.norm()
+    dense = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+        dense.bias.copy_(linear.bias)
+    x1 = torch.randn(5, in_f, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = q(x1), dense(x2)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    assert torch.allclose(y1, y2, atol=1e-5) and torch.allclose(x1.grad, x2.grad, atol=1e-5)
+
+
+def test_tiny_decoder_takes_4_bit_quant_with_lora():
+    """ffn 176 is no multiple of the default group size 64: padded, no longer refused."""
+    spec = load_spec(CONFIGS / "tiny-decoder.yaml", strategies=["quant:bits=4,lora=8"])
+    session = prepare(spec)
+    quantized = [m for m in session.model.modules() if isinstance(m, QuantLinear)]
+    assert any(m.in_features % 64 for m in quantized)
+    for m in quantized:
+        assert (m.codes.nbytes, m.scales.nbytes) == packed_bytes(m.out_features, m.in_features, 4, 64)
+    result = run(spec)
+    assert math.isfinite(result.loss)
+    assert result.params_trainable == sum(m.lora_a.numel() + m.lora_b.numel() for m in quantized)
+
+
+@pytest.mark.parametrize("spec", [
+    load_spec(CONFIGS / "tiny-decoder.yaml", strategies=["quant:bits=4,lora=8"]),
+    tiny("quant:bits=4,format=nf4,group_size=32,embedding=true", d_model=48, ffn_dim=176),
+    tiny("quant:bits=8,group_size=128"),
+], ids=["tiny-decoder", "d48-nf4-embedding", "group-over-width"])
+def test_estimate_equals_profile_on_padded_shapes(spec):
+    real, traced = run(spec).memory, estimate(spec).memory
+    assert traced.peak_bytes == real.peak_bytes
+    assert traced.state_bytes == real.state_bytes
+
+
+def test_quant_candidates_save_more_down_the_list_and_include_a_larger_group():
+    """Where 128 divides the widths (as on the seed), group_size=128 halves the strongest setting's scales."""
+    assert any("group_size=" in c for c in Quant.candidates)
+    models = [prepare(tiny(c, d_model=128, ffn_dim=512)).model for c in Quant.candidates]
+    params = [sum(p.untyped_storage().nbytes() for p in model.parameters()) for model in models]
+    assert params == sorted(params, reverse=True) and params[-1] < params[-2]
 
 
 def test_with_lora_only_the_adapters_train_exactly():
@@ -60,7 +153,7 @@ def test_quant_linear_matches_a_float_linear_with_the_dequantized_weight(bits, f
     q = QuantLinear(linear, bits, fmt, 64)
     dense = nn.Linear(128, 96)
     with torch.no_grad():
-        dense.weight.copy_(dequantize(q.codes, q.scales, bits, fmt, torch.float32))
+        dense.weight.copy_(dequantize(q.codes, q.scales, bits, fmt, torch.float32, 128))
         dense.bias.copy_(linear.bias)
     x1 = torch.randn(5, 128, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_()

@@ -102,6 +102,49 @@ def test_chunked_ce_removes_the_logits():
     assert saving >= 0.9 * 3 * b * s * v * 4
 
 
+def test_auto_chunk_size_rule():
+    """Smallest power of two with chunk x vocab >= 2 x tokens x d_model, at least 64, at most the tokens."""
+    from memopt.strategies.chunked_ce import auto_chunk_size
+
+    assert auto_chunk_size(4096, 512, 32000) == 256    # the seed shape: what the old fixed default was
+    assert auto_chunk_size(16384, 512, 32000) == 1024  # 4x the tokens, 4x the chunk
+    assert auto_chunk_size(4096, 4096, 32000) == 2048  # llama-7b's widths
+    assert auto_chunk_size(1024, 512, 32000) == 64     # the seed under accum:micro_batches=4
+    assert auto_chunk_size(512, 512, 32000) == 64      # ... and 8: the floor
+    assert auto_chunk_size(256, 64, 1000) == 64        # tiny: 4 chunks, where 256 was one
+    assert auto_chunk_size(256, 64, 20000) == 64
+    assert auto_chunk_size(8, 4096, 1000) == 8         # never more than the tokens
+    assert auto_chunk_size(1, 8, 100000) == 1
+
+
+def test_auto_chunk_on_a_large_vocab_saves_like_a_small_chunk():
+    """batch 4 x seq 64 = 256 tokens: the old fixed 256 did no chunking (78% of the baseline's peak)."""
+    spec = spec_from_data({"model": {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 20000,
+                                     "ffn_dim": 256, "max_seq_len": 64},
+                           "train": {"batch_size": 4, "seq_len": 64, "steps": 1}, "run": {"device": "cpu"}})
+    base = run(spec).memory.peak_bytes
+    small = run(with_strategies(spec, "chunked_ce:chunk_size=64")).memory.peak_bytes
+    auto = run(with_strategies(spec, "chunked_ce")).memory.peak_bytes
+    assert auto <= 1.03 * small
+    assert auto < 0.65 * base
+
+
+def test_auto_chunk_is_taken_from_the_micro_batch_and_keeps_the_numbers(tiny, monkeypatch):
+    from memopt.strategies import chunked_ce
+
+    seen, rule = [], chunked_ce.auto_chunk_size
+
+    def recording(tokens: int, d_model: int, vocab: int) -> int:
+        seen.append((tokens, d_model, vocab))
+        return rule(tokens, d_model, vocab)
+
+    monkeypatch.setattr(chunked_ce, "auto_chunk_size", recording)
+    run(with_strategies(tiny, "chunked_ce", "accum:micro_batches=4"))
+    m, t = tiny.model, tiny.train
+    assert seen and set(seen) == {(t.batch_size // 4 * t.seq_len, m.d_model, m.vocab_size)}
+    assert_same_numbers(loss_and_grads(tiny), loss_and_grads(with_strategies(tiny, "chunked_ce")), rel=1e-5)
+
+
 def test_accum_of_four_quarters_activations(tiny):
     assert acts(with_strategies(tiny, "accum:micro_batches=4")) <= 0.3 * acts(tiny)
 

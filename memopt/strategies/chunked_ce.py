@@ -4,9 +4,14 @@ The batch x seq x vocab logits, their log-probabilities and their gradient never
 one chunk's (the idea of Liger Kernel's fused linear cross-entropy and Cut Cross-Entropy, in plain
 PyTorch). Forward keeps only the hidden states; backward recomputes each chunk's logits and writes
 the weight gradient into one buffer in place, so not even two weight-sized gradients coexist.
+
+The default chunk comes from the shapes the loss actually sees (per micro-batch under accum), by
+``auto_chunk_size``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +21,24 @@ from torch import nn
 from memopt.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
+
+MIN_AUTO_CHUNK = 64
+
+
+def auto_chunk_size(tokens: int, d_model: int, vocab: int) -> int:
+    """Tokens per chunk: the smallest power of two whose logits (chunk x vocab) are at least the hidden
+    states plus their gradient that the loss holds anyway (2 x tokens x d_model); at least 64 tokens and
+    at most ``tokens``.
+
+    Liger Kernel's fused-linear-cross-entropy rule sizes one chunk's logits like the hidden input
+    (next power of two of ceil(tokens / ceil(vocab / d_model))); this one counts the input's gradient
+    too, so chunks are about twice as large: 256 on the seed shape (4096 tokens, d_model 512, vocab
+    32000), where Liger's gives 128. The floor of 64 keeps a chunk's logits (64 x vocab) within the
+    output weight (vocab x d_model, for d_model >= 64), which the step holds four times anyway (weight,
+    gradient, two Adam moments); smaller chunks would save little and add per-chunk overhead.
+    """
+    need = math.ceil(2 * tokens * d_model / vocab)
+    return min(tokens, max(MIN_AUTO_CHUNK, 1 << max(need - 1, 0).bit_length()))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -55,19 +78,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 class ChunkedCrossEntropyHead(nn.Module):
-    """Same loss as CrossEntropyHead (mean over tokens), computed ``chunk_size`` tokens at a time."""
+    """Same loss as CrossEntropyHead (mean over tokens), computed ``chunk_size`` tokens at a time
+    (None: ``auto_chunk_size`` of the hidden states this call gets)."""
 
-    def __init__(self, chunk_size: int):
+    def __init__(self, chunk_size: int | None):
         super().__init__()
         self.chunk_size = chunk_size
 
     def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-        return _ChunkedLinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, head.bias,
-                                                targets.flatten(), self.chunk_size)
+        flat = hidden.flatten(0, -2)
+        chunk = self.chunk_size or auto_chunk_size(flat.shape[0], flat.shape[1], head.weight.shape[0])
+        return _ChunkedLinearCrossEntropy.apply(flat, head.weight, head.bias, targets.flatten(), chunk)
 
 
 class ChunkedCeOptions(Options):
-    chunk_size: int = Field(256, ge=1, le=2**24, description="tokens per chunk")
+    chunk_size: int | None = Field(None, ge=1, le=2**24, description=(
+        "tokens per chunk; default (auto): the smallest power of two whose logits (chunk x vocab) are at "
+        "least 2 x tokens x d_model (the hidden states and their gradient), at least 64, at most the "
+        "micro-batch's tokens"))
 
 
 @register
