@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Optional
@@ -17,14 +17,17 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Memory profiler and optimizer for Transformer language models.\n\n"
-                       "Example: [bold]memopt profile configs/tiny.yaml --strategies ckpt[/bold]")
+                       "Example: [bold]memopt profile configs/tiny.yaml --strategies ckpt+chunked_ce[/bold]")
 
+STRATEGY_GRAMMAR = ("Strategies: name[:key=value,...], joined with + (e.g. 'quant:bits=4,format=nf4,lora=8+sdpa'); "
+                    "a key=value piece belongs to the strategy before it. -s may be repeated.")
 ConfigArg = Annotated[Optional[str], typer.Argument(
     help="YAML spec file or preset name (gpt2, llama-7b, ...); the design document's model if omitted.",
     show_default=False)]
-JsonOpt = Annotated[Optional[str], typer.Option(
-    "--json", metavar="[FILE]",
-    help="Write JSON to FILE (atomically), or to stdout when no FILE is given.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
+JsonOutOpt = Annotated[Optional[str], typer.Option(
+    "--json-out", metavar="FILE", help="Also write JSON to FILE (only when the command succeeds).",
+    show_default=False)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or auto.", show_default=False)]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16.",
                                                  show_default=False)]
@@ -32,15 +35,14 @@ BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Override 
                                                  show_default=False)]
 SeqOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Override train.seq_len.", show_default=False)]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Override train.steps.", show_default=False)]
-StrategiesOpt = Annotated[Optional[str], typer.Option(
-    "--strategies", "-s", help="Comma-separated strategies replacing the spec's, e.g. ckpt,chunked_ce or "
-                               "'ckpt:policy=every,every=2'.", show_default=False)]
-
-
-def _stdout() -> Any:
-    from memopt.report import stdout_console
-
-    return stdout_console()
+StrategiesOpt = Annotated[Optional[list[str]], typer.Option(
+    "--strategies", "-s", metavar="SET", help="Strategies replacing the spec's, all applied to this run, e.g. "
+    "ckpt+chunked_ce or 'ckpt:policy=every,every=2'. " + STRATEGY_GRAMMAR, show_default=False)]
+DeviceMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--device-memory", help="Simulate a device of this size, e.g. 24GiB: a run whose live tensors exceed it stops "
+                            "as out of memory (from the model's build on).", show_default=False)]
+MarkdownOpt = Annotated[Optional[str], typer.Option("--markdown", metavar="FILE",
+                                                    help="Also write the table as Markdown (for a PR comment).")]
 
 
 def _stderr() -> Any:
@@ -54,18 +56,43 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+class _Interrupted:
+    """SIGINT seen: raised as KeyboardInterrupt at once, and again at the next progress update or write
+    (an interrupt raised inside a weakref callback or a destructor is swallowed by Python)."""
+
+    flag = False
+
+    @classmethod
+    def handler(cls, _signum: int, _frame: Any) -> None:
+        cls.flag = True
+        raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.flag:
+            raise KeyboardInterrupt
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """memopt errors -> one message and exit 1; anything else too, with the traceback only under MEMOPT_DEBUG=1."""
+    """memopt errors -> one message and exit 1; anything else too, with the traceback only under MEMOPT_DEBUG=1;
+    Ctrl-C -> exit 130 with nothing written."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from memopt.errors import MemoptError
 
+        _Interrupted.flag = False
         try:
-            return fn(*args, **kwargs)
+            previous = signal.signal(signal.SIGINT, _Interrupted.handler)
+        except ValueError:  # not the main thread
+            previous = None
+        try:
+            result = fn(*args, **kwargs)
+            _Interrupted.check()
+            return result
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted; nothing was written", 130)
         except MemoptError as exc:
             if os.environ.get("MEMOPT_DEBUG"):
                 raise
@@ -74,122 +101,151 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("MEMOPT_DEBUG"):
                 raise
             _fail(f"{type(exc).__name__}: {exc} (run with MEMOPT_DEBUG=1 for the traceback)".replace("[", "\\["))
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
     return wrapper
 
 
 @contextmanager
 def _progress() -> Iterator[Callable[[str], None]]:
-    """A spinner on stderr that the library updates through a callback."""
+    """A spinner on stderr that the library updates through a callback (which also notices Ctrl-C)."""
     console = _stderr()
     if not console.is_terminal:
-        yield lambda _msg: None
+        def quiet(_msg: str) -> None:
+            _Interrupted.check()
+        yield quiet
         return
     with console.status("starting") as status:
-        yield lambda msg: status.update(msg)
+        def show(msg: str) -> None:
+            _Interrupted.check()
+            status.update(msg)
+        yield show
 
 
-def _load(config: str | None, strategies: str | None = None, **overrides: Any) -> Any:
-    from memopt.spec import load_spec, split_strategy_list
+def _load(config: str | None, strategies: list[str] | None = None, **overrides: Any) -> Any:
+    from memopt.spec import config_note, load_spec
+    from memopt.strategy_args import one_set
 
-    return load_spec(config, overrides, split_strategy_list(strategies) if strategies is not None else None)
+    note = config_note(config)
+    if note:
+        _stderr().print(f"note: {note}", highlight=False, soft_wrap=True)
+    return load_spec(config, overrides, one_set(strategies))
 
 
-@app.callback()
-def _main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
-    """Memory profiler and optimizer for Transformer language models."""
-    if version:
+def _size(text: str | None, option: str) -> int | None:
+    from memopt.units import parse_size
+
+    return None if text is None else parse_size(text, option)
+
+
+def _emit(outputs: Any, json_stdout: bool, tables: Callable[[], None]) -> None:
+    """Write the output files (all or none), then JSON or tables on stdout."""
+    _Interrupted.check()
+    outputs.write()
+    if json_stdout:
+        outputs.print_json()
+    else:
+        tables()
+
+
+def _version(value: bool) -> None:
+    if value:
         from memopt import __version__
 
         typer.echo(f"memopt {__version__}")
         raise typer.Exit()
 
 
-DeviceMemoryOpt = Annotated[Optional[str], typer.Option(
-    "--device-memory", help="Simulate a device of this size, e.g. 24GiB: a run whose live tensors exceed it stops "
-                            "as out of memory.", show_default=False)]
-MarkdownOpt = Annotated[Optional[str], typer.Option("--markdown", metavar="FILE",
-                                                    help="Also write the table as Markdown (for a PR comment).")]
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                                callback=_version)] = False) -> None:
+    """Memory profiler and optimizer for Transformer language models."""
 
 
 @app.command()
 @handle_errors
-def profile(config: ConfigArg = None, *, json_out: JsonOpt = None, device: DeviceOpt = None,
-            dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
+            device: DeviceOpt = None, dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
             timeline: Annotated[Optional[str], typer.Option(
                 "--timeline", metavar="FILE", help="Write live memory over the step: FILE.png or FILE.html.",
                 show_default=False)] = None) -> None:
     """Build the model, run a warm-up and measured training steps, and show where every byte went.
 
-    Example: [bold]memopt profile configs/tiny.yaml --strategies ckpt,chunked_ce --json out.json[/bold]
+    Example: [bold]memopt profile configs/tiny.yaml -s ckpt+chunked_ce --json-out out.json[/bold]
     """
-    from memopt import report, runner
-    from memopt.units import parse_size
+    from memopt import plot, report, runner
+    from memopt.outputs import Outputs
 
     spec = _load(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                  steps=steps)
-    limit = parse_size(device_memory) if device_memory else None
-    if timeline:
-        from memopt.plot import check_timeline_path, write_timeline
-
-        check_timeline_path(timeline)
+    limit = _size(device_memory, "--device-memory")
+    outputs = Outputs({"spec": config}, json_out=json_out, timeline=timeline)
+    if timeline is not None:
+        plot.check_timeline_path(timeline)
     with _progress() as say:
         result = runner.run(spec, progress=say, timeline=timeline is not None, device_memory=limit)
-    if timeline:
+    _warn(result.warnings)
+    if timeline is not None:
+        outputs.add("--timeline", plot.render_timeline(result, timeline, report.profile_title(spec, result)))
+    outputs.set_json(report.to_json(spec, [result], result.device))
+    _emit(outputs, json_stdout, lambda: report.print_tables(report.profile_tables(spec, result)))
 
-        assert result.memory is not None
-        write_timeline(result.memory, timeline, f"memopt profile - {report.spec_title(spec, result.device)}")
-    if json_out is not None:
-        report.write_json(report.to_json(spec, [result], result.device), json_out)
-    if json_out != "-":
-        report.print_tables(report.profile_tables(spec, result))
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        _stderr().print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 @handle_errors
-def compare(config: ConfigArg = None, *, strategies: Annotated[str, typer.Option(
-                "--strategies", "-s", help="Comma-separated strategy sets; + joins strategies into one set, "
-                                           "name:key=value sets options, e.g. 'quant:bits=4,ckpt,quant+ckpt'.")],
-            json_out: JsonOpt = None, markdown: MarkdownOpt = None,
+def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.Option(
+                "--strategies", "-s", metavar="SETS",
+                help="Strategy sets, each run on its own: sets are separated by commas, + joins strategies into "
+                     "one set, e.g. 'ckpt,chunked_ce,ckpt+chunked_ce'. " + STRATEGY_GRAMMAR)],
+            json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
             plot: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png",
                                                         help="Bar chart of peak by category per run.")] = None,
             device: DeviceOpt = None, dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None) -> None:
     """Run the baseline and each strategy set side by side, each in its own process.
 
-    Example: [bold]memopt compare configs/tiny.yaml --strategies ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
+    Example: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
     """
     from memopt import report
     from memopt.compare import compare as run_compare
-    from memopt.compare import parse_sets, set_spec
+    from memopt.compare import planned_runs
+    from memopt.outputs import Outputs
     from memopt.runner import resolve_device
-    from memopt.units import parse_size
+    from memopt.strategy_args import parse_sets
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps)
-    sets = parse_sets(strategies)
-    if not sets:
-        _fail("--strategies: name at least one strategy set, e.g. ckpt,chunked_ce")
-    for entries in sets:
-        set_spec(spec, entries)  # every set's names and options are checked before anything runs
-    limit = parse_size(device_memory) if device_memory else None
+    limit = _size(device_memory, "--device-memory")
     device_name = resolve_device(spec.run.device)
-    runs = _compare_with_progress(run_compare, spec, sets, limit)
+    planned = planned_runs(spec, parse_sets(strategies), device_name)  # everything a run would refuse, now
+    outputs = Outputs({"spec": config}, json_out=json_out, markdown=markdown, plot=plot)
+    if plot is not None:
+        from memopt.plot import check_png_path
+
+        check_png_path(plot, "--plot")
+    runs = _compare_with_progress(run_compare, planned, limit)
     title = f"memopt compare - {report.spec_title(spec, device_name)}"
-    if json_out is not None:
-        report.write_json(report.runs_document(spec, runs, device_name), json_out)
-    if markdown:
-        report.write_atomic(Path(markdown), report.compare_markdown(runs, title))
-    if plot:
-        from memopt.plot import write_compare_png
-
-        write_compare_png(runs, plot, title)
-    if json_out != "-":
-        report.print_tables([report.compare_table(runs, title)])
     if not runs[0]["ok"]:
-        _fail(f"the baseline failed: {runs[0]['error']}")
+        if not json_stdout:
+            report.print_tables([report.compare_table(runs, title)])
+        _fail(f"the baseline failed: {runs[0]['error']}; nothing was written")
+    outputs.set_json(report.runs_document(spec, runs, device_name))
+    if markdown is not None:
+        outputs.add("--markdown", report.compare_markdown(runs, title))
+    if plot is not None:
+        from memopt.plot import render_compare_png
+
+        outputs.add("--plot", render_compare_png(runs, title))
+    _emit(outputs, json_stdout, lambda: report.print_tables([report.compare_table(runs, title)]))
 
 
-def _compare_with_progress(run_compare: Callable[..., Any], spec: Any, sets: list[list[str]],
+def _compare_with_progress(run_compare: Callable[..., Any], planned: list[Any],
                            limit: int | None) -> list[dict[str, Any]]:
     """Rich progress on stderr: one line per run with its elapsed time."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -199,11 +255,12 @@ def _compare_with_progress(run_compare: Callable[..., Any], spec: Any, sets: lis
         current: list[Any] = []
 
         def on_run(name: str) -> None:
+            _Interrupted.check()
             if current:
                 progress.update(current[-1], completed=1, total=1)
-            current.append(progress.add_task(f"run {len(current) + 1}/{len(sets) + 1}: {name}", total=None))
+            current.append(progress.add_task(f"run {len(current) + 1}/{len(planned)}: {name}", total=None))
 
-        runs = run_compare(spec, sets, device_memory=limit, on_run=on_run)
+        runs = run_compare(planned, device_memory=limit, on_run=on_run)
         if current:
             progress.update(current[-1], completed=1, total=1)
     return runs
@@ -215,71 +272,69 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
               "--baseline", metavar="FILE", help="memopt JSON to compare with (written by --update).")],
           tolerance: Annotated[str, typer.Option("--tolerance", help="Allowed growth, e.g. 2%.")] = "2%",
           update: Annotated[bool, typer.Option("--update", help="Write the new baseline (atomically).")] = False,
-          json_out: JsonOpt = None, markdown: MarkdownOpt = None, device: DeviceOpt = None,
-          dtype: DtypeOpt = None, strategies: StrategiesOpt = None) -> None:
+          json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
+          device: DeviceOpt = None, dtype: DtypeOpt = None, strategies: StrategiesOpt = None,
+          device_memory: DeviceMemoryOpt = None) -> None:
     """CI memory-regression gate: exit 3 when the peak, a category or a phase grew past the tolerance.
 
     Example: [bold]memopt check configs/tiny.yaml --baseline tests/baselines/tiny.json --tolerance 1%[/bold]
     """
+    from pathlib import Path
+
     from memopt import report, runner
     from memopt.check import ensure_comparable, growths, load_baseline
+    from memopt.outputs import Outputs
     from memopt.units import parse_percent
 
     tol = parse_percent(tolerance, "--tolerance")
     spec = _load(config, strategies, device=device, dtype=dtype)
-    path = Path(baseline)
-    old = None if update else load_baseline(path)
-    device_name = runner.resolve_device(spec.run.device)
+    limit = _size(device_memory, "--device-memory")
+    outputs = Outputs({"spec": config, "--baseline": None if update else baseline}, json_out=json_out,
+                      markdown=markdown, baseline=baseline if update else None)
+    old = None if update else load_baseline(Path(baseline))
     if old is not None:
-        ensure_comparable(old, spec, device_name)
+        ensure_comparable(old, spec, runner.resolve_device(spec.run.device))
     with _progress() as say:
-        result = runner.run(spec, progress=say)
+        result = runner.run(spec, progress=say, device_memory=limit)
+    _warn(result.warnings)
     doc = report.to_json(spec, [result], result.device)
-    if update:
-        report.write_json(doc, str(path))
-        _stderr().print(f"baseline written to {path}: peak {report.format_bytes(doc['runs'][0]['peak_bytes'])}")
+    if old is None:
+        outputs.add("--baseline", report.json_text(doc))
+        outputs.set_json(doc)
+        _emit(outputs, json_stdout, lambda: _stderr().print(report.baseline_written_line(baseline, doc)))
         return
-    assert old is not None
     found = growths(old["runs"][0], doc["runs"][0], tol)
-    if json_out is not None:
-        report.write_json({**doc, "check": {"tolerance": tol, "regressions": [g.__dict__ for g in found]}}, json_out)
-    if markdown:
-        report.write_atomic(Path(markdown), report.growth_markdown(found, tol, doc["runs"][0]["peak_bytes"],
-                                                                   old["runs"][0]["peak_bytes"]))
-    if json_out != "-":
-        console = _stdout()
-        if found:
-            console.print(report.growth_table(found, tol))
-        else:
-            console.print(f"[green]OK[/green]: peak {report.format_bytes(doc['runs'][0]['peak_bytes'])} "
-                          f"(baseline {report.format_bytes(old['runs'][0]['peak_bytes'])}); nothing grew more "
-                          f"than {100 * tol:g}%")
+    outputs.set_json(report.check_document(doc, found, tol))
+    if markdown is not None:
+        outputs.add("--markdown", report.growth_markdown(found, tol, doc["runs"][0]["peak_bytes"],
+                                                         old["runs"][0]["peak_bytes"]))
+    _emit(outputs, json_stdout, lambda: report.print_check(found, tol, doc, old))
     if found:
         raise typer.Exit(3)
 
 
 @app.command()
 @handle_errors
-def strategies(*, json_out: JsonOpt = None) -> None:
+def strategies(*, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> None:
     """List the strategies: options and defaults, what each saves, where it works.
 
-    Example: [bold]memopt strategies[/bold], then [bold]memopt profile --strategies ckpt:policy=selective,chunked_ce[/bold]
+    Example: [bold]memopt strategies[/bold], then [bold]memopt profile -s ckpt:policy=selective+chunked_ce[/bold]
     """
     from memopt import report
+    from memopt.outputs import Outputs
     from memopt.strategies import registry
 
+    outputs = Outputs({}, json_out=json_out)
     rows = report.strategy_rows(registry())
-    if json_out is not None:
-        report.write_json({"schema": report.SCHEMA, "strategies": rows}, json_out)
-    if json_out != "-":
-        report.print_tables([report.strategies_table(rows)])
+    outputs.set_json({"schema": report.SCHEMA, "strategies": rows})
+    _emit(outputs, json_stdout, lambda: report.print_tables([report.strategies_table(rows)]))
 
 
 @app.command()
 @handle_errors
-def estimate(config: ConfigArg = None, *, json_out: JsonOpt = None, device: DeviceOpt = None,
-             dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
-             strategies: StrategiesOpt = None, fits: Annotated[Optional[str], typer.Option(
+def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
+             device: DeviceOpt = None, dtype: DtypeOpt = None, batch_size: BatchOpt = None,
+             seq_len: SeqOpt = None, strategies: StrategiesOpt = None, fits: Annotated[Optional[str], typer.Option(
                  "--fits", metavar="SIZE", help="Answer whether it fits in SIZE (e.g. 24GiB); if not, which "
                                                 "single strategies would make it fit.", show_default=False)] = None
              ) -> None:
@@ -289,31 +344,19 @@ def estimate(config: ConfigArg = None, *, json_out: JsonOpt = None, device: Devi
     """
     from memopt import report
     from memopt.estimate import analytic, estimate as run_estimate, fits as check_fits
-    from memopt.units import parse_size
+    from memopt.outputs import Outputs
 
     spec = _load(config, strategies, device=device or "cpu", dtype=dtype, batch_size=batch_size,
                  seq_len=seq_len)
-    budget = parse_size(fits) if fits else None
+    budget = _size(fits, "--fits")
+    outputs = Outputs({"spec": config}, json_out=json_out)
     with _progress() as say:
         result = run_estimate(spec, progress=say)
         assert result.memory is not None
-        fit = check_fits(spec, result.memory.peak_bytes, budget, say) if budget else None
+        fit = check_fits(spec, result.memory.peak_bytes, budget, say) if budget is not None else None
     formulas = analytic(spec)
-    if json_out is not None:
-        doc = report.to_json(spec, [result], result.device)
-        doc["estimated"] = True
-        doc["analytic"] = formulas
-        if fit is not None:
-            doc["fits"] = {"budget_bytes": fit.budget, "fits": fit.fits, "margin_bytes": fit.margin,
-                           "single_strategies_that_fit": fit.helpers}
-        report.write_json(doc, json_out)
-    if json_out != "-":
-        tables = report.profile_tables(spec, result)
-        tables[0].title = str(tables[0].title).replace("memopt profile", "memopt estimate (traced, nothing allocated)")
-        console = _stdout()
-        report.print_tables([tables[0], tables[1], tables[2], report.estimate_table(result, formulas)], console)
-        for line in report.fit_lines(fit) if fit else []:
-            console.print(line)
+    outputs.set_json(report.estimate_document(spec, result, formulas, fit))
+    _emit(outputs, json_stdout, lambda: report.print_estimate(spec, result, formulas, fit))
 
 
 @app.command()
@@ -331,58 +374,39 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
                  "--max-drift", metavar="PCT", help="Allow lossy strategies whose measured drift (relative error "
                  "of the logits) stays under PCT, e.g. 1%; implies --allow-lossy, needs the model to run here.",
                  show_default=False)] = None,
-             json_out: JsonOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None,
-             batch_size: BatchOpt = None, seq_len: SeqOpt = None, steps: StepsOpt = None) -> None:
+             json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, device: DeviceOpt = None,
+             dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+             steps: StepsOpt = None) -> None:
     """Search strategy combinations; show the fastest that fits the budget and write it as a spec.
 
     Example: [bold]memopt optimize configs/seed.yaml --budget 1GiB --output best.yaml[/bold], then [bold]memopt profile best.yaml[/bold]
     """
-    import yaml
-
     from memopt import report
     from memopt.optimize import optimize as run_optimize
     from memopt.optimize import winner_spec
-    from memopt.units import format_bytes, parse_percent, parse_size
+    from memopt.outputs import Outputs
+    from memopt.units import parse_percent
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps)
-    limit = parse_size(budget)
+    limit = _size(budget, "--budget")
+    assert limit is not None
     cap = parse_percent(max_drift, "--max-drift") if max_drift is not None else None
+    outputs = Outputs({"spec": config}, json_out=json_out, output=output)
     with _progress() as say:
         outcome = run_optimize(spec, limit, allow_lossy=allow_lossy, top=top, measure=not no_measure,
                                max_drift=cap, progress=say)
     best = winner_spec(spec, outcome)
-    if output:
-        header = (f"# written by memopt optimize --budget {budget}: {outcome.winner.label}, estimated peak "
-                  f"{format_bytes(outcome.winner.peak)}\n")
-        report.write_atomic(Path(output), header + yaml.safe_dump(best, sort_keys=False))
-    if json_out is not None:
-        report.write_json({"schema": report.SCHEMA, "budget_bytes": limit, "winner": best["strategies"],
-                           "candidates": [c.__dict__ for c in outcome.ranked], "evaluated": outcome.evaluated,
-                           "search_s": outcome.seconds, "measured_here": outcome.measured_here,
-                           "max_drift": cap, "left_out_for_drift": outcome.rejected}, json_out)
-    if json_out != "-":
-        console = _stdout()
-        console.print(report.optimize_table(outcome, top))
-        if outcome.rejected:
-            console.print(f"left out for their own drift over {100 * cap:g}%: {', '.join(outcome.rejected)}")
-        console.print(f"winner: [bold]{outcome.winner.label}[/bold]" + (f" -> {output}" if output else ""))
-
-
-def normalize_argv(args: list[str]) -> list[str]:
-    """Give ``--json`` its optional value: a bare ``--json`` (last, or before an option or a YAML file)
-    means ``--json -`` (stdout). Typer has no optional-value options, so the entry point does this."""
-    out: list[str] = []
-    for i, arg in enumerate(args):
-        out.append(arg)
-        if arg == "--json":
-            nxt = args[i + 1] if i + 1 < len(args) else None
-            if nxt is None or (nxt.startswith("-") and nxt != "-") or nxt.endswith((".yaml", ".yml")):
-                out.append("-")
-    return out
+    if output is not None:
+        outputs.add("--output", report.winner_yaml(best, outcome, budget))
+    outputs.set_json(report.optimize_document(best, outcome, cap))
+    _emit(outputs, json_stdout, lambda: report.print_optimize(outcome, top, cap, output))
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    app(args=normalize_argv(sys.argv[1:]), prog_name="memopt")
+    for stream in (sys.stdout, sys.stderr):  # an ASCII or Latin-1 locale: replace what it cannot show
+        if hasattr(stream, "reconfigure") and "utf" not in (stream.encoding or "").lower():
+            stream.reconfigure(errors="replace")
+    app(prog_name="memopt")
 
 
 if __name__ == "__main__":  # pragma: no cover

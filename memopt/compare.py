@@ -7,20 +7,38 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from memopt.errors import StrategyError
 from memopt.isolate import run_isolated
-from memopt.spec import Spec, spec_from_data, split_strategy_list
+from memopt.spec import Spec, spec_from_data
+from memopt.strategy_args import StrategyEntry, set_label
 
 
-def parse_sets(text: str) -> list[list[str]]:
-    """'quant:bits=4,ckpt,quant+ckpt' -> [['quant:bits=4'], ['ckpt'], ['quant', 'ckpt']]."""
-    return [[part.strip() for part in entry.split("+") if part.strip()] for entry in split_strategy_list(text)]
-
-
-def set_spec(spec: Spec, entries: list[str]) -> Spec:
+def set_spec(spec: Spec, entries: list[StrategyEntry]) -> Spec:
     """The spec with this set's strategies; a bare name takes its options from the spec when it has them."""
     own = {s.name: s.to_dict() for s in spec.strategies}
-    strategies: list[Any] = [own.get(e, e) if ":" not in e else e for e in entries]
-    return spec_from_data(spec.to_dict(), strategies=strategies)
+    strategies = [own.get(name, entry) if not options else entry
+                  for entry in entries for name, options in entry.items()]
+    return spec_from_data(spec.to_dict(), strategies=strategies, strategies_option="--strategies")
+
+
+def planned_runs(spec: Spec, sets: list[list[StrategyEntry]], device: str) -> list[tuple[str, Spec]]:
+    """(name, spec) of the baseline and every set, each checked as its run would check it (options, refused
+    pairs, devices, each strategy's own checks), so that nothing a run would refuse starts at all."""
+    from memopt.strategies import build_strategies
+
+    planned = [("baseline", spec)]
+    for entries in sets:
+        label = set_label(entries)
+        if label in (name for name, _ in planned):
+            raise StrategyError(f"--strategies: the set {label} is given twice")
+        planned.append((label, set_spec(spec, entries)))
+    for name, run_spec in planned:
+        try:
+            build_strategies(run_spec, device)
+        except StrategyError as exc:
+            where = "the spec's own strategies" if name == "baseline" else f"set {name}"
+            raise StrategyError(f"{where}: {exc}") from None
+    return planned
 
 
 def gradient_cosine(path_a: Path, path_b: Path) -> float | None:
@@ -38,16 +56,15 @@ def gradient_cosine(path_a: Path, path_b: Path) -> float | None:
     return dot / (na * nb) if na and nb else None
 
 
-def compare(spec: Spec, sets: list[list[str]], *, device_memory: int | None = None,
+def compare(planned: list[tuple[str, Spec]], *, device_memory: int | None = None,
             on_run: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run the baseline (the spec's own strategies) and every set, isolated; schema-1 run dicts.
+    """Run the planned runs (``planned_runs``: the baseline first), isolated; schema-1 run dicts.
 
-    Every set's spec is validated before anything runs; a run that fails at run time is kept, failed.
+    A run that fails at run time (out of memory, killed) is kept, failed.
     """
-    specs = [("baseline", spec)] + [("+".join(entries), set_spec(spec, entries)) for entries in sets]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="memopt-compare-") as tmp:
-        for i, (name, run_spec) in enumerate(specs):
+        for i, (name, run_spec) in enumerate(planned):
             if on_run:
                 on_run(name)
             runs.append(run_isolated(run_spec, name, device_memory=device_memory, grads_to=f"{tmp}/{i}.pt"))

@@ -1,4 +1,13 @@
-"""Accuracy drift of a lossy strategy: the changed model against the unchanged one, on the same batch."""
+"""Accuracy drift of lossy strategies: the changed model against the unchanged one, on the same batch.
+
+Where a strategy's cost shows decides when it is measured:
+
+- weights and compute (quant, prune, amp): before any training step, on the first batch;
+- optimizer state (optim8bit): the weights are unchanged until the optimizer steps, so both models train
+  ``DRIFT_STEPS`` identical steps (same batches) and are then compared on a batch neither has seen.
+
+Each measurement builds its own models, before the profiled run is built.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +22,21 @@ import torch.nn.functional as F
 from memopt.model import LanguageModel, build_model
 from memopt.spec import Spec
 
+DRIFT_STEPS = 3  # identical training steps before comparing, for strategies whose cost shows in training
+
 
 @torch.no_grad()
 def measure_drift(spec: Spec, model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor,
-                  device: str, contexts: Sequence[Callable[[], Any]] = ()) -> dict[str, float]:
-    """Relative error of the logits (||changed - ref|| / ||ref||) and the loss difference, before any step.
+                  device: str, contexts: Sequence[Callable[[], Any]] = (),
+                  reference: LanguageModel | None = None) -> dict[str, float]:
+    """Relative error of the logits (||changed - ref|| / ||ref||) and the loss difference.
 
-    The reference is rebuilt from the same seed, so both start from identical weights; the batch is
-    walked one sequence at a time so that only one sequence's logits exist at once.
+    The reference is rebuilt from the same seed unless given, so both start from identical weights; the
+    batch is walked one sequence at a time so that only one sequence's logits exist at once.
     """
-    torch.manual_seed(spec.run.seed)
-    reference = build_model(spec.model, spec.run.dtype, device)
+    if reference is None:
+        torch.manual_seed(spec.run.seed)
+        reference = build_model(spec.model, spec.run.dtype, device)
     was_training = model.training
     model.eval()
     reference.eval()
@@ -41,3 +54,23 @@ def measure_drift(spec: Spec, model: LanguageModel, tokens: torch.Tensor, target
     model.train(was_training)
     n = targets.numel()
     return {"logits_rel_error": math.sqrt(diff2 / ref2) if ref2 else 0.0, "loss_delta": (loss_new - loss_ref) / n}
+
+
+def strategy_drift(spec: Spec) -> dict[str, float] | None:
+    """The drift of the spec's strategies (None when none is lossy); ``after_steps`` says when it was taken."""
+    from memopt.runner import make_batch, prepare, train_step
+
+    session = prepare(spec)
+    if not any(s.lossy for s in session.strategies):
+        return None
+    steps = DRIFT_STEPS if any(s.drift_shows_in_training for s in session.strategies if s.lossy) else 0
+    reference = None
+    if steps:
+        unchanged = prepare(spec.with_strategies(()))
+        for step in range(steps):
+            train_step(session, step=step)
+            train_step(unchanged, step=step)
+        reference = unchanged.model
+    tokens, targets = make_batch(spec, session.device, step=steps)  # after training: a batch neither has seen
+    drift = measure_drift(spec, session.model, tokens, targets, session.device, session.plan.contexts, reference)
+    return {**drift, "after_steps": steps}

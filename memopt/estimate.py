@@ -11,8 +11,9 @@ small extra saved tensors.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from memopt.errors import MemoptError
@@ -20,6 +21,7 @@ from memopt.model import parameter_count
 from memopt.runner import RunResult, run
 from memopt.spec import DTYPE_BYTES, Spec, spec_from_data
 
+DEADLINE_S = 60.0  # --fits: how long to look for single strategies that would make it fit
 APPROXIMATIONS = ("CUDA estimates trace CPU kernels with 512-byte block rounding; the CUDA context, library "
                   "workspaces and allocator reserve/fragmentation are not included")
 
@@ -55,6 +57,7 @@ class Fit:
     peak: int
     helpers: list[dict[str, Any]]  # single strategies that would make it fit: {"strategies", "peak_bytes"}
     tried: int
+    not_tried: list[str] = field(default_factory=list)  # left when the deadline came
 
     @property
     def fits(self) -> bool:
@@ -65,23 +68,35 @@ class Fit:
         return self.budget - self.peak
 
 
-def single_candidates(spec: Spec) -> list[str]:
-    """Every registered strategy in its typical settings, minus the ones the spec already uses."""
+def single_candidates(spec: Spec, strongest_only: bool = False) -> list[str]:
+    """Every registered strategy in its typical settings, minus the ones the spec already uses;
+    each strategy's strongest setting first, so that a deadline cuts the lighter ones."""
     from memopt.runner import resolve_device
     from memopt.strategies import candidate_settings
 
     settings = candidate_settings(spec, resolve_device(spec.run.device, estimate=True),
                                   exclude={s.name for s in spec.strategies})
-    return [setting for group in settings.values() for setting in group]
+    strongest = [group[-1] for group in settings.values()]
+    if strongest_only:
+        return strongest
+    lighter = [setting for group in settings.values() for setting in reversed(group[:-1])]
+    return strongest + lighter
 
 
-def fits(spec: Spec, peak: int, budget: int, progress: Callable[[str], None] | None = None) -> Fit:
-    """Does ``peak`` fit in ``budget``; if not, which single added strategy would (each estimated)."""
+def fits(spec: Spec, peak: int, budget: int, progress: Callable[[str], None] | None = None,
+         deadline_s: float = DEADLINE_S, strongest_only: bool = False) -> Fit:
+    """Does ``peak`` fit in ``budget``; if not, which single added strategy would (each estimated, for at
+    most ``deadline_s`` seconds: the ones not tried by then are listed in ``not_tried``)."""
     result = Fit(budget, peak, [], 0)
     if result.fits:
         return result
     own = [s.to_dict() for s in spec.strategies]
-    for candidate in single_candidates(spec):
+    started = time.perf_counter()
+    candidates = single_candidates(spec, strongest_only)
+    for i, candidate in enumerate(candidates):
+        if time.perf_counter() - started > deadline_s:
+            result.not_tried = candidates[i:]
+            break
         try:
             trial = spec_from_data(spec.to_dict(), strategies=[*own, candidate])
             estimated = estimate(trial, candidate, progress)

@@ -78,6 +78,7 @@ class TensorTracker(TorchDispatchMode):
         self.total = 0
         self.phase = "forward"
         self.module: str | None = None  # the module running now (set by ModelWatch)
+        self.stage: str | None = None   # named in an out-of-memory message instead of the phase (e.g. "model build")
         self._record_timeline = timeline
         self._frozen_timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = None
         self.begin_step()
@@ -150,8 +151,9 @@ class TensorTracker(TorchDispatchMode):
         limit = self.limit_bytes
         self.limit_bytes = None  # do not raise again while the step unwinds
         where = f" in {self.module}" if self.module else ""
-        raise OutOfMemory(f"out of memory: live tensors reached {format_bytes(self.total)} during "
-                          f"{self.phase}{where}, over the device's {format_bytes(limit or 0)}")
+        when = f"in the {self.stage}" if self.stage else f"during {self.phase}{where}"
+        raise OutOfMemory(f"out of memory: live tensors reached {format_bytes(self.total)} {when}, over the "
+                          f"device's {format_bytes(limit or 0)}")
 
     def mark(self, tensor: torch.Tensor, category: str, only_from: str | None = None) -> None:
         """Put ``tensor``'s storage in ``category`` (tracking it if new)."""

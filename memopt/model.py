@@ -166,7 +166,7 @@ class SelfAttention(nn.Module):
         d, h = mha.embed_dim, mha.num_heads
         with torch.device(mha.in_proj_weight.device):
             new = cls(d, h, h, d // h, bias=mha.in_proj_bias is not None, causal=False, dropout=mha.dropout,
-                      attention=attention)
+                      attention=attention).to(mha.in_proj_weight.dtype)
         with torch.no_grad():
             for lin, w, b in zip((new.q, new.k, new.v), mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)):
                 lin.weight.copy_(w)

@@ -203,7 +203,7 @@ def screen_drift(search: Search, options: dict[str, list[str]], max_drift: float
                  say: Callable[[str], None]) -> tuple[dict[str, list[str]], list[str]]:
     """The options without the lossy settings whose own drift (measured here) is over ``max_drift``,
     and those left out, each with its drift."""
-    from memopt.runner import prepare, session_drift
+    from memopt.drift import strategy_drift
     from memopt.strategies import registry
 
     known = registry()
@@ -215,7 +215,7 @@ def screen_drift(search: Search, options: dict[str, list[str]], max_drift: float
             continue
         for setting in settings:
             say(f"measuring the drift of {setting} alone")
-            drift = session_drift(prepare(search.spec_for((setting,))))["logits_rel_error"]
+            drift = (strategy_drift(search.spec_for((setting,))) or {}).get("logits_rel_error", 0.0)
             if drift <= max_drift:
                 kept.setdefault(name, []).append(setting)
             else:

@@ -13,7 +13,6 @@ from typing import Any
 
 from memopt.errors import MemoptError
 from memopt.measure import CATEGORIES, StepMemory
-from memopt.report import write_atomic
 from memopt.units import format_bytes
 
 COLORS = {"params": "#4e79a7", "buffers": "#9c755f", "grads": "#f28e2b", "optimizer": "#e15759",
@@ -57,20 +56,27 @@ def _phase_spans(phases: list[str]) -> list[tuple[str, int, int]]:
 
 
 def check_timeline_path(path: str | Path) -> None:
-    """Refuse a timeline file name whose suffix names no format (before a run, not after it)."""
-    if Path(path).suffix.lower() not in (".png", ".html", ".htm"):
+    """Refuse a timeline file name whose suffix names no format, or PNG without matplotlib (before a run)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".png", ".html", ".htm"):
         raise MemoptError(f"--timeline {path}: use a .png or .html file name")
+    if suffix == ".png":
+        _pyplot()
 
 
-def write_timeline(memory: StepMemory, path: str | Path, title: str) -> None:
-    """Write the timeline as PNG or HTML, chosen by the file's suffix."""
+def check_png_path(path: str | Path, option: str) -> None:
+    """Refuse a chart file name that is not .png, or PNG without matplotlib (before a run)."""
+    if Path(path).suffix.lower() != ".png":
+        raise MemoptError(f"{option} {path}: use a .png file name")
+    _pyplot()
+
+
+def render_timeline(result: Any, path: str | Path, title: str) -> bytes | str:
+    """The run's timeline as PNG bytes or HTML text, chosen by the file's suffix."""
     check_timeline_path(path)
-    path = Path(path)
-    data = timeline_data(memory)
-    if path.suffix.lower() == ".png":
-        write_atomic(path, _timeline_png(data, title))
-    else:
-        write_atomic(path, _timeline_html(data, title))
+    assert result.memory is not None
+    data = timeline_data(result.memory)
+    return _timeline_png(data, title) if Path(path).suffix.lower() == ".png" else _timeline_html(data, title)
 
 
 def _timeline_png(data: dict[str, Any], title: str) -> bytes:
@@ -139,7 +145,7 @@ def _timeline_html(data: dict[str, Any], title: str) -> str:
 """
 
 
-def write_compare_png(runs: list[dict[str, Any]], path: str | Path, title: str) -> None:
+def render_compare_png(runs: list[dict[str, Any]], title: str) -> bytes:
     """Bar chart: peak by category (the split at each run's peak) for every run that finished."""
     plt = _pyplot()
     done = [r for r in runs if r["ok"]]
@@ -153,4 +159,4 @@ def write_compare_png(runs: list[dict[str, Any]], path: str | Path, title: str) 
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    write_atomic(Path(path), _png_bytes(plt, fig))
+    return _png_bytes(plt, fig)

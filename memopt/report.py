@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 import memopt
 from memopt.measure import CATEGORIES, PHASES
@@ -56,6 +57,7 @@ def run_to_json(result: RunResult) -> dict[str, Any]:
         "drift": result.drift,
         "strategy_facts": result.strategy_facts,
         "notes": result.notes,
+        "warnings": result.warnings,
         "pid": result.pid,
     })
     return data
@@ -117,7 +119,7 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
     summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
     if result.drift is not None:
         summary.add_row("Accuracy drift", drift_text(result.drift),
-                        f"logits vs unchanged model; loss {result.drift['loss_delta']:+.4f}")
+                        f"logits vs unchanged model, {drift_when(result.drift)}; loss {result.drift['loss_delta']:+.4f}")
     if result.strategies:
         summary.add_row("Strategies", ", ".join(next(iter(s)) for s in result.strategies), "")
     for name, facts in result.strategy_facts.items():
@@ -154,9 +156,50 @@ def stdout_console() -> Console:
 
 
 def print_tables(tables: list[Table], console: Console | None = None) -> None:
+    """Each table as it is when it fits; piped output is never cut (the console widens to the table);
+    on a terminal too narrow for a table's cells, each row is stacked as ``column: value`` lines."""
     console = console or stdout_console()
-    for t in tables:
-        console.print(t)
+    for table in tables:
+        if not console.is_terminal:
+            widest = Measurement.get(console, console.options.update_width(10**4), table).maximum
+            width = console.width
+            console.width = max(widest, width)
+            console.print(table)
+            console.width = width
+        elif readable_width(table) > console.width:
+            console.print(stacked(table))
+        else:
+            console.print(table)
+
+
+def readable_width(table: Table) -> int:
+    """The narrowest the table can be without breaking a word in any cell or header (borders included)."""
+    total = 1
+    for column in table.columns:
+        texts = [str(column.header), *(str(cell) for cell in column.cells)]
+        if column.no_wrap:
+            longest = max((len(Text.from_markup(t).plain) for t in texts), default=0)
+        else:
+            longest = max((len(word) for t in texts for word in Text.from_markup(t).plain.split()), default=0)
+        total += longest + 3  # one space each side and a border
+    return total
+
+
+def stacked(table: Table) -> Group:
+    """A table for a narrow terminal: the title, then per row one ``column: value`` line per cell."""
+    headers = [str(column.header) for column in table.columns]
+    cells = [list(column.cells) for column in table.columns]
+    parts: list[Any] = [Text(str(table.title), style="bold")] if table.title else []
+    for row in range(table.row_count):
+        record = Table(show_header=False, box=None, padding=(0, 1, 0, 0))
+        record.add_column(style="bold", overflow="fold")
+        record.add_column(overflow="fold")
+        for header, column in zip(headers, cells):
+            record.add_row(header, column[row])
+        parts.append(Padding(record, (1 if row else 0, 0, 0, 0)) if headers[0] else record)
+    if table.caption:
+        parts.append(Text(str(table.caption)))
+    return Group(*parts)
 
 
 def strategy_rows(strategies: dict[str, Any]) -> list[dict[str, Any]]:
@@ -232,8 +275,13 @@ def compare_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 COMPARE_COLUMNS = [("run", "run"), ("peak", "peak"), ("saving", "saving"), ("changed", "changed most"),
-                   ("time", "step time"), ("slowdown", "slowdown"), ("loss", "loss Δ"), ("cosine", "grad cos"),
-                   ("drift", "drift"), ("status", "status")]
+                   ("time", "step time"), ("slowdown", "slowdown"), ("loss", "train loss diff"), ("cosine", "grad cos"),
+                   ("drift", "logit drift"), ("status", "status")]
+COMPARE_LEGEND = ("train loss diff: the measured step's loss minus the baseline's, on the same batch after one "
+                  "identical update (training progress, not an accuracy cost); grad cos: the warm-up step's "
+                  "gradients against the baseline's; logit drift: relative error of the logits against the unchanged "
+                  "model, before training, or after N identical steps (@N) where the cost shows in training "
+                  "(8-bit optimizer state)")
 
 
 def compare_table(runs: list[dict[str, Any]], title: str) -> Table:
@@ -249,9 +297,8 @@ def compare_table(runs: list[dict[str, Any]], title: str) -> Table:
             row = {**row, "status": f"failed [{len(failures)}]"}
             style = "red"
         table.add_row(*(row[key] for key, _ in COMPARE_COLUMNS), style=style)
-    if failures:
-        table.caption = "\n".join(failures)
-        table.caption_justify = "left"
+    table.caption = "\n".join([*failures, COMPARE_LEGEND]).replace("[", "\\[")
+    table.caption_justify = "left"
     return table
 
 
@@ -261,7 +308,7 @@ def compare_markdown(runs: list[dict[str, Any]], title: str) -> str:
              + "|"]
     for row in compare_rows(runs):
         lines.append("| " + " | ".join(row[key].replace("|", "/") for key, _ in COMPARE_COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", COMPARE_LEGEND]) + "\n"
 
 
 def spec_title(spec: Spec, device: str) -> str:
@@ -278,9 +325,17 @@ def runs_document(spec: Spec, runs: list[dict[str, Any]], device: str, **extra: 
             "device": device, "spec": spec.to_dict(), "runs": runs, **extra}
 
 
+def drift_when(drift: dict[str, float]) -> str:
+    steps = drift.get("after_steps", 0)
+    return f"after {steps:g} identical training steps" if steps else "before training"
+
+
 def drift_text(drift: dict[str, float] | None) -> str:
     """'0.37%': the logits' relative error against the unchanged model, or '-' for a lossless run."""
-    return f"{100 * drift['logits_rel_error']:.2f}%" if drift else "-"
+    if not drift:
+        return "-"
+    steps = drift.get("after_steps", 0)
+    return f"{100 * drift['logits_rel_error']:.2f}%" + (f" @{steps:g}" if steps else "")
 
 
 def growth_text(g: Any) -> str:
@@ -340,6 +395,8 @@ def fit_lines(fit: Any) -> list[str]:
                   sorted(fit.helpers, key=lambda h: h["peak_bytes"])]
     else:
         lines.append(f"no single strategy makes it fit ({fit.tried} tried); try combinations with memopt optimize")
+    if fit.not_tried:
+        lines.append(f"not tried (out of time): {', '.join(fit.not_tried)}")
     return lines
 
 
@@ -370,3 +427,78 @@ def optimize_table(outcome: Any, top: int) -> Table:
                       drift_text(c.drift), why,
                       style="bold green" if c is outcome.winner else None)
     return table
+
+
+# -- documents and printouts of each command (the CLI calls one of each) ---------------------------------------
+
+def json_text(data: Any) -> str:
+    """Strict JSON (NaN and infinities as null), indented, with a final newline."""
+    from memopt.outputs import json_text as strict_text
+
+    return strict_text(data)
+
+
+def profile_title(spec: Spec, result: RunResult) -> str:
+    return f"memopt profile - {spec_title(spec, result.device)}"
+
+
+def baseline_written_line(path: str, doc: dict[str, Any]) -> str:
+    return f"baseline written to {path}: peak {format_bytes(doc['runs'][0]['peak_bytes'])}"
+
+
+def check_document(doc: dict[str, Any], found: list[Any], tolerance: float) -> dict[str, Any]:
+    return {**doc, "check": {"tolerance": tolerance, "regressions": [g.__dict__ for g in found]}}
+
+
+def print_check(found: list[Any], tolerance: float, doc: dict[str, Any], old: dict[str, Any]) -> None:
+    console = stdout_console()
+    if found:
+        print_tables([growth_table(found, tolerance)], console)
+        return
+    console.print(f"[green]OK[/green]: peak {format_bytes(doc['runs'][0]['peak_bytes'])} "
+                  f"(baseline {format_bytes(old['runs'][0]['peak_bytes'])}); nothing grew more "
+                  f"than {100 * tolerance:g}%")
+
+
+def estimate_document(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any) -> dict[str, Any]:
+    doc = to_json(spec, [result], result.device)
+    doc["estimated"] = True
+    doc["analytic"] = formulas
+    if fit is not None:
+        doc["fits"] = {"budget_bytes": fit.budget, "fits": fit.fits, "margin_bytes": fit.margin,
+                       "single_strategies_that_fit": fit.helpers, "not_tried": fit.not_tried}
+    return doc
+
+
+def print_estimate(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any) -> None:
+    tables = profile_tables(spec, result)
+    tables[0].title = str(tables[0].title).replace("memopt profile", "memopt estimate (traced, nothing allocated)")
+    console = stdout_console()
+    print_tables([tables[0], tables[1], tables[2], estimate_table(result, formulas)], console)
+    for line in fit_lines(fit) if fit else []:
+        console.print(line)
+
+
+def winner_yaml(best: dict[str, Any], outcome: Any, budget: str) -> str:
+    """The winning spec as YAML, with a header saying where it came from."""
+    import yaml
+
+    header = (f"# written by memopt optimize --budget {budget}: {outcome.winner.label}, estimated peak "
+              f"{format_bytes(outcome.winner.peak)}\n")
+    return header + yaml.safe_dump(best, sort_keys=False)
+
+
+def optimize_document(best: dict[str, Any], outcome: Any, cap: float | None) -> dict[str, Any]:
+    return {"schema": SCHEMA, "budget_bytes": outcome.budget, "winner": best["strategies"],
+            "candidates": [c.__dict__ for c in outcome.ranked], "evaluated": outcome.evaluated,
+            "search_s": outcome.seconds, "measured_here": outcome.measured_here,
+            "max_drift": cap, "left_out_for_drift": outcome.rejected}
+
+
+def print_optimize(outcome: Any, top: int, cap: float | None, output: str | None) -> None:
+    console = stdout_console()
+    print_tables([optimize_table(outcome, top)], console)
+    if outcome.rejected:
+        assert cap is not None
+        console.print(f"left out for their own drift over {100 * cap:g}%: {', '.join(outcome.rejected)}")
+    console.print(f"winner: [bold]{outcome.winner.label}[/bold]" + (f" -> {output}" if output else ""))

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from memopt.drift import measure_drift
+from memopt.drift import strategy_drift
 from memopt.errors import MemoptError, OutOfMemory
 from memopt._torch_private import fake_tensor_mode, flop_counter, is_fake
 from memopt.measure import CUDA_BLOCK, HostPeaks, ModelWatch, StepMemory, TensorTracker, host_peaks
 from memopt.model import LanguageModel, build_model, count_parameters
 from memopt.spec import Spec
-from memopt.strategies import StepPlan, Strategy, build_strategies
+from memopt.strategies import StepPlan, Strategy, build_strategies, registry
 
 Progress = Callable[[str], None]
 TRACED_MICRO_BATCHES = 2  # under fake tensors: the first micro-batch (no grads yet) and a steady-state one
@@ -45,6 +46,7 @@ class RunResult:
     flops: int | None = None  # FLOPs of one step (estimates only: torch.utils.flop_counter)
     strategy_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what may make the numbers wrong (e.g. a NaN loss)
     pid: int = field(default_factory=os.getpid)
 
 
@@ -113,13 +115,6 @@ def make_batch(spec: Spec, device: str, step: int = 0) -> tuple[torch.Tensor, to
     ids = torch.randint(spec.model.vocab_size, (spec.train.batch_size, spec.train.seq_len + 1), generator=gen)
     ids = ids.to(device)
     return ids[:, :-1], ids[:, 1:]
-
-
-def session_drift(session: Session) -> dict[str, float]:
-    """Drift of the session's strategies: its model against the unchanged one on the first batch, before a step."""
-    spec = session.spec
-    return measure_drift(spec, session.model, *make_batch(spec, session.device), session.device,
-                         session.plan.contexts)
 
 
 def _phase(tracker: TensorTracker | None, name: str) -> contextlib.AbstractContextManager[None]:
@@ -224,25 +219,36 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_me
 def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progress: Progress | None,
          grads_to: str | None, fake: bool) -> RunResult:
     say = progress or (lambda _msg: None)
-    say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
-    session = prepare(spec, fake=fake)
-    model = session.model
-    total, trainable = count_parameters(model)
-    result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies], device=session.target_device,
-                       estimated=fake, params_total=total, params_trainable=trainable)
-    if any(s.lossy for s in session.strategies) and not fake:
+    if not fake:
+        from memopt.preflight import ensure_fits_here
+
+        ensure_fits_here(spec, device_memory, say)
+    drift = None
+    if not fake and any(registry()[s.name].lossy for s in spec.strategies):
         say(f"{name}: measuring accuracy drift against the unchanged model")
-        result.drift = session_drift(session)
-    stage = "warm-up step"
+        drift = strategy_drift(spec)
+    stage = "model build"
     tracker = None
     try:
-        if fake:
-            say(f"{name}: creating optimizer state")
-            _create_optimizer_state(session)  # what a warm-up step leaves behind, without tracing one
-        else:
-            say(f"{name}: warm-up step")
-            train_step(session, step=0, before_step=save_gradients(grads_to) if grads_to else None)
-            _sync(session.device)
+        with _limit_watch(spec, device_memory, fake) as watch_limit:
+            stage_of = _stage_setter(watch_limit)
+            stage = stage_of("model build")
+            say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
+            session = prepare(spec, fake=fake)
+            model = session.model
+            total, trainable = count_parameters(model)
+            result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies],
+                               device=session.target_device, estimated=fake, params_total=total,
+                               params_trainable=trainable)
+            result.drift = drift
+            stage = stage_of("warm-up step")
+            if fake:
+                say(f"{name}: creating optimizer state")
+                _create_optimizer_state(session)  # what a warm-up step leaves behind, without tracing one
+            else:
+                say(f"{name}: warm-up step")
+                train_step(session, step=0, before_step=save_gradients(grads_to) if grads_to else None)
+                _sync(session.device)
         tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory,
                                 round_to=CUDA_BLOCK if session.target_device == "cuda" else 1)
         with host_peaks(session.device, python_heap=not fake) as host:
@@ -280,4 +286,29 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
         if facts:
             result.strategy_facts[strategy.name] = facts
     result.notes.extend(session.plan.notes)
+    if not fake and not math.isfinite(result.loss):
+        result.warnings.append(f"the loss is {result.loss} (not finite): the numbers are of a diverged step"
+                               + (" (float16 overflows on CPU; use bfloat16 or float32)"
+                                  if spec.run.dtype == "float16" else ""))
     return result
+
+
+def _stage_setter(tracker: TensorTracker | None) -> Callable[[str], str]:
+    def set_stage(stage: str) -> str:
+        if tracker is not None:
+            tracker.stage = stage
+        return stage
+    return set_stage
+
+
+@contextlib.contextmanager
+def _limit_watch(spec: Spec, device_memory: int | None, fake: bool) -> Iterator[TensorTracker | None]:
+    """With ``device_memory``, live tensors are held under it from the model's build on (build, drift
+    measurement, warm-up), not only in the measured steps."""
+    if device_memory is None or fake:
+        yield None
+        return
+    device = resolve_device(spec.run.device)
+    with TensorTracker(device, limit_bytes=device_memory,
+                       round_to=CUDA_BLOCK if device == "cuda" else 1) as tracker:
+        yield tracker

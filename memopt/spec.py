@@ -256,12 +256,14 @@ def load_spec(config: str | Path | None = None, overrides: dict[str, Any] | None
     source = "spec"
     if config is not None:
         path = Path(config)
-        if str(config) in PRESETS and not path.exists():
+        if str(config) in PRESETS:  # a preset name always means the preset; ./NAME is the file
             data = {"model": str(config)}
         else:
             source = str(path)
             if not path.exists():
-                raise SpecError([f"{path}: no such file (nor a preset: {', '.join(PRESETS)})"])
+                hint = ("; --json takes no value: write JSON to a file with --json-out FILE"
+                        if str(config).endswith(".json") else "")
+                raise SpecError([f"{path}: no such file (nor a preset: {', '.join(PRESETS)}){hint}"])
             if path.is_dir():
                 raise SpecError([f"{path}: is a directory, expected a YAML file"])
             try:
@@ -271,12 +273,42 @@ def load_spec(config: str | Path | None = None, overrides: dict[str, Any] | None
             data = read_yaml(text, source)
             if data is None:
                 raise SpecError([f"{path}: the file is empty; expected a mapping with model/train/run"])
-    return spec_from_data(data, overrides, strategies, source)
+    return spec_from_data(data, overrides, strategies, source,
+                          strategies_option="--strategies" if strategies is not None else None)
+
+
+def config_note(config: str | Path | None) -> str | None:
+    """What to tell the user when CONFIG names a preset and a file of that name exists here too."""
+    if config is not None and str(config) in PRESETS and Path(config).exists():
+        return f"{config} is the preset; for the file of that name write ./{config}"
+    return None
 
 
 def spec_from_data(data: Any, overrides: dict[str, Any] | None = None, strategies: list[Any] | None = None,
-                   source: str = "spec") -> Spec:
-    """Validate already-parsed data (a dict) into a Spec, collecting every problem."""
+                   source: str = "spec", strategies_option: str | None = None) -> Spec:
+    """Validate already-parsed data (a dict) into a Spec, collecting every problem.
+
+    Problems with an override name its command-line option (``--batch-size (train.batch_size): ...``), and
+    with ``strategies_option`` those of the given strategies name that option.
+    """
+    try:
+        return _spec_from_data(data, overrides, strategies, source)
+    except SpecError as exc:
+        named = [_name_option(problem, overrides or {}, strategies_option) for problem in exc.problems]
+        raise SpecError(named) from None
+
+
+def _name_option(problem: str, overrides: dict[str, Any], strategies_option: str | None) -> str:
+    for key, (section, field) in OVERRIDE_PATHS.items():
+        if overrides.get(key) is not None and problem.startswith(f"{section}.{field}:"):
+            return f"--{key.replace('_', '-')} ({section}.{field}){problem[len(section) + len(field) + 1:]}"
+    if strategies_option and problem.startswith("strategies"):
+        return f"{strategies_option}: {problem}"
+    return problem
+
+
+def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: list[Any] | None,
+                    source: str) -> Spec:
     if not isinstance(data, dict):
         raise SpecError([f"{source}: expected a mapping with model/train/run at the top, "
                          f"got {type(data).__name__}"])

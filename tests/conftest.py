@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from memopt.cli import app, normalize_argv
+from memopt.cli import app
 from memopt.spec import Spec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def tiny_decoder() -> Spec:
 
 def invoke(args: list[str]):
     """Run the CLI in-process the way the console script does."""
-    return CliRunner().invoke(app, normalize_argv([str(a) for a in args]))
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def memtracker_peak(spec: Spec) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,7 +81,7 @@ def test_profile_json_on_stdout_is_pure_and_complete():
 
 def test_profile_json_file_is_written_and_tables_printed(tmp_path):
     out = tmp_path / "sub" / "profile.json"
-    result = invoke(["profile", CONFIGS / "tiny.yaml", "--steps", "1", "--json", out])
+    result = invoke(["profile", CONFIGS / "tiny.yaml", "--steps", "1", "--json-out", out])
     assert result.exit_code == 0, result.output
     assert "Where the bytes go" in result.stdout
     assert json.loads(out.read_text())["runs"][0]["ok"] is True
@@ -93,3 +94,105 @@ def test_help_does_not_import_torch():
     for command in ([], ["profile"], ["compare"], ["check"], ["estimate"], ["optimize"], ["strategies"]):
         result = invoke([*command, "--help"])
         assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_version_exits_0():
+    result = invoke(["--version"])
+    assert result.exit_code == 0 and result.output.startswith("memopt ")
+
+
+def test_json_is_a_flag_and_never_swallows_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["estimate", "--json", "gpt2", "--batch-size", "1", "--seq-len", "8"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["spec"]["model"]["d_model"] == 768  # gpt2 was estimated, not the default model
+    assert list(tmp_path.iterdir()) == []  # and no file named gpt2 was written
+    old_style = invoke(["profile", "--json", "out.json"])
+    assert old_style.exit_code == 1 and "--json-out" in old_style.output
+
+
+def test_a_file_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").write_text("model: {d_model: 64, n_heads: 4}\n")
+    preset = invoke(["estimate", "gpt2", "--json", "--batch-size", "1", "--seq-len", "8"])
+    assert preset.exit_code == 0 and json.loads(preset.stdout)["spec"]["model"]["d_model"] == 768
+    assert "./gpt2" in preset.stderr
+    own = invoke(["estimate", "./gpt2", "--json", "--batch-size", "1", "--seq-len", "8"])
+    assert own.exit_code == 0 and json.loads(own.stdout)["spec"]["model"]["d_model"] == 64
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["compare", "-s", "+"], "--strategies"),
+    (["compare", "-s", "ckpt,"], "--strategies"),
+    (["profile", "-s", "bits=4"], "--strategies"),
+    (["estimate", "--fits", ""], "--fits"),
+    (["estimate", "--fits", "0.5"], "--fits"),
+    (["estimate", "--fits", "1e309GiB"], "--fits"),
+    (["profile", "--device-memory", "lots"], "--device-memory"),
+    (["optimize", "--budget", "0B"], "--budget"),
+    (["check", "--baseline", "x.json", "--tolerance", "nan"], "--tolerance"),
+    (["profile", "--batch-size", "-3"], "--batch-size"),
+    (["profile", "--seq-len", "0"], "--seq-len"),
+    (["profile", "--dtype", "int3"], "--dtype"),
+    (["profile", "--device", "tpu"], "--device"),
+])
+def test_every_bad_option_value_is_one_error_naming_the_option(args, expected):
+    result = invoke([args[0], CONFIGS / "tiny.yaml", *args[1:]])
+    assert result.exit_code == 1, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert "run 1/" not in result.output
+
+
+def test_profile_accepts_the_compare_spelling_of_a_set():
+    joined = invoke(["profile", CONFIGS / "tiny.yaml", "--steps", "1", "-s", "ckpt+chunked_ce", "--json"])
+    listed = invoke(["profile", CONFIGS / "tiny.yaml", "--steps", "1", "-s", "ckpt", "-s", "chunked_ce", "--json"])
+    assert joined.exit_code == listed.exit_code == 0, joined.output + listed.output
+    a, b = json.loads(joined.stdout)["runs"][0], json.loads(listed.stdout)["runs"][0]
+    assert [next(iter(s)) for s in a["strategies"]] == ["ckpt", "chunked_ce"]
+    assert a["peak_bytes"] == b["peak_bytes"]
+
+
+def test_float16_on_cpu_warns_and_writes_strict_json(tmp_path):
+    out = tmp_path / "p.json"
+    result = invoke(["profile", CONFIGS / "tiny.yaml", "--steps", "1", "--dtype", "float16", "--json-out", out])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    run = json.loads(text)["runs"][0]
+    if run["loss"] is None:  # float16 overflowed on this CPU: said on stderr and in the JSON
+        assert "warning" in result.stderr and "float16" in result.stderr and run["warnings"]
+
+
+def _interrupt(args: list[str], after_s: float, cwd) -> tuple[int, str]:
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "memopt.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(after_s)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("after_s", [2.5, 5.0])
+def test_ctrl_c_exits_130_and_writes_nothing(tmp_path, after_s):
+    out = tmp_path / "p.json"
+    out.write_text("old")
+    code, err = _interrupt(["profile", str(CONFIGS / "tiny.yaml"), "--steps", "10000", "--json-out", str(out)],
+                           after_s, tmp_path)
+    assert code == 130 and "interrupted" in err, err
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+def test_an_ascii_locale_prints_every_table(tmp_path):
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C", "LANG": "C"}
+    for args in (["compare", str(CONFIGS / "tiny.yaml"), "-s", "ckpt", "--steps", "1"], ["strategies"],
+                 ["profile", str(CONFIGS / "tiny.yaml"), "-s", "ckpτ"]):
+        proc = subprocess.run([sys.executable, "-m", "memopt.cli", *args], capture_output=True, env=env, timeout=300)
+        assert b"UnicodeEncodeError" not in proc.stderr and b"Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == (1 if "ckpτ" in args else 0)

@@ -15,7 +15,7 @@ pytest_plugins = ["pytester"]
 
 def test_compare_runs_each_set_in_its_own_process_consistent_with_profile(tmp_path):
     out = tmp_path / "compare.json"
-    result = invoke(["compare", CONFIGS / "tiny.yaml", "-s", "ckpt,chunked_ce,ckpt+chunked_ce", "--json", out,
+    result = invoke(["compare", CONFIGS / "tiny.yaml", "-s", "ckpt,chunked_ce,ckpt+chunked_ce", "--json-out", out,
                      "--markdown", tmp_path / "pr.md"])
     assert result.exit_code == 0, result.output
     runs = json.loads(out.read_text())["runs"]
@@ -30,23 +30,40 @@ def test_compare_runs_each_set_in_its_own_process_consistent_with_profile(tmp_pa
     assert "| ckpt+chunked_ce |" in (tmp_path / "pr.md").read_text()
 
 
-def test_a_failing_run_is_reported_while_the_others_complete(tmp_path):
+def test_a_set_any_run_would_refuse_is_refused_before_anything_runs(tmp_path):
     out = tmp_path / "c.json"
-    result = invoke(["compare", CONFIGS / "tiny.yaml", "-s", "ckpt,accum+optim_in_bwd", "--json", out])
+    for sets, expected in (("ckpt,accum+optim_in_bwd", "refused"), ("ckpt,quant:head=true+chunked_ce", "chunked_ce"),
+                           ("ckpt,ckpt", "given twice")):
+        result = invoke(["compare", CONFIGS / "tiny.yaml", "-s", sets, "--json-out", out])
+        assert result.exit_code == 1 and expected in result.output, result.output
+        assert "run 1/" not in result.output and not out.exists()
+    sdpa_model = tmp_path / "sdpa.yaml"
+    sdpa_model.write_text((CONFIGS / "tiny-decoder.yaml").read_text().replace("attention: eager", "attention: sdpa"))
+    decoder = invoke(["compare", sdpa_model, "-s", "ckpt,sdpa"])
+    assert decoder.exit_code == 1 and "set sdpa: sdpa: model.attention is already sdpa" in decoder.output
+
+
+def test_a_run_that_fails_at_run_time_is_reported_while_the_others_complete(tmp_path):
+    spec = tmp_path / "ckpt.yaml"
+    spec.write_text((CONFIGS / "tiny.yaml").read_text() + "strategies: [ckpt]\n")
+    out = tmp_path / "c.json"
+    # the baseline (full checkpointing) peaks at ~5.8 MiB, sdpa alone at ~7.2 MiB
+    result = invoke(["compare", spec, "-s", "sdpa,ckpt+chunked_ce", "--device-memory", "6.5MiB",
+                     "--json-out", out])
     assert result.exit_code == 0, result.output
     runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
-    assert runs["ckpt"]["ok"] and runs["baseline"]["ok"]
-    assert not runs["accum+optim_in_bwd"]["ok"] and "refused" in runs["accum+optim_in_bwd"]["error"]
+    assert runs["baseline"]["ok"] and runs["ckpt+chunked_ce"]["ok"]
+    assert not runs["sdpa"]["ok"] and "out of memory" in runs["sdpa"]["error"]
 
 
 def test_device_memory_stops_runs_over_it_and_names_the_phase(tmp_path):
     out = tmp_path / "c.json"
-    # the tiny baseline peaks at ~7.8 MiB, full checkpointing at ~5.8 MiB
-    result = invoke(["compare", CONFIGS / "tiny.yaml", "-s", "ckpt", "--device-memory", "7MiB", "--json", out])
+    out.write_text("keep me")
+    result = invoke(["compare", CONFIGS / "tiny.yaml", "-s", "ckpt", "--device-memory", "7MiB", "--json-out", out])
     assert result.exit_code == 1  # the baseline itself did not fit
-    runs = json.loads(out.read_text())["runs"]
-    assert not runs[0]["ok"] and re.search(r"out of memory.*during (forward|backward|optimizer)", runs[0]["error"])
-    assert runs[1]["ok"] and runs[1]["peak_bytes"] <= 7 * 2**20
+    assert re.search(r"out of memory.*during (forward|backward|optimizer)", result.output)
+    assert out.read_text() == "keep me"  # a failed command replaces nothing
+    assert "ckpt" in result.stdout  # the table still shows each run
 
 
 def test_profile_device_memory_is_a_clear_error():
@@ -78,7 +95,7 @@ def test_check_update_that_fails_leaves_the_old_baseline(tmp_path):
     shutil.copy(ROOT / "tests" / "baselines" / "tiny.json", baseline)
     before = baseline.read_bytes()
     result = invoke(["check", CONFIGS / "tiny.yaml", "--baseline", baseline, "--update", "--device-memory", "1MiB"])
-    assert result.exit_code != 0
+    assert result.exit_code == 1 and "out of memory" in result.output
     assert baseline.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -92,7 +109,7 @@ def test_repository_baseline_still_holds():
 @pytest.mark.parametrize("suffix", [".png", ".html"])
 def test_timeline_files_peak_at_the_runs_peak(tmp_path, suffix):
     target = tmp_path / f"timeline{suffix}"
-    result = invoke(["profile", CONFIGS / "tiny.yaml", "--timeline", target, "--json", tmp_path / "p.json"])
+    result = invoke(["profile", CONFIGS / "tiny.yaml", "--timeline", target, "--json-out", tmp_path / "p.json"])
     assert result.exit_code == 0, result.output
     peak = json.loads((tmp_path / "p.json").read_text())["runs"][0]["peak_bytes"]
     if suffix == ".png":

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from memopt.errors import SpecError
 from memopt.model import parameter_count
-from memopt.spec import PRESETS, load_spec, read_yaml, spec_from_data
+from memopt.spec import load_spec, read_yaml, spec_from_data
 
 from .conftest import CONFIGS
 

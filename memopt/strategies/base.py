@@ -44,6 +44,8 @@ class Strategy:
     saves: ClassVar[str]            # where the bytes go
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     lossy: ClassVar[bool] = False
+    # lossy in what training does (optimizer state), not in the weights: drift is taken after identical steps
+    drift_shows_in_training: ClassVar[bool] = False
     order: ClassVar[int] = 50       # composition order: lower applies first
     refuses: ClassVar[dict[str, str]] = {}  # other strategy name -> why the pair cannot work
     # typical settings to try (estimate --fits, optimize), lightest first, most saving last; () = just the name

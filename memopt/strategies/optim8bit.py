@@ -95,6 +95,7 @@ class Optim8bit(Strategy):
     summary = "AdamW with block-wise 8-bit states (block 256, absmax per block), dequantized in the step"
     saves = "Adam states 8 -> ~2.03 bytes per trainable parameter"
     lossy = True
+    drift_shows_in_training = True
     order = 65
     refuses = {"optim_in_bwd": "both replace the optimizer; an 8-bit optimizer per parameter is not supported yet"}
 
