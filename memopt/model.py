@@ -164,9 +164,9 @@ class SelfAttention(nn.Module):
     def from_multihead(cls, mha: nn.MultiheadAttention, attention: str) -> SelfAttention:
         """The same weights as an ``nn.MultiheadAttention`` (self-attention, batch_first), split into Linears."""
         d, h = mha.embed_dim, mha.num_heads
-        with torch.device(mha.in_proj_weight.device):
+        with torch.device(mha.in_proj_weight.device), default_dtype(mha.in_proj_weight.dtype):
             new = cls(d, h, h, d // h, bias=mha.in_proj_bias is not None, causal=False, dropout=mha.dropout,
-                      attention=attention).to(mha.in_proj_weight.dtype)
+                      attention=attention)
         with torch.no_grad():
             for lin, w, b in zip((new.q, new.k, new.v), mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)):
                 lin.weight.copy_(w)

@@ -239,3 +239,25 @@ def test_adafactor_optimizer_keeps_factored_state():
     adamw = run(tiny()).memory.state_bytes["optimizer"]
     spec = spec_from_data({**tiny().to_dict(), "train": {**tiny().to_dict()["train"], "optimizer": "adafactor"}})
     assert run(spec).memory.state_bytes["optimizer"] < 0.1 * adamw
+
+
+def test_optim8bit_drift_is_taken_after_identical_training_steps():
+    """Its cost shows only once the optimizer steps (before a step it read 0 whatever the error): drift is
+    taken after 3 identical steps; weight strategies are still taken before any step; lossless ones have none."""
+    from memopt.drift import DRIFT_STEPS, strategy_drift
+
+    drift = strategy_drift(tiny("optim8bit"))
+    assert drift is not None and drift["after_steps"] == DRIFT_STEPS == 3
+    assert 1e-6 < drift["logits_rel_error"] < 0.5
+    assert strategy_drift(tiny("ckpt")) is None
+    weights = strategy_drift(tiny("quant:bits=8"))
+    assert weights is not None and weights["after_steps"] == 0 and weights["logits_rel_error"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_compression_splits_encoder_attention_in_the_model_dtype(dtype):
+    """nn.MultiheadAttention split into Linears for quant/prune keeps the model's dtype (was float32: a
+    mixed-dtype LayerNorm error in 16-bit models)."""
+    for setting in ("quant:bits=4", "prune:heads=0.5"):
+        result = run(spec_from_data({**TINY, "run": {"device": "cpu", "dtype": dtype}}, strategies=[setting]))
+        assert result.memory is not None and result.params_total > 0
