@@ -195,7 +195,8 @@ def stacked(table: Table) -> Group:
         record.add_column(style="bold", overflow="fold")
         record.add_column(overflow="fold")
         for header, column in zip(headers, cells):
-            record.add_row(header, column[row])
+            if str(column[row]):
+                record.add_row(header, column[row])
         parts.append(Padding(record, (1 if row else 0, 0, 0, 0)) if headers[0] else record)
     if table.caption:
         parts.append(Text(str(table.caption)))

@@ -196,3 +196,17 @@ def test_an_ascii_locale_prints_every_table(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "memopt.cli", *args], capture_output=True, env=env, timeout=300)
         assert b"UnicodeEncodeError" not in proc.stderr and b"Traceback" not in proc.stderr, proc.stderr
         assert proc.returncode == (1 if "ckpτ" in args else 0)
+
+
+@pytest.mark.parametrize("option", ["--markdown", "--json-out", "--plot"])
+def test_an_output_that_is_the_input_spec_is_refused_before_running(tmp_path, option):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TINY)
+    target = spec if option != "--plot" else tmp_path / "link.png"
+    if option == "--plot":
+        target.symlink_to(spec)
+    result = invoke(["compare", spec, "-s", "ckpt", option, target])
+    assert result.exit_code == 1 and "refusing to overwrite" in result.output, result.output
+    assert spec.read_text() == TINY and "run 1/" not in result.output
+    update = invoke(["check", spec, "--baseline", spec, "--update"])
+    assert update.exit_code == 1 and spec.read_text() == TINY
