@@ -19,7 +19,8 @@ from typing import Any
 from memopt.errors import MemoptError
 from memopt.model import parameter_count
 from memopt.runner import RunResult, run
-from memopt.spec import DTYPE_BYTES, Spec, spec_from_data
+from memopt.spec import DTYPE_BYTES, Spec
+from memopt.strategies import StrategySpec
 
 DEADLINE_S = 60.0  # --fits: how long to look for single strategies that would make it fit
 APPROXIMATIONS = ("CUDA estimates trace CPU kernels with 512-byte block rounding; the CUDA context, library "
@@ -55,9 +56,9 @@ def analytic(spec: Spec) -> dict[str, int | None]:
 class Fit:
     budget: int
     peak: int
-    helpers: list[dict[str, Any]]  # single strategies that would make it fit: {"strategies", "peak_bytes"}
+    helpers: list[dict[str, Any]]  # single strategies that would make it fit: {"strategies": label, "peak_bytes"}
     tried: int
-    not_tried: list[str] = field(default_factory=list)  # left when the deadline came
+    not_tried: list[str] = field(default_factory=list)  # labels of those left when the deadline came
 
     @property
     def fits(self) -> bool:
@@ -68,11 +69,11 @@ class Fit:
         return self.budget - self.peak
 
 
-def single_candidates(spec: Spec, strongest_only: bool = False) -> list[str]:
+def single_candidates(spec: Spec, strongest_only: bool = False) -> list[StrategySpec]:
     """Every registered strategy in its typical settings, minus the ones the spec already uses;
     each strategy's strongest setting first, so that a deadline cuts the lighter ones."""
     from memopt.runner import resolve_device
-    from memopt.strategies import candidate_settings
+    from memopt.search import candidate_settings
 
     settings = candidate_settings(spec, resolve_device(spec.run.device, estimate=True),
                                   exclude={s.name for s in spec.strategies})
@@ -90,20 +91,18 @@ def fits(spec: Spec, peak: int, budget: int, progress: Callable[[str], None] | N
     result = Fit(budget, peak, [], 0)
     if result.fits:
         return result
-    own = [s.to_dict() for s in spec.strategies]
     started = time.perf_counter()
     candidates = single_candidates(spec, strongest_only)
     for i, candidate in enumerate(candidates):
         if time.perf_counter() - started > deadline_s:
-            result.not_tried = candidates[i:]
+            result.not_tried = [c.label for c in candidates[i:]]
             break
         try:
-            trial = spec_from_data(spec.to_dict(), strategies=[*own, candidate])
-            estimated = estimate(trial, candidate, progress)
+            estimated = estimate(spec.with_strategies((*spec.strategies, candidate)), candidate.label, progress)
         except MemoptError:
             continue  # refused here (e.g. sdpa on a model already using sdpa)
         result.tried += 1
         assert estimated.memory is not None
         if estimated.memory.peak_bytes <= budget:
-            result.helpers.append({"strategies": candidate, "peak_bytes": estimated.memory.peak_bytes})
+            result.helpers.append({"strategies": candidate.label, "peak_bytes": estimated.memory.peak_bytes})
     return result

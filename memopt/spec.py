@@ -6,7 +6,7 @@ Every problem is collected and reported together, each with its path
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from memopt.errors import MemoptError, SpecError
 from memopt.files import read_input
+from memopt.strategies import StrategySpec, strategy_spec  # the registry package: no torch until registry()
+from memopt.strategy_args import parse_strategy
+from memopt.wording import describe, suggest
 
 Arch = Literal["encoder", "decoder"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -101,16 +104,6 @@ class RunSpec(_Frozen):
     seed: int = Field(0, ge=0, le=2**63 - 1)
 
 
-class StrategySpec(_Frozen):
-    """One entry of ``strategies:``; ``options`` is the strategy's own validated options model."""
-
-    name: str
-    options: Any
-
-    def to_dict(self) -> dict[str, Any]:
-        return {self.name: self.options.model_dump()}
-
-
 class Spec(_Frozen):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
@@ -130,8 +123,9 @@ class Spec(_Frozen):
         data["strategies"] = [s.to_dict() for s in self.strategies]
         return data
 
-    def with_strategies(self, strategies: tuple[StrategySpec, ...]) -> Spec:
-        return self.model_copy(update={"strategies": strategies})
+    def with_strategies(self, strategies: Iterable[StrategySpec]) -> Spec:
+        """The spec with these strategies (already validated StrategySpecs) instead of its own."""
+        return self.model_copy(update={"strategies": tuple(strategies)})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -332,7 +326,7 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_describe(err) for err in exc.errors())
+        problems.extend(describe(err, Spec) for err in exc.errors())
     if problems:
         raise SpecError(problems)
     assert spec is not None
@@ -347,16 +341,14 @@ def _expand_preset(model: Any, problems: list[str]) -> Any:
         return model
     name = model["preset"]
     if not isinstance(name, str) or name not in PRESETS:
-        problems.append(f"model.preset: unknown preset {name!r}{_suggest(str(name), PRESETS)}; "
+        problems.append(f"model.preset: unknown preset {name!r}{suggest(str(name), PRESETS)}; "
                         f"known: {', '.join(PRESETS)}")
         return {k: v for k, v in model.items() if k != "preset"}
     return {**PRESETS[name], **{k: v for k, v in model.items() if k != "preset"}}
 
 
 def _parse_strategies(raw: Any, problems: list[str]) -> list[StrategySpec]:
-    """Entries are names, ``name:key=value`` strings, or ``{name: {options}}`` mappings."""
-    from memopt.strategies import validate_options  # the registry imports torch; keep it lazy
-
+    """Entries are names, ``name:key=value`` strings (the grammar of ``-s``), or ``{name: {options}}`` mappings."""
     if raw is None:
         return []
     if isinstance(raw, str):
@@ -368,7 +360,7 @@ def _parse_strategies(raw: Any, problems: list[str]) -> list[StrategySpec]:
     for i, entry in enumerate(raw):
         where = f"strategies[{i}]"
         if isinstance(entry, str):
-            name, options = _parse_inline(entry, where, problems)
+            name, options = next(iter(parse_strategy(entry, where, problems).items()))
         elif isinstance(entry, dict) and len(entry) == 1:
             name, options = next(iter(entry.items()))
             options = {} if options is None else options
@@ -382,80 +374,10 @@ def _parse_strategies(raw: Any, problems: list[str]) -> list[StrategySpec]:
             problems.append(f"{where}.{name}: options must be a mapping, got {type(options).__name__}")
             continue
         try:
-            out.append(StrategySpec(name=name, options=validate_options(name, options)))
+            out.append(strategy_spec(name, options))
         except SpecError as exc:
             problems.extend(f"{where}.{p}" if not p.startswith(where) else p for p in exc.problems)
     names = [s.name for s in out]
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(f"strategies: {name} is listed more than once")
     return out
-
-
-def split_strategy_list(text: str) -> list[str]:
-    """'ckpt:policy=every,every=2,chunked_ce' -> ['ckpt:policy=every,every=2', 'chunked_ce']."""
-    parts: list[str] = []
-    for piece in (p.strip() for p in text.split(",")):
-        if "=" in piece and ":" not in piece and parts:
-            parts[-1] += "," + piece  # another key=value of the previous strategy
-        elif piece:
-            parts.append(piece)
-    return parts
-
-
-def _parse_inline(text: str, where: str, problems: list[str]) -> tuple[str, dict[str, Any]]:
-    """'quant:bits=4,group_size=32' -> ('quant', {'bits': 4, 'group_size': 32}); values parsed as YAML."""
-    name, _, rest = text.strip().partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            problems.append(f"{where}.{name}: option {item!r} should look like key=value")
-            continue
-        try:
-            options[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            options[key.strip()] = value
-    return name.strip(), options
-
-
-def _suggest(word: str, choices: Any) -> str:
-    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean {match[0]}?" if match else ""
-
-
-def _known_fields(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = Spec
-    for part in loc[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = field.annotation
-    return list(getattr(model, "model_fields", {}))
-
-
-def describe_path(loc: tuple[Any, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "spec"
-
-
-def _describe(err: dict[str, Any]) -> str:
-    """One pydantic error -> 'model.n_head: unknown key; did you mean n_heads?'."""
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-    path = describe_path(loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key{_suggest(str(loc[-1]), _known_fields(loc))}"
-    if kind == "missing":
-        return f"{path}: required"
-    msg = err["msg"]
-    if msg.startswith("Value error, "):  # our validators: "field: problem; field: problem", relative to loc
-        parts = [part.partition(": ") for part in msg[len("Value error, "):].split("; ")]
-        return "; ".join(f"{describe_path(loc + (key,))}: {text}" if text and " " not in key
-                         else f"{path}: {key}{sep}{text}" for key, sep, text in parts)
-    got = err.get("input")
-    shown = repr(got) if not isinstance(got, dict) else "a mapping"
-    if len(shown) > 40:
-        shown = shown[:37] + "..."
-    return f"{path}: {msg[0].lower() + msg[1:]} (got {shown})"

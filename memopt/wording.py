@@ -1,0 +1,60 @@
+"""How problems are worded: a pydantic error -> ``model.n_head: unknown key; did you mean n_heads?``.
+
+The bottom of the import graph: it imports nothing from memopt, so that the spec (memopt.spec) and the
+strategy registry (memopt.strategies) word their problems the same way without importing each other.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
+
+def suggest(word: str, choices: Any) -> str:
+    """'; did you mean X?' for the closest of ``choices``, or ''."""
+    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def known_fields(root: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model that ``loc`` (a path from the pydantic model ``root``) ends in."""
+    model: Any = root
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def describe_path(loc: tuple[Any, ...]) -> str:
+    """('strategies', 0, 'ckpt') -> 'strategies[0].ckpt'; () -> 'spec'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "spec"
+
+
+def describe(err: ErrorDetails, root: Any = None) -> str:
+    """One pydantic error -> 'model.n_head: unknown key; did you mean n_heads?' (the did-you-mean looks up the
+    fields of ``root``, the validated model, along the error's path)."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    path = describe_path(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key{suggest(str(loc[-1]), known_fields(root, loc))}"
+    if kind == "missing":
+        return f"{path}: required"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):  # our validators: "field: problem; field: problem", relative to loc
+        parts = [part.partition(": ") for part in msg[len("Value error, "):].split("; ")]
+        return "; ".join(f"{describe_path(loc + (key,))}: {text}" if text and " " not in key
+                         else f"{path}: {key}{sep}{text}" for key, sep, text in parts)
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return f"{path}: {msg[0].lower() + msg[1:]} (got {shown})"
