@@ -40,7 +40,7 @@ def observe_saved_tensors(observer: Callable[[torch.Tensor], None]) -> Iterator[
             observer(t)
             return inner_pack(t)
 
-        unpack = inner_unpack
+        unpack = inner_unpack  # type: ignore[assignment]  # the hooks already installed, as they are
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
 
@@ -105,3 +105,10 @@ def saved_tensors_by_node(output: torch.Tensor) -> Iterator[tuple[str, torch.Ten
                 if isinstance(item, torch.Tensor):
                     yield type(node).__name__, item
         stack.extend(fn for fn, _ in node.next_functions)
+
+
+def storage_key(x: torch.Tensor | torch.UntypedStorage) -> int:
+    """A key that identifies a tensor's storage (shared by its views) while it lives: the storage's
+    C pointer (``_cdata``), which views and aliases share and which PyTorch offers no public name for."""
+    storage = x.untyped_storage() if isinstance(x, torch.Tensor) else x
+    return int(storage._cdata)

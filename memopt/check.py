@@ -12,6 +12,7 @@ from typing import Any
 from memopt.errors import MemoptError
 from memopt.files import read_input
 from memopt.measure import CATEGORIES, PHASES
+from memopt.results import StepMemory
 from memopt.spec import Spec
 
 
@@ -149,9 +150,14 @@ def ensure_comparable(baseline: dict[str, Any], spec: Spec, device: str) -> None
         raise MemoptError("baseline is from another spec: " + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else ""))
 
 
-def growths(baseline_run: dict[str, Any], run: dict[str, Any], tolerance: float) -> list[Growth]:
+def baseline_memory(baseline: dict[str, Any]) -> StepMemory:
+    """The memory of a validated baseline's first run (what the gate compares)."""
+    return StepMemory.from_json(baseline["runs"][0])
+
+
+def growths(baseline: StepMemory, now: StepMemory, tolerance: float) -> list[Growth]:
     """Every number (peak, each category's own peak, each phase's peak) that grew past the tolerance."""
-    pairs = [("peak", "total", baseline_run["peak_bytes"], run["peak_bytes"])]
-    pairs += [(c, "category", baseline_run["category_peak_bytes"][c], run["category_peak_bytes"][c]) for c in CATEGORIES]
-    pairs += [(p, "phase", baseline_run["phase_peak_bytes"][p], run["phase_peak_bytes"][p]) for p in PHASES]
+    pairs = [("peak", "total", baseline.peak_bytes, now.peak_bytes)]
+    pairs += [(c, "category", baseline.category_peak_bytes[c], now.category_peak_bytes[c]) for c in CATEGORIES]
+    pairs += [(p, "phase", baseline.phase_peak_bytes[p], now.phase_peak_bytes[p]) for p in PHASES]
     return [Growth(what, kind, old, new) for what, kind, old, new in pairs if new > old * (1 + tolerance)]

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from memopt.results import RunResult  # plain dataclasses: no torch
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Memory profiler and optimizer for Transformer language models.\n\n"
                        "Example: [bold]memopt profile configs/tiny.yaml --strategies ckpt+chunked_ce[/bold]")
@@ -231,10 +233,10 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
         check_png_path(plot, "--plot")
     runs = _compare_with_progress(run_compare, planned, limit)
     title = f"memopt compare - {report.spec_title(spec, device_name)}"
-    if not runs[0]["ok"]:
+    if not runs[0].ok:
         if not json_stdout:
             report.print_tables([report.compare_table(runs, title)])
-        _fail(f"the baseline failed: {runs[0]['error']}; nothing was written")
+        _fail(f"the baseline failed: {runs[0].error}; nothing was written")
     outputs.set_json(report.runs_document(spec, runs, device_name))
     if markdown is not None:
         outputs.add("--markdown", report.compare_markdown(runs, title))
@@ -246,7 +248,7 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
 
 
 def _compare_with_progress(run_compare: Callable[..., Any], planned: list[Any],
-                           limit: int | None) -> list[dict[str, Any]]:
+                           limit: int | None) -> list[RunResult]:
     """Rich progress on stderr: one line per run with its elapsed time."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -282,7 +284,7 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
     from pathlib import Path
 
     from memopt import report, runner
-    from memopt.check import ensure_comparable, growths, load_baseline
+    from memopt.check import baseline_memory, ensure_comparable, growths, load_baseline
     from memopt.outputs import Outputs
     from memopt.units import parse_percent
 
@@ -298,17 +300,19 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
         result = runner.run(spec, progress=say, device_memory=limit)
     _warn(result.warnings)
     doc = report.to_json(spec, [result], result.device)
+    assert result.memory is not None
+    peak = result.memory.peak_bytes
     if old is None:
         outputs.add("--baseline", report.json_text(doc))
         outputs.set_json(doc)
-        _emit(outputs, json_stdout, lambda: _stderr().print(report.baseline_written_line(baseline, doc)))
+        _emit(outputs, json_stdout, lambda: _stderr().print(report.baseline_written_line(baseline, peak)))
         return
-    found = growths(old["runs"][0], doc["runs"][0], tol)
+    before = baseline_memory(old)
+    found = growths(before, result.memory, tol)
     outputs.set_json(report.check_document(doc, found, tol))
     if markdown is not None:
-        outputs.add("--markdown", report.growth_markdown(found, tol, doc["runs"][0]["peak_bytes"],
-                                                         old["runs"][0]["peak_bytes"]))
-    _emit(outputs, json_stdout, lambda: report.print_check(found, tol, doc, old))
+        outputs.add("--markdown", report.growth_markdown(found, tol, peak, before.peak_bytes))
+    _emit(outputs, json_stdout, lambda: report.print_check(found, tol, peak, before.peak_bytes))
     if found:
         raise typer.Exit(3)
 
@@ -410,4 +414,4 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from memopt.errors import StrategyError
 from memopt.isolate import run_isolated
+from memopt.results import RunResult, VsBaseline
 from memopt.spec import Spec, spec_from_data
 from memopt.strategy_args import StrategyEntry, set_label
 
@@ -57,12 +57,12 @@ def gradient_cosine(path_a: Path, path_b: Path) -> float | None:
 
 
 def compare(planned: list[tuple[str, Spec]], *, device_memory: int | None = None,
-            on_run: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run the planned runs (``planned_runs``: the baseline first), isolated; schema-1 run dicts.
-
-    A run that fails at run time (out of memory, killed) is kept, failed.
+            on_run: Callable[[str], None] | None = None) -> list[RunResult]:
+    """Run the planned runs (``planned_runs``: the baseline first), each isolated. When the baseline
+    finished, every other run that finished gets its ``vs_baseline``. A run that fails at run time (out of
+    memory, killed) is kept, failed.
     """
-    runs: list[dict[str, Any]] = []
+    runs: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="memopt-compare-") as tmp:
         for i, (name, run_spec) in enumerate(planned):
             if on_run:
@@ -70,11 +70,11 @@ def compare(planned: list[tuple[str, Spec]], *, device_memory: int | None = None
             runs.append(run_isolated(run_spec, name, device_memory=device_memory, grads_to=f"{tmp}/{i}.pt"))
         base = runs[0]
         for i, run in enumerate(runs[1:], start=1):
-            if run["ok"] and base["ok"]:
-                run["vs_baseline"] = {
-                    "saving": 1 - run["peak_bytes"] / base["peak_bytes"],
-                    "slowdown": run["step_time_s"] / base["step_time_s"],
-                    "loss_delta": run["loss"] - base["loss"],
-                    "grad_cosine": gradient_cosine(Path(tmp) / "0.pt", Path(tmp) / f"{i}.pt"),
-                }
+            if run.ok and base.ok and run.memory and base.memory:
+                run.vs_baseline = VsBaseline(
+                    saving=1 - run.memory.peak_bytes / base.memory.peak_bytes,
+                    slowdown=run.step_time_s / base.step_time_s,
+                    loss_delta=run.loss - base.loss,
+                    grad_cosine=gradient_cosine(Path(tmp) / "0.pt", Path(tmp) / f"{i}.pt"),
+                )
     return runs

@@ -19,16 +19,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memopt.model import LanguageModel, build_model
+from memopt.adapters import ModelAdapter, adapter_for
+from memopt.model import build_model
 from memopt.spec import Spec
 
 DRIFT_STEPS = 3  # identical training steps before comparing, for strategies whose cost shows in training
 
 
 @torch.no_grad()
-def measure_drift(spec: Spec, model: LanguageModel, tokens: torch.Tensor, targets: torch.Tensor,
+def measure_drift(spec: Spec, model: ModelAdapter, tokens: torch.Tensor, targets: torch.Tensor,
                   device: str, contexts: Sequence[Callable[[], Any]] = (),
-                  reference: LanguageModel | None = None) -> dict[str, float]:
+                  reference: ModelAdapter | None = None) -> dict[str, float]:
     """Relative error of the logits (||changed - ref|| / ||ref||) and the loss difference.
 
     The reference is rebuilt from the same seed unless given, so both start from identical weights; the
@@ -36,22 +37,22 @@ def measure_drift(spec: Spec, model: LanguageModel, tokens: torch.Tensor, target
     """
     if reference is None:
         torch.manual_seed(spec.run.seed)
-        reference = build_model(spec.model, spec.run.dtype, device)
-    was_training = model.training
-    model.eval()
-    reference.eval()
+        reference = adapter_for(build_model(spec.model, spec.run.dtype, device))
+    was_training = model.model.training
+    model.model.eval()
+    reference.model.eval()
     diff2 = ref2 = loss_ref = loss_new = 0.0
     for tok, tgt in zip(tokens.split(1), targets.split(1)):
-        ref = reference.logits(tok).float().flatten(0, 1)                         # s, vocab
+        ref = reference.logits((tok, tgt)).float().flatten(0, 1)                  # s, vocab
         with contextlib.ExitStack() as stack:  # the strategies' step contexts (autocast for amp)
             for make_context in contexts:
                 stack.enter_context(make_context())
-            new = model.logits(tok).float().flatten(0, 1)
+            new = model.logits((tok, tgt)).float().flatten(0, 1)
         diff2 += (new - ref).pow(2).sum().item()
         ref2 += ref.pow(2).sum().item()
         loss_ref += F.cross_entropy(ref, tgt.flatten(), reduction="sum").item()
         loss_new += F.cross_entropy(new, tgt.flatten(), reduction="sum").item()
-    model.train(was_training)
+    model.model.train(was_training)
     n = targets.numel()
     return {"logits_rel_error": math.sqrt(diff2 / ref2) if ref2 else 0.0, "loss_delta": (loss_new - loss_ref) / n}
 
@@ -70,7 +71,7 @@ def strategy_drift(spec: Spec) -> dict[str, float] | None:
         for step in range(steps):
             train_step(session, step=step)
             train_step(unchanged, step=step)
-        reference = unchanged.model
+        reference = unchanged.adapter
     tokens, targets = make_batch(spec, session.device, step=steps)  # after training: a batch neither has seen
-    drift = measure_drift(spec, session.model, tokens, targets, session.device, session.plan.contexts, reference)
+    drift = measure_drift(spec, session.adapter, tokens, targets, session.device, session.plan.contexts, reference)
     return {**drift, "after_steps": steps}

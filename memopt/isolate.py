@@ -1,7 +1,7 @@
 """Run one profile in its own Python process, so that peaks, caches and crashes never leak between runs.
 
 The parent sends the resolved spec as JSON on stdin; the child (``python -m memopt.isolate``) runs it
-and prints one JSON object (the run, or its error) on stdout.
+and prints one JSON object on stdout: ``{"device": ..., "run": <schema-1 run dict, or the failed run>}``.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any
 
+from memopt.results import RunResult
 from memopt.spec import Spec
 
 
 def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, timeout: float | None = None,
-                 grads_to: str | None = None) -> dict[str, Any]:
-    """The run as schema-1 JSON; a run that dies comes back with ``ok: false`` and the reason."""
+                 grads_to: str | None = None) -> RunResult:
+    """The run, read back from the child's JSON; a run that dies comes back failed (``ok`` false) with why."""
     request = json.dumps({"spec": spec.to_dict(), "name": name, "device_memory": device_memory,
                           "grads_to": grads_to})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -29,7 +29,8 @@ def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, tim
         return _failed(spec, name, f"timed out after {timeout:.0f} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if lines:
-        return json.loads(lines[-1])
+        reply = json.loads(lines[-1])
+        return RunResult.from_json(reply["run"], device=reply["device"])
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
         why = "killed by the OS, probably out of memory" if sig == "SIGKILL" else f"died with {sig}"
@@ -38,26 +39,25 @@ def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, tim
     return _failed(spec, name, f"exited with {proc.returncode}: {tail}")
 
 
-def _failed(spec: Spec, name: str, error: str) -> dict[str, Any]:
-    return {"name": name, "strategies": [s.to_dict() for s in spec.strategies], "ok": False, "error": error}
+def _failed(spec: Spec, name: str, error: str) -> RunResult:
+    return RunResult.failed(name, [s.to_dict() for s in spec.strategies], error, device=spec.run.device)
 
 
 def _child() -> None:
     from memopt.errors import MemoptError
-    from memopt.report import run_to_json
     from memopt.runner import run
     from memopt.spec import spec_from_data
 
     request = json.loads(sys.stdin.read())
     spec = spec_from_data(request["spec"])
     try:
-        result = run_to_json(run(spec, request["name"], device_memory=request.get("device_memory"),
-                                 grads_to=request.get("grads_to")))
+        result = run(spec, request["name"], device_memory=request.get("device_memory"),
+                     grads_to=request.get("grads_to"))
     except MemoptError as exc:
         result = _failed(spec, request["name"], str(exc))
     except MemoryError:
         result = _failed(spec, request["name"], "out of memory (MemoryError)")
-    print(json.dumps(result), flush=True)
+    print(json.dumps({"device": result.device, "run": result.to_json()}), flush=True)
 
 
 if __name__ == "__main__":

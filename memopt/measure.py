@@ -20,41 +20,18 @@ import threading
 import tracemalloc
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 import torch
 
-from memopt._torch_private import TorchDispatchMode, observe_saved_tensors
+from memopt._torch_private import TorchDispatchMode, observe_saved_tensors, storage_key
+from memopt.results import HostPeaks, StepMemory
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 STATE_CATEGORIES = ("params", "buffers", "grads", "optimizer")
 PHASES = ("forward", "backward", "optimizer")
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 bytes
-
-_ACTIVE: list[TensorTracker] = []
-
-
-def note_saved(tensor: torch.Tensor) -> None:
-    """Tell the running tracker that ``tensor`` is kept for backward (for strategies with own hooks)."""
-    if _ACTIVE:
-        _ACTIVE[-1].mark(tensor, "activations", only_from="temporaries")
-
-
-@dataclass
-class StepMemory:
-    """What the tracker saw during one step. Every number is bytes."""
-
-    peak_bytes: int
-    peak_breakdown: dict[str, int]
-    category_peak_bytes: dict[str, int]
-    phase_peak_bytes: dict[str, int]
-    state_bytes: dict[str, int]
-    peak_phase: str
-    peak_module: str | None = None
-    timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = None
-
 
 def _tensors(out: Any) -> Iterator[torch.Tensor]:
     if isinstance(out, torch.Tensor):
@@ -109,9 +86,9 @@ class TensorTracker(TorchDispatchMode):
         return -(-n // self.round_to) * self.round_to
 
     def _add(self, storage: Any, category: str) -> None:
-        key = storage._cdata
+        key = storage_key(storage)
         n = self._nbytes(storage)
-        ref = weakref.ref(storage, lambda _, k=key: self._free(k))
+        ref = weakref.ref(storage, lambda _ref, k=key: self._free(k))  # type: ignore[misc]
         self._live[key] = [ref, category, n]
         self.bytes[category] += n
         self.total += n
@@ -161,7 +138,7 @@ class TensorTracker(TorchDispatchMode):
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return
-        entry = self._live.get(storage._cdata)
+        entry = self._live.get(storage_key(storage))
         if entry is None:
             if only_from is None and tensor.device.type == self.device_type:
                 self._add(storage, category)
@@ -203,23 +180,25 @@ class TensorTracker(TorchDispatchMode):
                 storage = t.untyped_storage()
             except (RuntimeError, NotImplementedError):
                 continue
-            if storage._cdata not in self._live and t.device.type == self.device_type:
+            if storage_key(storage) not in self._live and t.device.type == self.device_type:
                 self._add(storage, "temporaries")
         return out
 
     def __enter__(self) -> TensorTracker:
-        _ACTIVE.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        _ACTIVE.remove(self)
         # frees that happen after tracking ends (the model going away) must not extend the timeline
         self._frozen_timeline, self.timeline = self.timeline, None
         return super().__exit__(*exc)
 
+    def saved(self, tensor: torch.Tensor) -> None:
+        """``tensor`` is kept for backward: an activation (strategies with own hooks report through this)."""
+        self.mark(tensor, "activations", only_from="temporaries")
+
     def saved_tensors(self) -> contextlib.AbstractContextManager[None]:
         """Around forward+backward: storages autograd saves become activations."""
-        return observe_saved_tensors(lambda t: self.mark(t, "activations", only_from="temporaries"))
+        return observe_saved_tensors(self.saved)
 
 
 class ModelWatch:
@@ -256,7 +235,7 @@ class ModelWatch:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             self.tracker.module = self._stack.pop() if self._stack else None
             if isinstance(output, torch.Tensor) and output.requires_grad and not hasattr(output, "_memopt_module"):
-                output._memopt_module = name  # the innermost module producing this tensor names its backward
+                output._memopt_module = name  # type: ignore[attr-defined]  # the innermost module producing this tensor names its backward
                 output.register_hook(on_output_grad)
         return hook
 
@@ -306,13 +285,6 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss)
-
-
-@dataclass
-class HostPeaks:
-    rss_peak_bytes: int = 0
-    python_heap_peak_bytes: int = 0
-    cuda: dict[str, int] | None = field(default=None)
 
 
 @contextlib.contextmanager

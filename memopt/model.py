@@ -1,6 +1,7 @@
 """The Transformer builders: one LanguageModel with an encoder or a decoder stack.
 
-``encoder``: token + learned position embeddings, ``nn.TransformerEncoderLayer`` stack, output projection.
+``encoder``: token + learned position embeddings, a stack of ``nn.TransformerEncoderLayer``'s layer (built from
+the same modules, see EncoderLayer), output projection.
 ``decoder``: causal LM with RMSNorm, RoPE, SwiGLU, grouped-query attention.
 Both return the training loss from ``model(tokens, targets)`` through a replaceable ``loss_head``.
 """
@@ -65,13 +66,26 @@ def build_model(spec: ModelSpec, dtype: str = "float32", device: str | torch.dev
         return LanguageModel(spec)
 
 
-class EncoderLayer(nn.TransformerEncoderLayer):
-    """``nn.TransformerEncoderLayer`` whose attention is eager (s*s scores materialised) or SDPA."""
+class EncoderLayer(nn.Module):
+    """The layer of ``nn.TransformerEncoderLayer`` (post- or pre-norm, ReLU/GELU FFN), built from the same
+    modules in the same order (same parameters, names and initial values), with attention eager (the s*s
+    scores materialised: ``need_weights``) or SDPA, chosen per layer. Nothing of torch's is overridden."""
 
     def __init__(self, spec: ModelSpec):
-        super().__init__(spec.d_model, spec.n_heads, spec.ffn_dim, spec.dropout, activation=spec.activation,
-                         layer_norm_eps=spec.norm_eps, batch_first=True, norm_first=spec.norm_first)
-        self.attention = spec.attention
+        super().__init__()
+        d, f = spec.d_model, spec.ffn_dim
+        assert f is not None
+        self.self_attn: nn.Module = nn.MultiheadAttention(d, spec.n_heads, dropout=spec.dropout, batch_first=True)
+        self.linear1 = nn.Linear(d, f)
+        self.dropout = nn.Dropout(spec.dropout)
+        self.linear2 = nn.Linear(f, d)
+        self.norm_first = spec.norm_first
+        self.norm1 = nn.LayerNorm(d, eps=spec.norm_eps)
+        self.norm2 = nn.LayerNorm(d, eps=spec.norm_eps)
+        self.dropout1 = nn.Dropout(spec.dropout)
+        self.dropout2 = nn.Dropout(spec.dropout)
+        self.activation = F.relu if spec.activation == "relu" else F.gelu
+        self.attention = str(spec.attention)
 
     @property
     def attention(self) -> str:
@@ -89,24 +103,22 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         if isinstance(self.self_attn, nn.MultiheadAttention):
             self.self_attn = SelfAttention.from_multihead(self.self_attn, self.attention)
 
-    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,  # type: ignore[override]
-                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """The layer's training path (post- or pre-norm), also in eval: no inference fast path."""
-        x = src
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask)
-            return x + self._ff_block(self.norm2(x))
-        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask))
-        return self.norm2(x + self._ff_block(x))
+            x = x + self._attend(self.norm1(x))
+            return x + self._feed_forward(self.norm2(x))
+        x = self.norm1(x + self._attend(x))
+        return self.norm2(x + self._feed_forward(x))
 
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):  # noqa: ANN001 - torch's signature
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.self_attn, SelfAttention):
             return self.dropout1(self.self_attn(x))
         # need_weights=True makes MultiheadAttention compute softmax(QK^T) explicitly: b*heads*s*s floats.
-        eager = self.attention == "eager"
-        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                           need_weights=eager, average_attn_weights=False)[0]
-        return self.dropout1(x)
+        out = self.self_attn(x, x, x, need_weights=self.attention == "eager", average_attn_weights=False)[0]
+        return self.dropout1(out)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
 class Rope(nn.Module):
@@ -123,7 +135,7 @@ class Rope(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: b, heads, s, hd
         s = x.shape[-2]
         x1, x2 = x[..., 0::2], x[..., 1::2]
-        cos, sin = self.cos[:s], self.sin[:s]
+        cos, sin = self.cos[:s], self.sin[:s]  # type: ignore[index]  # buffers
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 

@@ -1,9 +1,10 @@
 """``memopt optimize --budget``: search strategy mixes, estimate each on fake tensors, rank by predicted
 time, confirm the best for real, and return the fastest that fits.
 
-Search: a beam over the registry's candidate settings. A set that fits is not extended (more strategies
-rarely make a step faster); the ``beam`` lowest-peak sets that do not fit yet, among those whose last
-strategy lowered the peak by at least 1%, are extended by one more strategy, up to ``max_depth``.
+Search: a beam over the registry's candidate settings (memopt.search, each a StrategySpec). A set that
+fits is not extended (more strategies rarely make a step faster); the ``beam`` lowest-peak sets that do
+not fit yet, among those whose last strategy lowered the peak by at least 1%, are extended by one more
+strategy, up to ``max_depth``.
 Estimates are cached by set. A set is dropped when another is both smaller and predicted faster.
 
 Cost model: predicted step time = FLOPs of the traced step (torch.utils.flop_counter, so checkpoint
@@ -26,7 +27,9 @@ import psutil
 
 from memopt.errors import MemoptError
 from memopt.estimate import estimate
-from memopt.spec import Spec, spec_from_data
+from memopt.spec import Spec
+from memopt.strategies import StrategySpec
+from memopt.strategy_args import set_label
 
 NOMINAL_FLOPS = {"cpu": 100e9, "cuda": 300e12}        # used when the baseline cannot be measured here
 OFFLOAD_BANDWIDTH = {"cpu": 1e9, "cuda": 16e9}         # bytes/s: disk on a CPU run, PCIe to host on CUDA
@@ -36,7 +39,7 @@ MEASURED_STEPS = 2                                     # measured steps per conf
 
 @dataclass
 class Candidate:
-    strategies: tuple[str, ...]
+    strategies: tuple[StrategySpec, ...]
     peak: int = 0
     flops: int = 0
     offload_bytes: int = 0
@@ -51,17 +54,17 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return "+".join(self.strategies) or "baseline"
+        return set_label(s.entry for s in self.strategies) or "baseline"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: each strategy as its label (``quant:bits=4,lora=8``)."""
+        return {**self.__dict__, "strategies": [s.label for s in self.strategies]}
 
 
-def _name(option: str) -> str:
-    return option.split(":", 1)[0]
-
-
-def search_options(spec: Spec, allow_lossy: bool) -> dict[str, list[str]]:
+def search_options(spec: Spec, allow_lossy: bool) -> dict[str, list[StrategySpec]]:
     """Per registered strategy, its candidate settings that apply to this spec, lightest first."""
     from memopt.runner import resolve_device
-    from memopt.strategies import candidate_settings
+    from memopt.search import candidate_settings
 
     return candidate_settings(spec, resolve_device(spec.run.device, estimate=True), allow_lossy=allow_lossy)
 
@@ -71,18 +74,18 @@ class Search:
 
     def __init__(self, spec: Spec, progress: Callable[[str], None] | None = None):
         self.spec, self.progress = spec, progress or (lambda _m: None)
-        self.cache: dict[tuple[str, ...], Candidate] = {}
+        self.cache: dict[tuple[str, ...], Candidate] = {}  # by the sorted labels of the set
         self.flop_rate = NOMINAL_FLOPS["cuda" if spec.run.device == "cuda" else "cpu"]
         self.device = "cuda" if spec.run.device == "cuda" else "cpu"
 
-    def spec_for(self, strategies: tuple[str, ...], steps: int | None = None) -> Spec:
-        data = self.spec.to_dict()
-        if steps is not None:
-            data["train"]["steps"] = min(steps, data["train"]["steps"])
-        return spec_from_data(data, strategies=list(strategies))
+    def spec_for(self, strategies: tuple[StrategySpec, ...], steps: int | None = None) -> Spec:
+        spec = self.spec.with_strategies(strategies)
+        if steps is not None and steps < spec.train.steps:
+            spec = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": steps})})
+        return spec
 
-    def evaluate(self, strategies: tuple[str, ...]) -> Candidate:
-        key = tuple(sorted(strategies))
+    def evaluate(self, strategies: tuple[StrategySpec, ...]) -> Candidate:
+        key = tuple(sorted(s.label for s in strategies))
         if key in self.cache:
             return self.cache[key]
         cand = Candidate(strategies)
@@ -98,8 +101,9 @@ class Search:
             from memopt.strategies import registry
 
             known = registry()
-            cand.lossy = sum(known[_name(s)].lossy for s in strategies)
-            cand.micro_batches = next((int(s.rsplit("=", 1)[1]) for s in strategies if _name(s) == "accum"), 1)
+            cand.lossy = sum(known[s.name].lossy for s in strategies)
+            cand.micro_batches = next((s.options.micro_batches for s in strategies  # type: ignore[attr-defined]
+                                       if s.name == "accum"), 1)
         self.cache[key] = cand
         return cand
 
@@ -114,7 +118,7 @@ class Search:
         if base.flops and measured_s > 0:
             self.flop_rate = base.flops / measured_s
 
-    def run(self, budget: int, options: dict[str, list[str]], beam: int = 3, max_depth: int = 5,
+    def run(self, budget: int, options: dict[str, list[StrategySpec]], beam: int = 3, max_depth: int = 5,
             refine: int = 2) -> list[Candidate]:
         """Beam search with each strategy's strongest setting, then lighter settings for the best that fit."""
         strongest = [settings[-1] for settings in options.values()]
@@ -123,9 +127,9 @@ class Search:
         for _ in range(max_depth):
             extended = []
             for cand in frontier:
-                used = {_name(s) for s in cand.strategies}
+                used = {s.name for s in cand.strategies}
                 for option in strongest:
-                    if _name(option) not in used:
+                    if option.name not in used:
                         new = self.evaluate(cand.strategies + (option,))
                         if new.error is None and (new.peak <= budget or new.peak < 0.99 * cand.peak):
                             extended.append(new)  # a strategy that does not lower the peak is not pursued
@@ -135,7 +139,7 @@ class Search:
             frontier = open_sets[:beam]
         for cand in self._ranked_fitting(budget)[:refine]:  # lighter (faster) settings that still fit
             for i, option in enumerate(cand.strategies):
-                for lighter in options[_name(option)][:-1]:
+                for lighter in options[option.name][:-1]:
                     self.evaluate(cand.strategies[:i] + (lighter,) + cand.strategies[i + 1:])
                 self.evaluate(cand.strategies[:i] + cand.strategies[i + 1:])  # or without it
         return [c for c in self._done()]
@@ -199,27 +203,27 @@ def within_drift(cand: Candidate, max_drift: float | None) -> bool:
     return max_drift is None or cand.drift is None or cand.drift["logits_rel_error"] <= max_drift
 
 
-def screen_drift(search: Search, options: dict[str, list[str]], max_drift: float,
-                 say: Callable[[str], None]) -> tuple[dict[str, list[str]], list[str]]:
+def screen_drift(search: Search, options: dict[str, list[StrategySpec]], max_drift: float,
+                 say: Callable[[str], None]) -> tuple[dict[str, list[StrategySpec]], list[str]]:
     """The options without the lossy settings whose own drift (measured here) is over ``max_drift``,
     and those left out, each with its drift."""
     from memopt.drift import strategy_drift
     from memopt.strategies import registry
 
     known = registry()
-    kept: dict[str, list[str]] = {}
+    kept: dict[str, list[StrategySpec]] = {}
     rejected: list[str] = []
     for name, settings in options.items():
         if not known[name].lossy:
             kept[name] = settings
             continue
         for setting in settings:
-            say(f"measuring the drift of {setting} alone")
+            say(f"measuring the drift of {setting.label} alone")
             drift = (strategy_drift(search.spec_for((setting,))) or {}).get("logits_rel_error", 0.0)
             if drift <= max_drift:
                 kept.setdefault(name, []).append(setting)
             else:
-                rejected.append(f"{setting} (drift {100 * drift:.2f}%)")
+                rejected.append(f"{setting.label} (drift {100 * drift:.2f}%)")
     return kept, rejected
 
 
@@ -237,11 +241,11 @@ def confirm(search: Search, ranked: list[Candidate], base: Candidate, budget: in
         if cand is not base or base.measured_s is None:
             say(f"measuring {cand.label} for real")
             done = run_isolated(search.spec_for(cand.strategies, MEASURED_STEPS), cand.label)
-            if done["ok"]:
-                cand.measured_peak, cand.measured_s = done["peak_bytes"], done["step_time_s"]
-                cand.drift = done["drift"]
+            if done.ok and done.memory is not None:
+                cand.measured_peak, cand.measured_s = done.memory.peak_bytes, done.step_time_s
+                cand.drift = done.drift
             else:
-                cand.error = done["error"]
+                cand.error = done.error
         if not within_drift(cand, max_drift):
             assert cand.drift is not None
             cand.error = f"drift {100 * cand.drift['logits_rel_error']:.2f}% over --max-drift"
@@ -275,9 +279,9 @@ def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3
     if measured_here:
         say("measuring the baseline to calibrate the cost model")
         base_run = run_isolated(search.spec_for((), MEASURED_STEPS), "baseline")
-        if base_run["ok"]:
-            search.calibrate(base_run["step_time_s"])
-            base.measured_peak, base.measured_s = base_run["peak_bytes"], base_run["step_time_s"]
+        if base_run.ok and base_run.memory is not None:
+            search.calibrate(base_run.step_time_s)
+            base.measured_peak, base.measured_s = base_run.memory.peak_bytes, base_run.step_time_s
     options = search_options(spec, allow_lossy or max_drift is not None)
     rejected: list[str] = []
     if max_drift is not None:
@@ -300,4 +304,4 @@ def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3
 
 def winner_spec(spec: Spec, outcome: Outcome) -> dict[str, Any]:
     """The spec with the winning strategies: what ``--output`` writes and ``memopt profile`` reproduces."""
-    return spec_from_data(spec.to_dict(), strategies=list(outcome.winner.strategies)).to_dict()
+    return spec.with_strategies(outcome.winner.strategies).to_dict()

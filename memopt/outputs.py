@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from memopt.errors import MemoptError
@@ -31,12 +32,13 @@ class Outputs:
     there. ``add`` renders content; ``write`` writes every rendered file (each atomically) at the end.
     """
 
-    def __init__(self, inputs: dict[str, str | None], **paths: str | None):
+    def __init__(self, inputs: dict[str, str | Path | None], **paths: str | None):
         from memopt.files import refuse_overwriting_inputs
 
-        self.paths = {"--" + option.replace("_", "-"): path for option, path in paths.items()}
+        self.paths: dict[str, str | Path | None] = {"--" + option.replace("_", "-"): path
+                                                     for option, path in paths.items()}
         refuse_overwriting_inputs(self.paths, inputs)
-        self.pending: list[tuple[str, str | bytes]] = []
+        self.pending: list[tuple[str | Path, str | bytes]] = []
         self.document: dict[str, Any] | None = None
 
     def wants(self, option: str) -> bool:

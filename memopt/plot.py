@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from memopt.errors import MemoptError
-from memopt.measure import CATEGORIES, StepMemory
+from memopt.measure import CATEGORIES
+from memopt.results import RunResult, StepMemory
 from memopt.units import format_bytes
 
 COLORS = {"params": "#4e79a7", "buffers": "#9c755f", "grads": "#f28e2b", "optimizer": "#e15759",
@@ -71,7 +72,7 @@ def check_png_path(path: str | Path, option: str) -> None:
     _pyplot()
 
 
-def render_timeline(result: Any, path: str | Path, title: str) -> bytes | str:
+def render_timeline(result: RunResult, path: str | Path, title: str) -> bytes | str:
     """The run's timeline as PNG bytes or HTML text, chosen by the file's suffix."""
     check_timeline_path(path)
     assert result.memory is not None
@@ -145,15 +146,15 @@ def _timeline_html(data: dict[str, Any], title: str) -> str:
 """
 
 
-def render_compare_png(runs: list[dict[str, Any]], title: str) -> bytes:
+def render_compare_png(runs: list[RunResult], title: str) -> bytes:
     """Bar chart: peak by category (the split at each run's peak) for every run that finished."""
     plt = _pyplot()
-    done = [r for r in runs if r["ok"]]
+    done = [(r.name, r.memory) for r in runs if r.ok and r.memory is not None]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(done)), 5))
     bottom = [0.0] * len(done)
     for category in CATEGORIES:
-        values = [r["peak_breakdown"][category] / MIB for r in done]
-        ax.bar([r["name"] for r in done], values, bottom=bottom, label=category, color=COLORS[category])
+        values = [mem.peak_breakdown[category] / MIB for _, mem in done]
+        ax.bar([name for name, _ in done], values, bottom=bottom, label=category, color=COLORS[category])
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_ylabel("peak tensor memory (MiB)")
     ax.set_title(title, fontsize=10)

@@ -89,8 +89,8 @@ def packed_parameters(weight: torch.Tensor, bits: int, fmt: str,
     codes, scales = quantize(weight, bits, fmt, group_size)
     codes_param = nn.Parameter(codes, requires_grad=False)
     scales_param = nn.Parameter(scales, requires_grad=False)
-    codes_param.logical_numel = weight.numel()
-    scales_param.logical_numel = 0
+    codes_param.logical_numel = weight.numel()  # type: ignore[attr-defined]  # read by count_parameters
+    scales_param.logical_numel = 0  # type: ignore[attr-defined]
     return codes_param, scales_param
 
 

@@ -14,7 +14,7 @@ from rich.text import Text
 
 import memopt
 from memopt.measure import CATEGORIES, PHASES
-from memopt.runner import RunResult
+from memopt.results import RunResult, StepMemory
 from memopt.spec import Spec
 from memopt.units import format_bytes
 
@@ -30,41 +30,9 @@ CATEGORY_HELP = {
 }
 
 
-def run_to_json(result: RunResult) -> dict[str, Any]:
-    """One run in the schema-1 layout (sizes as integer bytes)."""
-    mem = result.memory
-    data: dict[str, Any] = {
-        "name": result.name, "strategies": result.strategies, "ok": result.ok, "error": result.error,
-        "estimated": result.estimated,
-        "params": {"total": result.params_total, "trainable": result.params_trainable},
-    }
-    if mem is not None:
-        data.update({
-            "state_bytes": mem.state_bytes,
-            "peak_bytes": mem.peak_bytes,
-            "peak_breakdown": mem.peak_breakdown,
-            "category_peak_bytes": mem.category_peak_bytes,
-            "phase_peak_bytes": mem.phase_peak_bytes,
-            "peak_phase": mem.peak_phase,
-            "peak_module": mem.peak_module,
-        })
-    data.update({
-        "python_heap_peak_bytes": result.host.python_heap_peak_bytes,
-        "rss_peak_bytes": result.host.rss_peak_bytes,
-        "cuda": result.host.cuda,
-        "step_time_s": result.step_time_s,
-        "loss": result.loss,
-        "drift": result.drift,
-        "strategy_facts": result.strategy_facts,
-        "notes": result.notes,
-        "warnings": result.warnings,
-        "pid": result.pid,
-    })
-    return data
-
-
 def to_json(spec: Spec, results: list[RunResult], device: str) -> dict[str, Any]:
-    return runs_document(spec, [run_to_json(r) for r in results], device)
+    """The schema-1 document of these runs."""
+    return runs_document(spec, results, device)
 
 
 def write_json(data: dict[str, Any], target: str) -> None:
@@ -241,35 +209,35 @@ def strategies_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _changed_categories(run: dict[str, Any], base: dict[str, Any], top: int = 2) -> str:
+def _changed_categories(run: StepMemory, base: StepMemory, top: int = 2) -> str:
     """The categories whose own peak moved most against the baseline, e.g. 'activations -62%'."""
     deltas = []
     for c in CATEGORIES:
-        b, r = base["category_peak_bytes"][c], run["category_peak_bytes"][c]
+        b, r = base.category_peak_bytes[c], run.category_peak_bytes[c]
         if b != r:
             deltas.append((abs(r - b), c, f"{c} {100 * (r - b) / b:+.0f}%" if b else f"{c} +{format_bytes(r)}"))
     return ", ".join(text for _, _, text in sorted(deltas, reverse=True)[:top]) or "-"
 
 
-def compare_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """One row of display strings per run (shared by the Rich table and the Markdown)."""
-    base = runs[0]
+def compare_rows(runs: list[RunResult]) -> list[dict[str, str]]:
+    """One row of display strings per run, the baseline first (shared by the Rich table and the Markdown)."""
+    base = runs[0].memory
     rows = []
     for run in runs:
-        vs = run.get("vs_baseline")
-        if not run["ok"]:
-            rows.append({"run": run["name"], "peak": "-", "saving": "-", "changed": "-", "time": "-", "slowdown": "-",
-                         "loss": "-", "cosine": "-", "drift": "-", "status": f"failed: {run['error']}"})
+        vs, mem = run.vs_baseline, run.memory
+        if not run.ok or mem is None:
+            rows.append({"run": run.name, "peak": "-", "saving": "-", "changed": "-", "time": "-", "slowdown": "-",
+                         "loss": "-", "cosine": "-", "drift": "-", "status": f"failed: {run.error}"})
             continue
         rows.append({
-            "run": run["name"], "peak": format_bytes(run["peak_bytes"]),
-            "saving": f"{100 * vs['saving']:.1f}%" if vs else "-",
-            "changed": _changed_categories(run, base) if vs else "-",
-            "time": f"{run['step_time_s'] * 1000:.0f} ms",
-            "slowdown": f"{vs['slowdown']:.2f}x" if vs else "-",
-            "loss": f"{vs['loss_delta']:+.2e}" if vs else f"{run['loss']:.4f}",
-            "cosine": f"{vs['grad_cosine']:.6f}" if vs and vs["grad_cosine"] is not None else "-",
-            "drift": drift_text(run.get("drift")),
+            "run": run.name, "peak": format_bytes(mem.peak_bytes),
+            "saving": f"{100 * vs.saving:.1f}%" if vs else "-",
+            "changed": _changed_categories(mem, base) if vs and base else "-",
+            "time": f"{run.step_time_s * 1000:.0f} ms",
+            "slowdown": f"{vs.slowdown:.2f}x" if vs else "-",
+            "loss": f"{vs.loss_delta:+.2e}" if vs else f"{run.loss:.4f}",
+            "cosine": f"{vs.grad_cosine:.6f}" if vs and vs.grad_cosine is not None else "-",
+            "drift": drift_text(run.drift),
             "status": "ok",
         })
     return rows
@@ -285,7 +253,7 @@ COMPARE_LEGEND = ("train loss diff: the measured step's loss minus the baseline'
                   "(8-bit optimizer state)")
 
 
-def compare_table(runs: list[dict[str, Any]], title: str) -> Table:
+def compare_table(runs: list[RunResult], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for key, label in COMPARE_COLUMNS:
         table.add_column(label, justify="left" if key in ("run", "changed", "status") else "right",
@@ -303,7 +271,7 @@ def compare_table(runs: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-def compare_markdown(runs: list[dict[str, Any]], title: str) -> str:
+def compare_markdown(runs: list[RunResult], title: str) -> str:
     lines = [f"**{title}**", "", "| " + " | ".join(label for _, label in COMPARE_COLUMNS) + " |",
              "|" + "|".join("---" if key in ("run", "changed", "status") else "---:" for key, _ in COMPARE_COLUMNS)
              + "|"]
@@ -318,12 +286,12 @@ def spec_title(spec: Spec, device: str) -> str:
             f"seq {spec.train.seq_len}, {spec.train.optimizer}, {spec.run.dtype}, {device}")
 
 
-def runs_document(spec: Spec, runs: list[dict[str, Any]], device: str, **extra: Any) -> dict[str, Any]:
-    """The schema-1 document for already-serialised runs (compare, check)."""
+def runs_document(spec: Spec, runs: list[RunResult], device: str, **extra: Any) -> dict[str, Any]:
+    """The schema-1 document of these runs (profile, compare, check, estimate)."""
     import torch
 
     return {"schema": SCHEMA, "memopt_version": memopt.__version__, "torch_version": torch.__version__,
-            "device": device, "spec": spec.to_dict(), "runs": runs, **extra}
+            "device": device, "spec": spec.to_dict(), "runs": [r.to_json() for r in runs], **extra}
 
 
 def drift_when(drift: dict[str, float]) -> str:
@@ -443,22 +411,21 @@ def profile_title(spec: Spec, result: RunResult) -> str:
     return f"memopt profile - {spec_title(spec, result.device)}"
 
 
-def baseline_written_line(path: str, doc: dict[str, Any]) -> str:
-    return f"baseline written to {path}: peak {format_bytes(doc['runs'][0]['peak_bytes'])}"
+def baseline_written_line(path: str, peak: int) -> str:
+    return f"baseline written to {path}: peak {format_bytes(peak)}"
 
 
 def check_document(doc: dict[str, Any], found: list[Any], tolerance: float) -> dict[str, Any]:
     return {**doc, "check": {"tolerance": tolerance, "regressions": [g.__dict__ for g in found]}}
 
 
-def print_check(found: list[Any], tolerance: float, doc: dict[str, Any], old: dict[str, Any]) -> None:
+def print_check(found: list[Any], tolerance: float, peak: int, baseline_peak: int) -> None:
     console = stdout_console()
     if found:
         print_tables([growth_table(found, tolerance)], console)
         return
-    console.print(f"[green]OK[/green]: peak {format_bytes(doc['runs'][0]['peak_bytes'])} "
-                  f"(baseline {format_bytes(old['runs'][0]['peak_bytes'])}); nothing grew more "
-                  f"than {100 * tolerance:g}%")
+    console.print(f"[green]OK[/green]: peak {format_bytes(peak)} (baseline {format_bytes(baseline_peak)}); "
+                  f"nothing grew more than {100 * tolerance:g}%")
 
 
 def estimate_document(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any) -> dict[str, Any]:
@@ -491,7 +458,7 @@ def winner_yaml(best: dict[str, Any], outcome: Any, budget: str) -> str:
 
 def optimize_document(best: dict[str, Any], outcome: Any, cap: float | None) -> dict[str, Any]:
     return {"schema": SCHEMA, "budget_bytes": outcome.budget, "winner": best["strategies"],
-            "candidates": [c.__dict__ for c in outcome.ranked], "evaluated": outcome.evaluated,
+            "candidates": [c.to_dict() for c in outcome.ranked], "evaluated": outcome.evaluated,
             "search_s": outcome.seconds, "measured_here": outcome.measured_here,
             "max_drift": cap, "left_out_for_drift": outcome.rejected}
 

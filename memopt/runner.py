@@ -4,50 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from memopt.drift import strategy_drift
 from memopt.errors import MemoptError, OutOfMemory
 from memopt._torch_private import fake_tensor_mode, flop_counter, is_fake
-from memopt.measure import CUDA_BLOCK, HostPeaks, ModelWatch, StepMemory, TensorTracker, host_peaks
-from memopt.model import LanguageModel, build_model, count_parameters
+from memopt.measure import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
+from memopt.adapters import ModelAdapter, adapter_for
+from memopt.model import build_model, count_parameters
+from memopt.results import RunResult
 from memopt.spec import Spec
 from memopt.strategies import StepPlan, Strategy, build_strategies, registry
+from memopt.strategies.base import SavedTensors
 
 Progress = Callable[[str], None]
 TRACED_MICRO_BATCHES = 2  # under fake tensors: the first micro-batch (no grads yet) and a steady-state one
-
-
-@dataclass
-class RunResult:
-    """Everything one run measured. Sizes are bytes, times seconds."""
-
-    name: str
-    strategies: list[dict[str, Any]]
-    device: str
-    estimated: bool = False
-    ok: bool = True
-    error: str | None = None
-    params_total: int = 0
-    params_trainable: int = 0
-    memory: StepMemory | None = None
-    host: HostPeaks = field(default_factory=HostPeaks)
-    step_time_s: float = 0.0
-    step_times_s: list[float] = field(default_factory=list)
-    loss: float = float("nan")
-    drift: dict[str, float] | None = None
-    flops: int | None = None  # FLOPs of one step (estimates only: torch.utils.flop_counter)
-    strategy_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)  # what may make the numbers wrong (e.g. a NaN loss)
-    pid: int = field(default_factory=os.getpid)
 
 
 @dataclass
@@ -57,10 +35,15 @@ class Session:
     spec: Spec
     device: str          # where tensors live (the CPU when tracing fake tensors for a CUDA estimate)
     target_device: str   # the device the run stands for
-    model: LanguageModel
+    adapter: ModelAdapter
     optimizer: Any | None
     plan: StepPlan
-    strategies: list[Strategy]
+    strategies: list[Strategy[Any]]
+    saved: SavedTensors  # where strategies report tensors they keep for backward; the tracker while measuring
+
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter.model
 
 
 def resolve_device(requested: str, estimate: bool = False) -> str:
@@ -92,21 +75,22 @@ def prepare(spec: Spec, fake: bool = False) -> Session:
     """
     target = resolve_device(spec.run.device, estimate=fake)
     device = "cpu" if fake else target
-    strategies = build_strategies(spec, target)
+    saved = SavedTensors()
+    strategies = build_strategies(spec, target, saved)
     torch.manual_seed(spec.run.seed)
-    model = build_model(spec.model, spec.run.dtype, device)
+    adapter = adapter_for(build_model(spec.model, spec.run.dtype, device))
     for strategy in strategies:
-        strategy.apply(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        strategy.apply(adapter)
+    trainable = [p for p in adapter.model.parameters() if p.requires_grad]
     optimizer = None
     for strategy in strategies:
-        optimizer = strategy.attach_optimizer(model, make_optimizer) or optimizer
+        optimizer = strategy.attach_optimizer(adapter, make_optimizer) or optimizer
     if optimizer is None:
         optimizer = make_optimizer(spec.train.optimizer, trainable, spec.train.lr)
     plan = StepPlan()
     for strategy in strategies:
         strategy.configure(plan)
-    return Session(spec, device, target, model, optimizer, plan, strategies)
+    return Session(spec, device, target, adapter, optimizer, plan, strategies, saved)
 
 
 def make_batch(spec: Spec, device: str, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,16 +117,26 @@ def forward_backward(session: Session, tokens: torch.Tensor, targets: torch.Tens
         with contextlib.ExitStack() as stack:
             if tracker is not None:
                 stack.enter_context(tracker.saved_tensors())  # outermost: strategies' hooks take precedence
+                stack.enter_context(_reporting_to(session.saved, tracker))
             for make_context in session.plan.contexts:
                 stack.enter_context(make_context())
             with _phase(tracker, "forward"):
-                loss = session.model(tok, tgt)
+                loss = session.adapter.loss((tok, tgt))
                 scaled = loss / k if k > 1 else loss
             with _phase(tracker, "backward"):
                 scaled.backward()
         losses.append(float("nan") if is_fake(loss) else loss.detach().float().item())
         del loss, scaled
     return sum(losses) / len(losses)
+
+
+@contextlib.contextmanager
+def _reporting_to(saved: SavedTensors, tracker: TensorTracker) -> Iterator[None]:
+    saved.observer = tracker.saved
+    try:
+        yield
+    finally:
+        saved.observer = None
 
 
 def train_step(session: Session, tracker: TensorTracker | None = None, watch: ModelWatch | None = None,
@@ -263,7 +257,7 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
                         start = time.perf_counter()
                         with flop_counter() if fake else contextlib.nullcontext() as flops:
                             result.loss = train_step(session, tracker, watch, step=0)
-                        if fake:  # scale to all micro-batches (only the first two were traced)
+                        if flops is not None:  # fake: scale to all micro-batches (only the first two were traced)
                             k = session.plan.micro_batches
                             result.flops = flops.get_total_flops() * k // min(k, TRACED_MICRO_BATCHES)
                         _sync(session.device)

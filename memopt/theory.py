@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from memopt._torch_private import saved_tensors_by_node
+from memopt._torch_private import saved_tensors_by_node, storage_key
 from memopt.spec import Spec, spec_from_data
 
 # Autograd nodes of the ops autocast runs in 16 bits on CPU and CUDA (matmuls, convolutions, attention).
@@ -71,14 +71,15 @@ def amp_saving(spec: Spec) -> int:
 
     session = prepare(spec)
     tokens, targets = make_batch(spec, session.device)
-    loss = session.model(tokens, targets)
-    params = {p.untyped_storage()._cdata for p in session.model.parameters()}
+    loss = session.adapter.loss((tokens, targets))
+    params = {storage_key(p) for p in session.model.parameters()}
     halved: dict[int, int] = {}
     copies: dict[int, int] = {}
     for node, tensor in saved_tensors_by_node(loss):
         if SIXTEEN_BIT_NODES.fullmatch(node) and tensor.dtype == torch.float32:
             storage = tensor.untyped_storage()
-            (copies if storage._cdata in params else halved)[storage._cdata] = storage.nbytes() // 2
+            key = storage_key(storage)
+            (copies if key in params else halved)[key] = storage.nbytes() // 2
     return sum(halved.values()) - sum(copies.values())
 
 

@@ -51,7 +51,7 @@ def main() -> None:
             label = "+".join(strategies) or "baseline"
             print(f"[{time.perf_counter() - started:5.0f} s] {label}", file=sys.stderr)
             spec = load_spec(None, {"steps": 1, "device": "cpu"}, strategies=strategies)
-            real = run_isolated(spec, label)
+            real = run_isolated(spec, label).to_json()
             est = estimate_in_child(None, {"steps": 1, "device": "cpu"}, strategies)
             if not real["ok"]:
                 print(f"| {label} | failed: {real['error']} | | | |")

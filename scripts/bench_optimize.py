@@ -30,7 +30,7 @@ def main() -> None:
     if args.only:
         cases = [c for c in cases if any(word in c[0] for word in args.only.split(","))]
     spec = load_spec(args.config, {"device": "cpu", "steps": 2}, strategies=[])
-    base = run_isolated(spec, "baseline")
+    base = run_isolated(spec, "baseline").to_json()
     print(f"baseline peak {format_bytes(base['peak_bytes'])}, step {base['step_time_s']:.2f} s", file=sys.stderr)
     print("| budget | lossy allowed | chosen mix | estimated peak | measured peak | slowdown | drift "
           "| sets estimated | search time |")
@@ -49,7 +49,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         w = outcome.winner
         if w.measured_peak is None:  # confirm the winner when the search could not measure it
-            done = run_isolated(spec_from_data(winner_spec(spec, outcome)), w.label)
+            done = run_isolated(spec_from_data(winner_spec(spec, outcome)), w.label).to_json()
             w.measured_peak, w.measured_s = done.get("peak_bytes"), done.get("step_time_s")
         slowdown = w.measured_s / base["step_time_s"] if w.measured_s else float("nan")
         print(f"| {fraction:.0%} ({format_bytes(budget)}) | {allowed} | {w.label} | {format_bytes(w.peak)} | "

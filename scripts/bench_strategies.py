@@ -58,7 +58,7 @@ def main() -> None:
 
     def profile(strategies: list[str], name: str, of: Spec = spec) -> dict[str, Any]:
         print(f"[{time.perf_counter() - started:5.0f} s] {name}", file=sys.stderr)
-        return run_isolated(spec_from_data(of.to_dict(), strategies=strategies), name)
+        return run_isolated(spec_from_data(of.to_dict(), strategies=strategies), name).to_json()
 
     if args.only:
         global RUNS

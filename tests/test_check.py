@@ -16,6 +16,7 @@ import pytest
 from memopt.check import growths, load_baseline
 from memopt.errors import MemoptError
 from memopt.measure import CATEGORIES, PHASES
+from memopt.results import StepMemory
 
 from .conftest import CONFIGS, ROOT, invoke
 
@@ -129,7 +130,8 @@ def test_a_nan_baseline_never_passes_the_gate(tmp_path):
     doc["runs"][0]["peak_bytes"] = NAN
     baseline = tmp_path / "b.json"
     baseline.write_text(json.dumps(doc))
-    assert growths(doc["runs"][0], json.loads(GOOD.read_text())["runs"][0], 0.0) == []  # why it must be refused
+    now = StepMemory.from_json(json.loads(GOOD.read_text())["runs"][0])
+    assert growths(StepMemory.from_json(doc["runs"][0]), now, 0.0) == []  # why it must be refused
     result = _check(baseline)
     assert result.exit_code == 1 and "must be a non-negative integer (got nan)" in result.output
 

@@ -121,8 +121,8 @@ def test_estimate_equals_profile_on_padded_shapes(spec):
 
 def test_quant_candidates_save_more_down_the_list_and_include_a_larger_group():
     """Where 128 divides the widths (as on the seed), group_size=128 halves the strongest setting's scales."""
-    assert any("group_size=" in c for c in Quant.candidates)
-    models = [prepare(tiny(c, d_model=128, ffn_dim=512)).model for c in Quant.candidates]
+    assert any("group_size" in c for c in Quant.candidates)
+    models = [prepare(tiny({"quant": c}, d_model=128, ffn_dim=512)).model for c in Quant.candidates]
     params = [sum(p.untyped_storage().nbytes() for p in model.parameters()) for model in models]
     assert params == sorted(params, reverse=True) and params[-1] < params[-2]
 

@@ -10,18 +10,28 @@ from rich.console import Console
 from memopt import report
 from memopt.measure import CATEGORIES
 from memopt.outputs import json_text
+from memopt.results import RunResult, StepMemory, VsBaseline
 
 LONG = "accum:micro_batches=8+quant:bits=4,format=nf4,lora=8,group_size=128+chunked_ce+sdpa+optim_in_bwd"
 
 
-def _run(name: str, peak: int, **extra: object) -> dict:
-    return {"name": name, "ok": True, "peak_bytes": peak, "category_peak_bytes": dict.fromkeys(CATEGORIES, peak // 6),
-            "step_time_s": 0.5, "loss": 6.9, "drift": None, **extra}
+def _memory(peak: int, activations: int | None = None) -> StepMemory:
+    categories = dict.fromkeys(CATEGORIES, peak // 6)
+    if activations is not None:
+        categories["activations"] = activations
+    return StepMemory(peak_bytes=peak, peak_breakdown=dict(categories), category_peak_bytes=categories,
+                      phase_peak_bytes={"forward": peak // 2, "backward": peak, "optimizer": peak // 3},
+                      state_bytes={}, peak_phase="backward")
+
+
+def _run(name: str, peak: int, **extra: object) -> RunResult:
+    return RunResult(name=name, strategies=[], device="cpu", memory=_memory(peak), step_time_s=0.5, loss=6.9,
+                     **extra)  # type: ignore[arg-type]
 
 
 RUNS = [_run("baseline", 6 * 2**20),
         _run(LONG, 3 * 2**20, drift={"logits_rel_error": 0.012, "loss_delta": 0.1, "after_steps": 3},
-             vs_baseline={"saving": 0.5, "slowdown": 1.4, "loss_delta": 0.01, "grad_cosine": 0.999})]
+             vs_baseline=VsBaseline(saving=0.5, slowdown=1.4, loss_delta=0.01, grad_cosine=0.999))]
 
 
 def _render(tables: list, width: int, terminal: bool) -> str:
@@ -55,7 +65,32 @@ def test_compare_columns_say_what_they_are():
     text = _render([report.compare_table(RUNS, "t")], 200, terminal=True)
     assert "train loss diff" in text and "logit drift" in text and "before training" in text
     assert "after N identical steps" in text
-    assert "after 3 identical training steps" == report.drift_when(RUNS[1]["drift"])
+    assert "after 3 identical training steps" == report.drift_when(RUNS[1].drift)
+
+
+def test_compare_rows_read_run_results_and_name_failures():
+    base = _run("baseline", 6 * 2**20)
+    base.memory = _memory(6 * 2**20, activations=4 * 2**20)
+    smaller = _run("ckpt", 3 * 2**20, vs_baseline=VsBaseline(saving=0.5, slowdown=1.25, loss_delta=-0.002,
+                                                              grad_cosine=None))
+    failed = RunResult.failed("sdpa", [{"sdpa": {}}], "out of memory during backward")
+    rows = report.compare_rows([base, smaller, failed])
+    assert rows[0] == {"run": "baseline", "peak": "6.00 MiB", "saving": "-", "changed": "-", "time": "500 ms",
+                       "slowdown": "-", "loss": "6.9000", "cosine": "-", "drift": "-", "status": "ok"}
+    assert rows[1]["saving"] == "50.0%" and rows[1]["slowdown"] == "1.25x" and rows[1]["loss"] == "-2.00e-03"
+    assert rows[1]["changed"] == "activations -88%, temporaries -50%" and rows[1]["cosine"] == "-"
+    assert rows[2]["status"] == "failed: out of memory during backward" and rows[2]["peak"] == "-"
+    markdown = report.compare_markdown([base, smaller, failed], "t")
+    assert "| ckpt | 3.00 MiB | 50.0% |" in markdown and "failed: out of memory during backward" in markdown
+    table = _render([report.compare_table([base, smaller, failed], "t")], 200, terminal=False)
+    assert "failed [1]" in table and "[1] sdpa: out of memory during backward" in table
+
+
+def test_runs_document_holds_each_runs_json(tiny):
+    doc = report.runs_document(tiny, RUNS, "cpu")
+    assert doc["schema"] == 1 and doc["device"] == "cpu" and doc["spec"] == tiny.to_dict()
+    assert doc["runs"] == [r.to_json() for r in RUNS]
+    assert report.to_json(tiny, RUNS, "cpu") == doc
 
 
 def test_json_is_strict_nan_and_infinity_become_null():

@@ -14,9 +14,9 @@ from memopt.errors import MemoptError, StrategyError
 from memopt.estimate import estimate
 from memopt.runner import run
 from memopt.spec import Spec, spec_from_data
-from memopt.strategies import build_strategies, registry
+from memopt.strategies import build_strategies, candidate_specs, registry
 
-SETTINGS = sorted({setting for name, cls in registry().items() for setting in (name, *cls.candidates)})
+SETTINGS = sorted({setting for name in registry() for setting in (name, *(s.label for s in candidate_specs(name)))})
 
 
 @st.composite

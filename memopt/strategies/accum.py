@@ -14,19 +14,19 @@ class AccumOptions(Options):
 
 
 @register
-class Accum(Strategy):
+class Accum(Strategy[AccumOptions]):
     name = "accum"
     Options = AccumOptions
     summary = "split the batch into k micro-batches and accumulate gradients"
     saves = "activations scale with the micro-batch: ~1/k of the baseline's"
     order = 60
-    candidates = ("accum:micro_batches=2", "accum:micro_batches=4", "accum:micro_batches=8")
+    candidates = ({"micro_batches": 2}, {"micro_batches": 4}, {"micro_batches": 8})
 
-    def check(self, device: str) -> None:
-        k = self.options.micro_batches  # type: ignore[attr-defined]
+    def check(self) -> None:
+        k = self.options.micro_batches
         if self.spec.train.batch_size % k:
             raise StrategyError(f"accum.micro_batches: {k} does not divide train.batch_size "
                                 f"{self.spec.train.batch_size}")
 
     def configure(self, plan: StepPlan) -> None:
-        plan.micro_batches = self.options.micro_batches  # type: ignore[attr-defined]
+        plan.micro_batches = self.options.micro_batches

@@ -18,21 +18,20 @@ class AmpOptions(Options):
 
 
 @register
-class Amp(Strategy):
+class Amp(Strategy[AmpOptions]):
     name = "amp"
     Options = AmpOptions
     summary = "autocast matmuls to bf16/fp16 (fp32 master weights, fp16 without loss scaling)"
     saves = "activations saved by matmuls halve; a low-precision copy of each weight is cached per step"
     lossy = True  # 16-bit matmuls change the numbers: the report shows the drift
     order = 40
-    candidates = ("amp:dtype=bf16",)
+    candidates = ({"dtype": "bf16"},)
 
-    def check(self, device: str) -> None:
+    def check(self) -> None:
         if self.spec.run.dtype != "float32":
             raise StrategyError(f"amp: needs fp32 master weights but run.dtype is {self.spec.run.dtype}; "
                                 "pure low-precision training is run.dtype alone")
-        self.device = device
 
     def configure(self, plan: StepPlan) -> None:
-        dtype = AMP_DTYPES[self.options.dtype]  # type: ignore[attr-defined]
+        dtype = AMP_DTYPES[self.options.dtype]
         plan.contexts.append(lambda: torch.autocast(self.device, dtype=dtype))

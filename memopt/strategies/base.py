@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from memopt.model import LanguageModel
+    import torch
+
+    from memopt.adapters import ModelAdapter
     from memopt.spec import Spec
 
 
@@ -35,8 +38,24 @@ class StepPlan:
     notes: list[str] = field(default_factory=list)
 
 
-class Strategy:
-    """A memory strategy. Subclasses set the class attributes and override what they need."""
+class SavedTensors:
+    """Where a strategy reports tensors it keeps for backward through its own hooks (checkpointing's
+    recomputation, offload's kept tensors): the runner points it at the tracker while it measures."""
+
+    def __init__(self) -> None:
+        self.observer: Callable[[torch.Tensor], None] | None = None
+
+    def __call__(self, tensor: torch.Tensor) -> None:
+        if self.observer is not None:
+            self.observer(tensor)
+
+
+O = TypeVar("O", bound=Options)
+
+
+class Strategy(Generic[O]):
+    """A memory strategy for ``device``. Subclasses set the class attributes and override what they need;
+    ``Strategy[TheirOptions]`` types ``self.options``."""
 
     name: ClassVar[str]
     Options: ClassVar[type[Options]]
@@ -48,23 +67,26 @@ class Strategy:
     drift_shows_in_training: ClassVar[bool] = False
     order: ClassVar[int] = 50       # composition order: lower applies first
     refuses: ClassVar[dict[str, str]] = {}  # other strategy name -> why the pair cannot work
-    # typical settings to try (estimate --fits, optimize), lightest first, most saving last; () = just the name
-    candidates: ClassVar[tuple[str, ...]] = ()
+    # typical settings to try (estimate --fits, optimize), lightest first, most saving last: option mappings as
+    # they would be written (the labels show them so), made StrategySpecs by candidate_specs; () = just the name
+    candidates: ClassVar[tuple[dict[str, Any], ...]] = ()
 
-    def __init__(self, options: Options, spec: Spec):
-        self.options = options
+    def __init__(self, options: O, spec: Spec, device: str, saved: SavedTensors | None = None):
+        self.options: O = options
         self.spec = spec
+        self.device = device
+        self.saved = saved or SavedTensors()
 
-    def check(self, device: str) -> None:
-        """Raise StrategyError if this strategy cannot work here (beyond ``refuses``/``devices``)."""
+    def check(self) -> None:
+        """Raise StrategyError if this strategy cannot work here (beyond ``refuses``/``devices``); no side effects."""
 
-    def apply(self, model: LanguageModel) -> None:
-        """Transform the model in place (before the optimizer is built)."""
+    def apply(self, model: ModelAdapter) -> None:
+        """Transform the model in place, through its adapter (before the optimizer is built)."""
 
     def configure(self, plan: StepPlan) -> None:
         """Adjust the step: add contexts, split the batch, fuse the optimizer."""
 
-    def attach_optimizer(self, model: LanguageModel, make_optimizer: Callable[..., Any]) -> Any | None:
+    def attach_optimizer(self, model: ModelAdapter, make_optimizer: Callable[..., Any]) -> Any | None:
         """Return an optimizer to use instead of the default one, or None."""
         return None
 

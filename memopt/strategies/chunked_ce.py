@@ -19,6 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from memopt.errors import StrategyError
+from memopt.adapters import AdapterError, ModelAdapter
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
 
@@ -99,18 +100,20 @@ class ChunkedCeOptions(Options):
 
 
 @register
-class ChunkedCe(Strategy):
+class ChunkedCe(Strategy[ChunkedCeOptions]):
     name = "chunked_ce"
     Options = ChunkedCeOptions
     summary = "output projection + cross-entropy in chunks of tokens, recomputed chunk by chunk in backward"
     saves = "the b x s x vocab logits, log-probs and their gradient (3 x b*s*V floats)"
     order = 20
 
-    def check(self, device: str) -> None:
+    def check(self) -> None:
         quant = next((s.options for s in self.spec.strategies if s.name == "quant"), None)
-        if quant is not None and quant.head:
+        if quant is not None and getattr(quant, "head", False):
             raise StrategyError("chunked_ce+quant: refused with quant.head: true (the chunked loss needs the "
                                 "output layer's float weight); keep quant.head: false")
 
-    def apply(self, model: nn.Module) -> None:
-        model.loss_head = ChunkedCrossEntropyHead(self.options.chunk_size)  # type: ignore[attr-defined]
+    def apply(self, model: ModelAdapter) -> None:
+        if model.head() is None:
+            raise AdapterError("chunked_ce: this model has no separable output head")
+        model.replace_loss(ChunkedCrossEntropyHead(self.options.chunk_size), "loss_head")

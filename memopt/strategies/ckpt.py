@@ -8,6 +8,8 @@ elementwise ops recomputed (Korthikanti et al. 2022), via create_selective_check
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -16,9 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from memopt._torch_private import TorchDispatchMode, observe_saved_tensors
-from memopt.measure import note_saved
+from memopt.adapters import ModelAdapter
 from memopt.strategies import register
-from memopt.strategies.base import Options, Strategy
+from memopt.strategies.base import Options, SavedTensors, Strategy
 
 aten = torch.ops.aten
 # Ops whose outputs selective checkpointing keeps: the matmuls and attention kernels (the expensive ones).
@@ -37,31 +39,35 @@ def keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPoli
 class _NoteKept(TorchDispatchMode):
     """Tells the tracker that selective checkpointing keeps these ops' outputs for backward."""
 
+    def __init__(self, saved: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.saved = saved
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         if func in SAVED_OPS:
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor):
-                    note_saved(t)
+                    self.saved(t)
         return out
 
 
-def _full_contexts() -> tuple[Any, Any]:
+def _full_contexts(saved: SavedTensors) -> tuple[Any, Any]:
     # Recomputed tensors are saved through checkpoint's own hooks: observe them as activations too.
-    return contextlib.nullcontext(), observe_saved_tensors(note_saved)
+    return contextlib.nullcontext(), observe_saved_tensors(saved)
 
 
-def _selective_contexts() -> tuple[Any, Any]:
+def _selective_contexts(saved: SavedTensors) -> tuple[Any, Any]:
     forward, recompute = create_selective_checkpoint_contexts(keep_matmuls)
 
     @contextlib.contextmanager
     def forward_with_notes():
-        with forward, _NoteKept():
+        with forward, _NoteKept(saved):
             yield
 
     @contextlib.contextmanager
     def recompute_with_notes():
-        with recompute, observe_saved_tensors(note_saved):
+        with recompute, observe_saved_tensors(saved):
             yield
 
     return forward_with_notes(), recompute_with_notes()
@@ -70,10 +76,10 @@ def _selective_contexts() -> tuple[Any, Any]:
 class Checkpointed(nn.Module):
     """Runs ``inner`` under torch.utils.checkpoint: only its inputs are saved, the rest is recomputed."""
 
-    def __init__(self, inner: nn.Module, selective: bool):
+    def __init__(self, inner: nn.Module, selective: bool, saved: SavedTensors):
         super().__init__()
         self.inner = inner
-        self._context_fn = _selective_contexts if selective else _full_contexts
+        self._context_fn = functools.partial(_selective_contexts if selective else _full_contexts, saved)
 
     def forward(self, *args: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -87,19 +93,20 @@ class CkptOptions(Options):
 
 
 @register
-class Ckpt(Strategy):
+class Ckpt(Strategy[CkptOptions]):
     name = "ckpt"
     Options = CkptOptions
     summary = "activation checkpointing per layer: full, every k-th layer, or selective (keep matmuls)"
     saves = "saved activations shrink from ~L x layer activations to L x layer input + one layer"
     order = 30
-    candidates = ("ckpt:policy=selective", "ckpt:policy=every,every=2", "ckpt")
+    candidates = ({"policy": "selective"}, {"policy": "every", "every": 2}, {})
 
-    def apply(self, model: nn.Module) -> None:
-        opts: CkptOptions = self.options  # type: ignore[assignment]
-        for i, layer in enumerate(model.layers):
+    def apply(self, model: ModelAdapter) -> None:
+        opts = self.options
+        blocks = model.blocks()
+        for i, block in enumerate(blocks):
             if opts.policy == "every" and i % opts.every:
                 continue
-            model.layers[i] = Checkpointed(layer, selective=opts.policy == "selective")
+            blocks[i] = Checkpointed(block, selective=opts.policy == "selective", saved=self.saved)
 
 

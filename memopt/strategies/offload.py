@@ -17,13 +17,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
-from memopt._torch_private import is_fake
+from memopt._torch_private import is_fake, storage_key
+from memopt.adapters import ModelAdapter
 from memopt.errors import StrategyError
-from memopt.measure import note_saved
 from memopt.strategies import register
-from memopt.strategies.base import Options, StepPlan, Strategy
+from memopt.strategies.base import Options, SavedTensors, StepPlan, Strategy
 
 
 class OffloadOptions(Options):
@@ -82,25 +81,29 @@ class _CpuTier:
 
 
 @register
-class Offload(Strategy):
+class Offload(Strategy[OffloadOptions]):
     name = "offload"
     Options = OffloadOptions
     summary = "move tensors saved for backward off the device: CUDA -> pinned CPU, CPU -> disk"
     saves = "saved activations leave the device (kept: parameter views and tensors under min_bytes)"
     order = 50
 
-    def check(self, device: str) -> None:
-        opts: OffloadOptions = self.options  # type: ignore[assignment]
-        self.target = opts.target if opts.target != "auto" else ("cpu" if device == "cuda" else "disk")
-        if device == "cpu" and self.target == "cpu":
-            raise StrategyError("offload.target: cpu on a CPU device moves nothing (the tensors are already "
-                                "there); use target: disk")
+    def __init__(self, options: OffloadOptions, spec: Any, device: str, saved: SavedTensors | None = None):
+        super().__init__(options, spec, device, saved)
+        auto = "cpu" if device == "cuda" else "disk"
+        self.target = options.target if options.target != "auto" else auto
         self.moved_bytes = 0
         self.moved_tensors = 0
 
-    def apply(self, model: nn.Module) -> None:
-        self.trace_device = next(model.parameters()).device.type  # the CPU when tracing a CUDA estimate
-        self._pinned = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    def check(self) -> None:
+        if self.device == "cpu" and self.target == "cpu":
+            raise StrategyError("offload.target: cpu on a CPU device moves nothing (the tensors are already "
+                                "there); use target: disk")
+
+    def apply(self, model: ModelAdapter) -> None:
+        module = model.model
+        self.trace_device = next(module.parameters()).device.type  # the CPU when tracing a CUDA estimate
+        self._pinned = {storage_key(t) for t in (*module.parameters(), *module.buffers())}
 
     def configure(self, plan: StepPlan) -> None:
         plan.contexts.append(self.context)
@@ -110,13 +113,13 @@ class Offload(Strategy):
         folder = Path(tempfile.mkdtemp(prefix="memopt-offload-")) if self.target == "disk" else None
         tier: Any = _DiskTier(folder) if folder is not None else _CpuTier()
         self.moved_bytes = self.moved_tensors = 0
-        min_bytes = self.options.min_bytes  # type: ignore[attr-defined]
+        min_bytes = self.options.min_bytes
 
         def pack(t: torch.Tensor) -> Any:
             nbytes = t.numel() * t.element_size()
             if (t.device.type != self.trace_device or nbytes < min_bytes
-                    or t.untyped_storage()._cdata in self._pinned):
-                note_saved(t)
+                    or storage_key(t) in self._pinned):
+                self.saved(t)
                 return ("kept", t)
             self.moved_bytes += nbytes
             self.moved_tensors += 1

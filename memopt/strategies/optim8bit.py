@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from memopt.adapters import ModelAdapter
 from memopt.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
@@ -89,7 +90,7 @@ class Optim8bitOptions(Options):
 
 
 @register
-class Optim8bit(Strategy):
+class Optim8bit(Strategy[Optim8bitOptions]):
     name = "optim8bit"
     Options = Optim8bitOptions
     summary = "AdamW with block-wise 8-bit states (block 256, absmax per block), dequantized in the step"
@@ -99,10 +100,10 @@ class Optim8bit(Strategy):
     order = 65
     refuses = {"optim_in_bwd": "both replace the optimizer; an 8-bit optimizer per parameter is not supported yet"}
 
-    def check(self, device: str) -> None:
+    def check(self) -> None:
         if self.spec.train.optimizer != "adamw":
             raise StrategyError(f"optim8bit: replaces AdamW, but train.optimizer is {self.spec.train.optimizer}")
 
-    def attach_optimizer(self, model: nn.Module, make_optimizer: Callable[..., Any]) -> Any:
-        params = [p for p in model.parameters() if p.requires_grad]
-        return AdamW8bit(params, lr=self.options.lr or self.spec.train.lr) if params else None  # type: ignore[attr-defined]
+    def attach_optimizer(self, model: ModelAdapter, make_optimizer: Callable[..., Any]) -> Any:
+        params = [p for p in model.model.parameters() if p.requires_grad]
+        return AdamW8bit(params, lr=self.options.lr or self.spec.train.lr) if params else None

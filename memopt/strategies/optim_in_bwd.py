@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt.adapters import ModelAdapter
 from memopt.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
@@ -21,7 +22,7 @@ class FusedOptimizer:
     """One optimizer per parameter, stepped from that parameter's post-accumulate-grad hook."""
 
     def __init__(self, params: list[nn.Parameter], make: Callable[[list[nn.Parameter]], Any]):
-        self.optimizers = {p: make([p]) for p in params}
+        self.optimizers: dict[torch.Tensor, Any] = {p: make([p]) for p in params}
         self.handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
 
     def _step_one(self, param: torch.Tensor) -> None:
@@ -48,7 +49,7 @@ class OptimInBwdOptions(Options):
 
 
 @register
-class OptimInBwd(Strategy):
+class OptimInBwd(Strategy[OptimInBwdOptions]):
     name = "optim_in_bwd"
     Options = OptimInBwdOptions
     summary = "step each parameter inside backward as soon as its gradient is ready, then free it"
@@ -57,12 +58,12 @@ class OptimInBwd(Strategy):
     refuses = {"accum": "gradients must accumulate over all micro-batches before a step, but optim_in_bwd "
                         "steps on each parameter's first gradient"}
 
-    def check(self, device: str) -> None:
+    def check(self) -> None:
         if self.spec.train.optimizer == "none":
             raise StrategyError("optim_in_bwd: train.optimizer is none, so there is no step to fuse")
 
-    def attach_optimizer(self, model: nn.Module, make_optimizer: Callable[..., Any]) -> Any:
-        params = [p for p in model.parameters() if p.requires_grad]
+    def attach_optimizer(self, model: ModelAdapter, make_optimizer: Callable[..., Any]) -> Any:
+        params = [p for p in model.model.parameters() if p.requires_grad]
         train = self.spec.train
         return FusedOptimizer(params, lambda ps: make_optimizer(train.optimizer, ps, train.lr))
 

@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from memopt.errors import StrategyError
-from memopt.model import DecoderLayer, EncoderLayer, SelfAttention
+from memopt.adapters import AttentionProjections, ModelAdapter, set_module
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
 
@@ -35,6 +35,13 @@ def _shrink(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Ten
     return new
 
 
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise StrategyError(f"prune: {name} is a {type(module).__name__}, not a Linear (prune before quant)")
+    return module
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k).indices.sort().values
 
@@ -46,7 +53,7 @@ def prune_ffn(up: list[nn.Linear], down: nn.Linear, fraction: float) -> tuple[li
     return [_shrink(lin, rows=keep) for lin in up], _shrink(down, cols=keep)
 
 
-def prune_heads(attn: SelfAttention, fraction: float) -> None:
+def prune_heads(attn: AttentionProjections, fraction: float) -> None:
     """Drop whole KV groups (a KV head and its query heads) with the smallest weight norms."""
     hd, groups, per = attn.head_dim, attn.n_kv_heads, attn.n_heads // attn.n_kv_heads
 
@@ -70,7 +77,7 @@ class PruneOptions(Options):
 
 
 @register
-class Prune(Strategy):
+class Prune(Strategy[PruneOptions]):
     name = "prune"
     Options = PruneOptions
     summary = "structured pruning: drop the weakest FFN channels and attention heads, rebuild smaller Linears"
@@ -78,24 +85,21 @@ class Prune(Strategy):
             "its dense masks add memory)"
     lossy = True
     order = 1
-    candidates = ("prune:ffn=0.25", "prune:ffn=0.5")
+    candidates = ({"ffn": 0.25}, {"ffn": 0.5})
 
-    def check(self, device: str) -> None:
-        if self.options.ffn == 0 and self.options.heads == 0:  # type: ignore[attr-defined]
+    def check(self) -> None:
+        if self.options.ffn == 0 and self.options.heads == 0:
             raise StrategyError("prune: set ffn and/or heads to a fraction above 0, otherwise nothing is pruned")
 
-    def apply(self, model: nn.Module) -> None:
-        opts: PruneOptions = self.options  # type: ignore[assignment]
-        for layer in model.layers:
-            if isinstance(layer, EncoderLayer):
-                if opts.heads:
-                    layer.split_attention()
-                    prune_heads(layer.self_attn, opts.heads)
-                if opts.ffn:
-                    (layer.linear1,), layer.linear2 = prune_ffn([layer.linear1], layer.linear2, opts.ffn)
-            elif isinstance(layer, DecoderLayer):
-                if opts.heads:
-                    prune_heads(layer.attn, opts.heads)
-                if opts.ffn:
-                    (layer.ffn.w1, layer.ffn.w3), layer.ffn.w2 = prune_ffn([layer.ffn.w1, layer.ffn.w3], layer.ffn.w2,
-                                                                           opts.ffn)
+    def apply(self, model: ModelAdapter) -> None:
+        opts = self.options
+        if opts.heads:
+            for attn in model.attention_projections():
+                prune_heads(attn, opts.heads)
+        if opts.ffn:
+            module = model.model
+            for ffn in model.feed_forwards():
+                ups, down = prune_ffn([_linear(module, name) for name in ffn.up], _linear(module, ffn.down),
+                                      opts.ffn)
+                for name, linear in zip((*ffn.up, ffn.down), (*ups, down)):
+                    set_module(module, name, linear)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from memopt.adapters import ModelAdapter, set_module
 from memopt.quantize import QuantLinear, dequantize, packed_parameters
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
@@ -75,7 +76,7 @@ class QuantEmbedding(nn.Module):
 
 
 @register
-class Quant(Strategy):
+class Quant(Strategy[QuantOptions]):
     name = "quant"
     Options = QuantOptions
     summary = "weight-only int8 / int4 / nf4 (group-wise scales) frozen base weights, optional LoRA adapters"
@@ -84,25 +85,24 @@ class Quant(Strategy):
     order = 5
     # lightest first, most saving last: group_size=128 halves the scales of the strongest setting (on widths
     # that are multiples of 128; on narrower ones its padding costs more than the scales it saves)
-    candidates = ("quant:bits=8,lora=8", "quant:bits=4,format=nf4,lora=8", "quant:bits=4,lora=8",
-                  "quant:bits=4,lora=8,group_size=128")
+    candidates = ({"bits": 8, "lora": 8}, {"bits": 4, "format": "nf4", "lora": 8}, {"bits": 4, "lora": 8},
+                  {"bits": 4, "lora": 8, "group_size": 128})
 
-    def apply(self, model: nn.Module) -> None:
-        opts: QuantOptions = self.options  # type: ignore[assignment]
-        for layer in model.layers:
-            if hasattr(layer, "split_attention"):
-                layer.split_attention()
-        targets = [(name, module) for name, module in model.named_modules()
-                   if isinstance(module, nn.Linear) and (name.startswith("layers.") or
-                                                         (name == "head" and opts.head and not
-                                                          self.spec.model.tie_embeddings))]
+    def apply(self, model: ModelAdapter) -> None:
+        opts = self.options
+        targets = list(model.linears().items())
+        head = model.head()
+        if opts.head and head is not None and not model.tied_embeddings():
+            targets.append(head)
         for name, linear in targets:
             quantized = QuantLinear(linear, opts.bits, opts.format, opts.group_size)
             if opts.lora and any(fnmatch.fnmatch(name, pattern) for pattern in opts.lora.targets):
                 quantized.add_lora(opts.lora.rank, opts.lora.alpha)
-            model.set_submodule(name, quantized)
-        if opts.embedding and not self.spec.model.tie_embeddings:
-            model.tok = QuantEmbedding(model.tok, opts.bits, opts.format, opts.group_size)
+            set_module(model.model, name, quantized)
+        embedding = model.embedding()
+        if opts.embedding and embedding is not None and not model.tied_embeddings():
+            set_module(model.model, embedding[0], QuantEmbedding(embedding[1], opts.bits, opts.format,
+                                                                 opts.group_size))
         if opts.lora:
-            for name, p in model.named_parameters():
+            for name, p in model.model.named_parameters():
                 p.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))

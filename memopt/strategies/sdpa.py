@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
-
+from memopt.adapters import ModelAdapter
 from memopt.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
@@ -14,21 +13,20 @@ class SdpaOptions(Options):
 
 
 @register
-class Sdpa(Strategy):
+class Sdpa(Strategy[SdpaOptions]):
     name = "sdpa"
     Options = SdpaOptions
     summary = "eager attention (softmax(QK^T) materialised) -> F.scaled_dot_product_attention"
     saves = "the b x heads x s x s score tensors: O(s^2) -> O(s) attention memory"
     order = 10
 
-    def check(self, device: str) -> None:
+    def check(self) -> None:
         if self.spec.model.attention == "sdpa":
             raise StrategyError("sdpa: model.attention is already sdpa, so this strategy would change nothing "
                                 "(set model.attention: eager to compare)")
 
-    def apply(self, model: nn.Module) -> None:
-        for layer in model.layers:
-            layer.attention = "sdpa"
+    def apply(self, model: ModelAdapter) -> None:
+        model.use_attention("sdpa")
 
     def configure(self, plan: StepPlan) -> None:
         if self.spec.model.dropout > 0:
