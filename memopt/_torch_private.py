@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401 - re-exported
+from torch.utils._python_dispatch import TorchDispatchMode
 
 Hook = Callable[[torch.Tensor], Any]
 
@@ -69,7 +69,7 @@ class FlopCounter(TorchDispatchMode):
         self.registry = flop_registry
         self.total = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         count = self.registry.get(func._overloadpacket)

@@ -38,7 +38,8 @@ def load_baseline(path: Path) -> dict[str, Any]:
     """Read and validate a baseline (memopt's schema-1 JSON): every number the gate compares must be a
     non-negative integer, NaN and infinities are refused anywhere; one MemoptError names the field."""
     if not os.path.lexists(path):
-        raise MemoptError(f"baseline {path} does not exist; create it with: memopt check ... --baseline {path} --update")
+        raise MemoptError(f"baseline {path} does not exist; create it with: "
+                          f"memopt check ... --baseline {path} --update")
     try:
         text = read_input(path, "baseline", BASELINE_LIMIT_BYTES)
     except MemoptError as exc:

@@ -99,7 +99,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("MEMOPT_DEBUG"):
                 raise
             _fail(str(exc).replace("[", "\\["))
-        except Exception as exc:  # noqa: BLE001 - the contract is: no traceback without MEMOPT_DEBUG
+        except Exception as exc:
             if os.environ.get("MEMOPT_DEBUG"):
                 raise
             _fail(f"{type(exc).__name__}: {exc} (run with MEMOPT_DEBUG=1 for the traceback)".replace("[", "\\["))
@@ -347,7 +347,9 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
     Example: [bold]memopt estimate llama-7b --batch-size 1 --seq-len 2048 --dtype bf16 --device cuda --fits 80GiB[/bold]
     """
     from memopt import report
-    from memopt.estimate import analytic, estimate as run_estimate, fits as check_fits
+    from memopt.estimate import analytic
+    from memopt.estimate import estimate as run_estimate
+    from memopt.estimate import fits as check_fits
     from memopt.outputs import Outputs
 
     spec = _load(config, strategies, device=device or "cpu", dtype=dtype, batch_size=batch_size,
@@ -368,7 +370,8 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
 def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
                  "--budget", help="Peak tensor memory to fit under, e.g. 8GiB.")],
              allow_lossy: Annotated[bool, typer.Option(
-                 "--allow-lossy", help="Also try lossy strategies (quantization, pruning, 8-bit states, amp).")] = False,
+                 "--allow-lossy",
+                 help="Also try lossy strategies (quantization, pruning, 8-bit states, amp).")] = False,
              top: Annotated[int, typer.Option("--top", min=1, max=20, help="Candidates to measure for real.")] = 3,
              output: Annotated[Optional[str], typer.Option(
                  "--output", "-o", metavar="FILE.yaml", help="Write the winning spec here.")] = None,
@@ -383,7 +386,8 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
              steps: StepsOpt = None) -> None:
     """Search strategy combinations; show the fastest that fits the budget and write it as a spec.
 
-    Example: [bold]memopt optimize configs/seed.yaml --budget 1GiB --output best.yaml[/bold], then [bold]memopt profile best.yaml[/bold]
+    Example: [bold]memopt optimize configs/seed.yaml --budget 1GiB --output best.yaml[/bold],
+    then [bold]memopt profile best.yaml[/bold]
     """
     from memopt import report
     from memopt.optimize import optimize as run_optimize

@@ -173,7 +173,7 @@ class TensorTracker(TorchDispatchMode):
         self.state_bytes = {c: self.bytes[c] for c in STATE_CATEGORIES}
 
     # -- the dispatch hook ---------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in _tensors(out):
             try:

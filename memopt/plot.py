@@ -115,7 +115,8 @@ def _timeline_html(data: dict[str, Any], title: str) -> str:
     top = max(data["peak_bytes"], 1)
 
     def xy(i: int, value: float) -> str:
-        return f"{pad + (width - 2 * pad) * i / max(n - 1, 1):.1f},{height - pad - (height - 2 * pad) * value / top:.1f}"
+        x = pad + (width - 2 * pad) * i / max(n - 1, 1)
+        return f"{x:.1f},{height - pad - (height - 2 * pad) * value / top:.1f}"
 
     shapes = []
     for phase, start, end in _phase_spans(data["phases"]):

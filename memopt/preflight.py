@@ -58,5 +58,6 @@ def ensure_fits_here(spec: Spec, device_memory: int | None, say: Callable[[str],
         message += "; single strategies that would fit (estimated): " + ", ".join(
             f"{h['strategies']} ({format_bytes(h['peak_bytes'])})" for h in best)
     else:
-        message += "; no single strategy makes it fit: try memopt optimize --budget " + format_bytes(budget).replace(" ", "")
+        message += ("; no single strategy makes it fit: try memopt optimize --budget "
+                    + format_bytes(budget).replace(" ", ""))
     raise OutOfMemory(message)

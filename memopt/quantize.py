@@ -98,14 +98,14 @@ class _QuantMatmul(torch.autograd.Function):
     """y = x @ dequant(W)^T, saving only the packed weight; backward dequantizes again."""
 
     @staticmethod
-    def forward(ctx, x, codes, scales, bits, fmt, in_features):  # noqa: ANN001, ANN205 - autograd's signature
+    def forward(ctx, x, codes, scales, bits, fmt, in_features):
         ctx.save_for_backward(codes, scales)
         ctx.bits, ctx.fmt, ctx.in_features = bits, fmt, in_features
         w = dequantize(codes, scales, bits, fmt, x.dtype, in_features)
         return F.linear(x, w)
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out):
         codes, scales = ctx.saved_tensors
         w = dequantize(codes, scales, ctx.bits, ctx.fmt, grad_out.dtype, ctx.in_features)
         return grad_out @ w, None, None, None, None, None

@@ -87,7 +87,8 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
     summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
     if result.drift is not None:
         summary.add_row("Accuracy drift", drift_text(result.drift),
-                        f"logits vs unchanged model, {drift_when(result.drift)}; loss {result.drift['loss_delta']:+.4f}")
+                        f"logits vs unchanged model, {drift_when(result.drift)}; "
+                        f"loss {result.drift['loss_delta']:+.4f}")
     if result.strategies:
         summary.add_row("Strategies", ", ".join(next(iter(s)) for s in result.strategies), "")
     for name, facts in result.strategy_facts.items():
@@ -258,7 +259,7 @@ def compare_table(runs: list[RunResult], title: str) -> Table:
     for key, label in COMPARE_COLUMNS:
         table.add_column(label, justify="left" if key in ("run", "changed", "status") else "right",
                          no_wrap=key in ("peak", "saving", "time"))
-    failures = []
+    failures: list[str] = []
     for row in compare_rows(runs):
         style = None
         if row["status"] != "ok":

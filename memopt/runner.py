@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt._torch_private import fake_tensor_mode, flop_counter, is_fake
+from memopt.adapters import ModelAdapter, adapter_for
 from memopt.drift import strategy_drift
 from memopt.errors import MemoptError, OutOfMemory
-from memopt._torch_private import fake_tensor_mode, flop_counter, is_fake
 from memopt.measure import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
-from memopt.adapters import ModelAdapter, adapter_for
 from memopt.model import build_model, count_parameters
 from memopt.results import RunResult
 from memopt.spec import Spec

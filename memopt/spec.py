@@ -163,7 +163,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             try:
                 duplicate = key in seen
             except TypeError:
-                raise yaml.constructor.ConstructorError(None, None, "unhashable key", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, "unhashable key", key_node.start_mark) from None
             if duplicate:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)

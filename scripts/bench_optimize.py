@@ -15,8 +15,8 @@ import time
 
 from memopt.isolate import run_isolated
 from memopt.optimize import optimize, winner_spec
-from memopt.spec import load_spec, spec_from_data
 from memopt.report import drift_text
+from memopt.spec import load_spec, spec_from_data
 from memopt.units import format_bytes
 
 
@@ -35,14 +35,16 @@ def main() -> None:
     print("| budget | lossy allowed | chosen mix | estimated peak | measured peak | slowdown | drift "
           "| sets estimated | search time |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for label, fraction, lossy, cap in cases:
+    for _label, fraction, lossy, cap in cases:
         budget = int(base["peak_bytes"] * fraction)
         allowed = f"{lossy}" + (f", drift <= {cap:.0%}" if cap is not None else "")
         started = time.perf_counter()
+        def say(message: str, started: float = started) -> None:
+            print(f"  [{time.perf_counter() - started:4.0f} s] {message}", file=sys.stderr)
+
         try:
-            outcome = optimize(spec, budget, allow_lossy=lossy, top=3, max_drift=cap,
-                               progress=lambda m: print(f"  [{time.perf_counter() - started:4.0f} s] {m}", file=sys.stderr))
-        except Exception as exc:  # noqa: BLE001 - report and go on
+            outcome = optimize(spec, budget, allow_lossy=lossy, top=3, max_drift=cap, progress=say)
+        except Exception as exc:
             print(f"| {fraction:.0%} ({format_bytes(budget)}) | {allowed} | {exc} | | | | | | "
                   f"{time.perf_counter() - started:.0f} s |")
             continue

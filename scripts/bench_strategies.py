@@ -27,9 +27,9 @@ import time
 from typing import Any
 
 from memopt.isolate import run_isolated
+from memopt.report import drift_text
 from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.theory import expected_saving, one_layer_spec
-from memopt.report import drift_text
 from memopt.units import format_bytes
 
 RUNS = ["ckpt", "ckpt:policy=every,every=2", "ckpt:policy=selective", "sdpa", "chunked_ce", "amp",

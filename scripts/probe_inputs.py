@@ -99,8 +99,10 @@ def baseline(**run: object) -> dict[str, str | bytes]:
 PROBES = [
     # -- specs --------------------------------------------------------------------------------------------------
     Probe("yaml: syntax", ["profile", "spec.yaml"], 1, "invalid YAML", spec("model: [1, 2\n")),
-    Probe("yaml: unknown key", ["profile", "spec.yaml"], 1, "did you mean n_heads", spec(TINY.replace("n_heads", "n_head"))),
-    Probe("yaml: heads do not divide", ["profile", "spec.yaml"], 1, "model.n_heads", spec(TINY.replace("n_heads: 4", "n_heads: 5"))),
+    Probe("yaml: unknown key", ["profile", "spec.yaml"], 1, "did you mean n_heads",
+          spec(TINY.replace("n_heads", "n_head"))),
+    Probe("yaml: heads do not divide", ["profile", "spec.yaml"], 1, "model.n_heads",
+          spec(TINY.replace("n_heads: 4", "n_heads: 5"))),
     Probe("yaml: alias bomb", ["profile", "spec.yaml"], 1, "spec.yaml", spec(BOMB), timeout=30),
     Probe("yaml: 50 MB file", ["profile", "big.yaml"], 1, "big.yaml", setup=big_yaml, timeout=30),
     Probe("yaml: deep nesting", ["profile", "spec.yaml"], 1, "spec.yaml", spec("a: " + "[" * 100_000)),

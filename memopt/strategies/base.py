@@ -50,10 +50,10 @@ class SavedTensors:
             self.observer(tensor)
 
 
-O = TypeVar("O", bound=Options)
+OptionsT = TypeVar("OptionsT", bound=Options)
 
 
-class Strategy(Generic[O]):
+class Strategy(Generic[OptionsT]):
     """A memory strategy for ``device``. Subclasses set the class attributes and override what they need;
     ``Strategy[TheirOptions]`` types ``self.options``."""
 
@@ -71,8 +71,8 @@ class Strategy(Generic[O]):
     # they would be written (the labels show them so), made StrategySpecs by candidate_specs; () = just the name
     candidates: ClassVar[tuple[dict[str, Any], ...]] = ()
 
-    def __init__(self, options: O, spec: Spec, device: str, saved: SavedTensors | None = None):
-        self.options: O = options
+    def __init__(self, options: OptionsT, spec: Spec, device: str, saved: SavedTensors | None = None):
+        self.options: OptionsT = options
         self.spec = spec
         self.device = device
         self.saved = saved or SavedTensors()

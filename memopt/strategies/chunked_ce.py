@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from memopt.errors import StrategyError
 from memopt.adapters import AdapterError, ModelAdapter
+from memopt.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
 
@@ -46,7 +46,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """mean_i CE(hidden_i @ W^T + b, target_i), chunk by chunk in forward and in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):  # noqa: ANN001, ANN205 - autograd's signature
+    def forward(ctx, hidden, weight, bias, targets, chunk):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for h, t in zip(hidden.split(chunk), targets.split(chunk)):
             logits = F.linear(h, weight, bias).float()                              # chunk, vocab
@@ -56,7 +56,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return total / targets.numel()
 
     @staticmethod
-    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_loss):
         hidden, weight, bias, targets = ctx.saved_tensors
         scale = grad_loss / targets.numel()
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None

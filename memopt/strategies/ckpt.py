@@ -43,7 +43,7 @@ class _NoteKept(TorchDispatchMode):
         super().__init__()
         self.saved = saved
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in SAVED_OPS:
             for t in out if isinstance(out, (tuple, list)) else (out,):

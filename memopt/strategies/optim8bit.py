@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from memopt.adapters import ModelAdapter
 from memopt.errors import StrategyError

@@ -11,8 +11,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from memopt.errors import StrategyError
 from memopt.adapters import AttentionProjections, ModelAdapter, set_module
+from memopt.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
 
