@@ -14,7 +14,7 @@ from memopt.runner import make_batch, prepare
 from memopt.spec import load_spec
 from memopt.strategies import build_strategies
 
-from .conftest import CONFIGS, ROOT
+from .helpers import CONFIGS, ROOT
 
 PACKAGE = ROOT / "memopt"
 STRATEGY_FILES = sorted((PACKAGE / "strategies").glob("*.py"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from memopt.errors import MemoptError
 from memopt.measure import CATEGORIES, PHASES
 from memopt.results import StepMemory
 
-from .conftest import CONFIGS, ROOT, invoke
+from .helpers import CONFIGS, ROOT, invoke
 
 GOOD = ROOT / "tests" / "baselines" / "tiny.json"
 
@@ -159,3 +160,38 @@ def test_missing_baseline_says_how_to_make_one(tmp_path):
 
 def test_the_repository_baseline_loads_unchanged():
     assert load_baseline(GOOD) == json.loads(GOOD.read_text())
+
+
+def test_check_gate(tmp_path):
+    baseline = tmp_path / "base.json"
+    missing = invoke(["check", CONFIGS / "tiny.yaml", "--baseline", baseline])
+    assert missing.exit_code == 1 and "--update" in missing.output
+    assert invoke(["check", CONFIGS / "tiny.yaml", "--baseline", baseline, "--update"]).exit_code == 0
+    assert invoke(["check", CONFIGS / "tiny.yaml", "--baseline", baseline, "--tolerance", "0.5%"]).exit_code == 0
+    doc = json.loads(baseline.read_text())
+    run = doc["runs"][0]
+    run["peak_bytes"] = int(run["peak_bytes"] * 0.9)
+    run["category_peak_bytes"]["activations"] = int(run["category_peak_bytes"]["activations"] * 0.9)
+    baseline.write_text(json.dumps(doc))
+    grown = invoke(["check", CONFIGS / "tiny.yaml", "--baseline", baseline, "--markdown", tmp_path / "m.md"])
+    assert grown.exit_code == 3
+    assert "activations" in grown.output and "peak" in grown.output
+    assert "memory regression" in (tmp_path / "m.md").read_text()
+    other = invoke(["check", CONFIGS / "tiny-decoder.yaml", "--baseline", baseline])
+    assert other.exit_code == 1 and "another spec" in other.output and "model.arch" in other.output
+
+
+def test_check_update_that_fails_leaves_the_old_baseline(tmp_path):
+    baseline = tmp_path / "base.json"
+    shutil.copy(ROOT / "tests" / "baselines" / "tiny.json", baseline)
+    before = baseline.read_bytes()
+    result = invoke(["check", CONFIGS / "tiny.yaml", "--baseline", baseline, "--update", "--device-memory", "1MiB"])
+    assert result.exit_code == 1 and "out of memory" in result.output
+    assert baseline.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_repository_baseline_still_holds():
+    result = invoke(["check", CONFIGS / "tiny.yaml", "--baseline", ROOT / "tests" / "baselines" / "tiny.json",
+                     "--tolerance", "1%"])
+    assert result.exit_code == 0, result.output

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .conftest import CONFIGS, invoke
+from .helpers import CONFIGS, invoke
 
 TINY = (CONFIGS / "tiny.yaml").read_text()
 
@@ -27,7 +27,9 @@ MALFORMED = [
     ("unknown strategy", TINY + "strategies: [ckpz]\n", "strategies[0].ckpz: unknown strategy"),
     ("unknown dtype", TINY.replace("dtype: float32", "dtype: int3"), "run.dtype"),
     ("unknown optimizer", TINY.replace("optimizer: adamw", "optimizer: lion"), "train.optimizer"),
-    ("seq longer than table", TINY.replace("  seq_len: 64", "  seq_len: 128").replace("max_seq_len: 128", "max_seq_len: 64"), "train.seq_len: 128 exceeds"),
+    ("seq longer than table",
+     TINY.replace("  seq_len: 64", "  seq_len: 128").replace("max_seq_len: 128", "max_seq_len: 64"),
+     "train.seq_len: 128 exceeds"),
     ("duplicate key", TINY.replace("n_layers: 2", "n_layers: 2\n  n_layers: 3"), "duplicate key 'n_layers'"),
     ("empty file", "", "empty"),
     ("top-level list", "- 1\n- 2\n", "expected a mapping"),

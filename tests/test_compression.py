@@ -6,18 +6,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memopt.estimate import estimate
 from memopt.model import count_parameters
-from memopt.quantize import QuantLinear, dequantize
+from memopt.quantize import QuantLinear
 from memopt.runner import prepare, run, train_step
 from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.strategies.optim8bit import AdamW8bit
 from memopt.strategies.quant import Quant
 
-from .conftest import CONFIGS
+from .helpers import CONFIGS, packed_bytes
 
 TINY = {"model": {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 1000, "ffn_dim": 256, "max_seq_len": 64},
         "train": {"batch_size": 4, "seq_len": 64, "steps": 1}, "run": {"device": "cpu"}}
@@ -25,13 +24,6 @@ TINY = {"model": {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 1000
 
 def tiny(*strategies: str, **model: object) -> Spec:
     return spec_from_data({**TINY, "model": {**TINY["model"], **model}}, strategies=list(strategies))
-
-
-def packed_bytes(out_f: int, in_f: int, bits: int, group: int) -> tuple[int, int]:
-    """(codes, float32 scales) bytes of an (out_f, in_f) weight: each row padded to whole groups,
-    4-bit codes rounded up to whole bytes per row."""
-    groups = math.ceil(in_f / group)
-    return out_f * math.ceil(groups * group * bits / 8), out_f * groups * 4
 
 
 @pytest.mark.parametrize(("bits", "fmt"), [(8, "int"), (4, "int"), (4, "nf4")])
@@ -44,7 +36,7 @@ def test_quantized_weights_take_exactly_their_packed_bytes(bits, fmt):
     assert mem.state_bytes["params"] == quantized * bits // 8 + quantized // 32 * 4 + floats * 4
     assert result.params_trainable == floats
     assert mem.state_bytes["grads"] == floats * 4
-    n_float_tensors = 3 + 1 + layers * (6 + 4)                          # tok, pos, head w/b; per layer 6 biases, 4 norms
+    n_float_tensors = 3 + 1 + layers * (6 + 4)  # tok, pos, head w/b; per layer 6 biases, 4 norms
     assert mem.state_bytes["optimizer"] == 2 * floats * 4 + n_float_tensors * 4
 
 
@@ -62,37 +54,6 @@ def test_padded_shapes_take_exactly_their_padded_bytes(bits, fmt, embedding):
     assert result.memory.state_bytes["params"] == quantized + floats * 4
     assert result.params_trainable == floats
     assert result.params_total == floats + sum(o * i for o, i in shapes)  # codes count what they stand for
-
-
-@pytest.mark.parametrize(("bits", "fmt"), [(8, "int"), (4, "int"), (4, "nf4")])
-@pytest.mark.parametrize(("out_f", "in_f", "group"), [(96, 49, 32), (33, 49, 7), (7, 20, 64), (5, 3, 2)])
-def test_quant_linear_on_any_width_pads_and_matches_its_dequantized_weight(bits, fmt, out_f, in_f, group):
-    """Odd widths, a group size that does not divide, one larger than the width; (33, 49, 7) and (5, 3, 2)
-    have an odd padded width, whose 4-bit codes take one filler nibble per row."""
-    torch.manual_seed(0)
-    linear = nn.Linear(in_f, out_f)
-    q = QuantLinear(linear, bits, fmt, group)
-    assert (q.codes.nbytes, q.scales.nbytes) == packed_bytes(out_f, in_f, bits, group)
-    assert q.scales.shape == (out_f, math.ceil(in_f / group))
-    w = q.dequantized_weight()
-    assert w.shape == (out_f, in_f)
-    # the padding is zeros: the same as quantizing the zero-padded weight and dropping its padding
-    width = math.ceil(in_f / group) * group
-    wide = nn.Linear(width, out_f)
-    with torch.no_grad():
-        wide.weight.copy_(F.pad(linear.weight, (0, width - in_f)))
-    assert torch.equal(QuantLinear(wide, bits, fmt, group).dequantized_weight()[:, :in_f], w)
-    assert (w - linear.weight).norm() <= (0.02 if bits == 8 else 0.2) * linear.weight.norm()
-    dense = nn.Linear(in_f, out_f)
-    with torch.no_grad():
-        dense.weight.copy_(w)
-        dense.bias.copy_(linear.bias)
-    x1 = torch.randn(5, in_f, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_()
-    y1, y2 = q(x1), dense(x2)
-    y1.square().sum().backward()
-    y2.square().sum().backward()
-    assert torch.allclose(y1, y2, atol=1e-5) and torch.allclose(x1.grad, x2.grad, atol=1e-5)
 
 
 def test_tiny_decoder_takes_4_bit_quant_with_lora():
@@ -144,24 +105,6 @@ def test_backward_keeps_at_most_two_dequantized_weights():
     mem = run(spec).memory
     assert mem.category_peak_bytes["temporaries"] <= 2 * largest
     assert mem.category_peak_bytes["activations"] < largest  # no dequantized weight is saved for backward
-
-
-@pytest.mark.parametrize(("bits", "fmt"), [(8, "int"), (4, "int"), (4, "nf4")])
-def test_quant_linear_matches_a_float_linear_with_the_dequantized_weight(bits, fmt):
-    torch.manual_seed(0)
-    linear = nn.Linear(128, 96)
-    q = QuantLinear(linear, bits, fmt, 64)
-    dense = nn.Linear(128, 96)
-    with torch.no_grad():
-        dense.weight.copy_(dequantize(q.codes, q.scales, bits, fmt, torch.float32, 128))
-        dense.bias.copy_(linear.bias)
-    x1 = torch.randn(5, 128, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_()
-    y1, y2 = q(x1), dense(x2)
-    y1.square().sum().backward()
-    y2.square().sum().backward()
-    assert torch.allclose(y1, y2, atol=1e-5) and torch.allclose(x1.grad, x2.grad, atol=1e-5)
-    assert q.codes.numel() == 96 * 128 * bits // 8
 
 
 @pytest.mark.parametrize(("strategy", "limit"), [("quant:bits=8", 0.01), ("quant:bits=4", 0.10),

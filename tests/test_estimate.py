@@ -12,7 +12,7 @@ from memopt.estimate import analytic, estimate
 from memopt.runner import run
 from memopt.spec import load_spec
 
-from .conftest import CONFIGS, invoke
+from .helpers import CONFIGS, invoke
 
 STRATEGIES = [[], ["ckpt"], ["ckpt:policy=selective"], ["ckpt:policy=every"], ["chunked_ce"], ["amp"],
               ["accum:micro_batches=4"], ["offload"], ["optim_in_bwd"], ["quant:bits=4,lora=8,group_size=16"],

@@ -20,7 +20,7 @@ from memopt.files import read_input, refuse_overwriting_inputs, write_output
 from memopt.report import write_json
 from memopt.spec import load_spec, read_yaml
 
-from .conftest import CONFIGS, ROOT, invoke
+from .helpers import CONFIGS, ROOT, invoke
 
 
 def _char_device(tmp_path: Path) -> Path | None:

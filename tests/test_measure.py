@@ -12,7 +12,7 @@ from memopt.model import parameter_count
 from memopt.runner import make_batch, prepare, run, train_step
 from memopt.spec import load_spec, spec_from_data
 
-from .conftest import CONFIGS, memtracker_peak
+from .helpers import CONFIGS, memtracker_peak
 
 
 def _saved_storages(loss: torch.Tensor, exclude: set[int]) -> int:

@@ -6,7 +6,7 @@ import torch
 from memopt.model import build_model, parameter_count
 from memopt.spec import load_spec, spec_from_data
 
-from .conftest import CONFIGS
+from .helpers import CONFIGS
 
 
 @pytest.mark.parametrize("source", ["tiny.yaml", "tiny-decoder.yaml", "seed.yaml", "gpt2", "tinyllama-1.1b"])

@@ -7,11 +7,22 @@ import json
 import pytest
 import yaml
 
-from memopt.optimize import Search, non_dominated, search_options
+from memopt.optimize import (
+    MICRO_BATCH_OVERHEAD,
+    NOMINAL_FLOPS,
+    OFFLOAD_BANDWIDTH,
+    Candidate,
+    Search,
+    by_prediction,
+    non_dominated,
+    search_options,
+    within_drift,
+)
 from memopt.runner import run
 from memopt.spec import load_spec
+from memopt.strategies import candidate_specs, strategy_spec
 
-from .conftest import CONFIGS, invoke
+from .helpers import CONFIGS, invoke
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +101,100 @@ def test_max_drift_errors_are_clear(args, message):
     assert result.exit_code == 1 and message in result.output
 
 
-def test_quantization_is_a_candidate_on_widths_the_group_size_does_not_divide(tiny_decoder):
-    """tiny-decoder's ffn 176 is not a multiple of 64: quant used to be refused there, so the search never
-    had it (a llama-shaped model with ffn 1376 found no quantization and ended in 'nothing fits')."""
-    from memopt.search import candidate_settings
+def test_a_candidate_set_label_is_its_labels_joined():
+    accum, quant = candidate_specs("accum")[-1], candidate_specs("quant")[0]
+    cand = Candidate((accum, quant, strategy_spec("chunked_ce"), strategy_spec("sdpa")))
+    assert cand.label == "accum:micro_batches=8+quant:bits=8,lora=8+chunked_ce+sdpa"
+    assert cand.to_dict()["strategies"] == ["accum:micro_batches=8", "quant:bits=8,lora=8", "chunked_ce", "sdpa"]
+    assert Candidate(()).label == "baseline"
 
-    settings = candidate_settings(tiny_decoder, "cpu")
-    assert "quant:bits=4,lora=8" in [s.label for s in settings["quant"]] and len(settings["quant"]) >= 3
+
+# ---- the ranking, model-free: synthetic candidates, no estimate and no torch work --------------------------
+
+def cand(*names: str, peak: int = 0, predicted_s: float = 0.0, lossy: int = 0, **fields: object) -> Candidate:
+    """A candidate set made up for the ranking: its strategies only name it (``ckpt+sdpa``)."""
+    return Candidate(tuple(strategy_spec(n) for n in names), peak=peak, predicted_s=predicted_s, lossy=lossy,
+                     **fields)  # type: ignore[arg-type]
+
+
+def labels(cands: list[Candidate]) -> list[str]:
+    return [c.label for c in cands]
+
+
+def test_ranking_puts_fewer_lossy_strategies_first_then_the_faster_prediction():
+    found = [cand("ckpt", predicted_s=3.0), cand("quant", "amp", predicted_s=0.1, lossy=2),
+             cand("quant", predicted_s=0.5, lossy=1), cand("sdpa", predicted_s=1.0),
+             cand("amp", predicted_s=0.2, lossy=1)]
+    assert by_prediction(found[0]) == (0, 3.0)
+    # a lossless set ranks above any lossy one however slow it is predicted; then the faster comes first
+    assert labels(sorted(found, key=by_prediction)) == ["sdpa", "ckpt", "amp", "quant", "quant+amp"]
+
+
+def test_a_set_another_beats_on_peak_and_time_is_dropped_a_trade_off_is_kept():
+    fast = cand("sdpa", peak=100, predicted_s=1.0)
+    small = cand("ckpt", peak=50, predicted_s=2.0)           # smaller but slower than fast: a trade-off, kept
+    found = [fast, small,
+             cand("chunked_ce", peak=120, predicted_s=1.5),  # larger and slower than fast
+             cand("offload", peak=100, predicted_s=1.2),     # as large as fast, slower
+             cand("accum", peak=60, predicted_s=2.0),        # as slow as small, larger
+             cand("ckpt", "offload", peak=50, predicted_s=2.5)]  # as small as small, slower
+    kept = non_dominated(found)
+    assert labels(kept) == ["sdpa", "ckpt"]  # in the order found
+    for c in kept:
+        assert not any(o.peak <= c.peak and o.predicted_s <= c.predicted_s and o is not c
+                       and (o.peak, o.predicted_s) != (c.peak, c.predicted_s) for o in found)
+
+
+def test_sets_tied_on_peak_and_time_are_all_kept():
+    tied = [cand("ckpt", peak=50, predicted_s=2.0), cand("sdpa", peak=50, predicted_s=2.0)]
+    assert labels(non_dominated(tied)) == ["ckpt", "sdpa"]  # neither is strictly better once
+    assert labels(non_dominated([*tied, cand("chunked_ce", peak=40, predicted_s=2.0)])) == ["chunked_ce"]
+    assert labels(non_dominated(tied[:1])) == ["ckpt"] and non_dominated([]) == []
+
+
+def test_the_drift_cap_leaves_out_only_a_measured_drift_over_it():
+    def drifting(error: float | None) -> Candidate:
+        return cand("quant", lossy=1, drift=None if error is None else {"logits_rel_error": error, "loss_delta": 0.0})
+
+    assert within_drift(drifting(0.5), None)     # no cap: anything goes
+    assert within_drift(drifting(None), 0.01)    # lossless, or not measured (yet): kept
+    assert within_drift(drifting(0.004), 0.01)
+    assert within_drift(drifting(0.01), 0.01)    # the cap itself is within it
+    assert not within_drift(drifting(0.0101), 0.01)
+    assert within_drift(drifting(0.0), 0.0) and not within_drift(drifting(1e-9), 0.0)
+
+
+def test_predicted_time_is_flops_at_the_rate_plus_overheads_without_a_model():
+    search = Search(load_spec(CONFIGS / "tiny.yaml"))  # builds nothing: estimates come only from evaluate()
+    rate, bandwidth = NOMINAL_FLOPS["cpu"], OFFLOAD_BANDWIDTH["cpu"]
+    assert (search.device, search.flop_rate) == ("cpu", rate)
+    assert search.predict(Candidate(())) == 0.0
+    assert search.predict(Candidate((), flops=int(3 * rate))) == pytest.approx(3.0)
+    accum = Candidate((strategy_spec("accum", {"micro_batches": 4}),), flops=int(3 * rate), micro_batches=4)
+    assert search.predict(accum) == pytest.approx(3.0 * (1 + 3 * MICRO_BATCH_OVERHEAD))
+    offload = Candidate((strategy_spec("offload"),), flops=int(3 * rate), offload_bytes=10**9)
+    assert search.predict(offload) == pytest.approx(3.0 + 2 * 10**9 / bandwidth)  # written, then read back
+    search.flop_rate = rate / 2  # as calibrate() would set it from a measured baseline
+    assert search.predict(Candidate((), flops=int(3 * rate))) == pytest.approx(6.0)
+    assert search.cache == {}
+
+    on_cuda = Search(load_spec(CONFIGS / "tiny.yaml", {"device": "cuda"}))
+    assert (on_cuda.device, on_cuda.flop_rate) == ("cuda", NOMINAL_FLOPS["cuda"])
+    assert on_cuda.predict(Candidate((), offload_bytes=10**9)) == pytest.approx(2 * 10**9 / OFFLOAD_BANDWIDTH["cuda"])
+
+
+def test_the_search_ranks_what_fits_by_prediction_from_its_cache():
+    """Sets already in the cache are never estimated again: the ranking runs without a model."""
+    search = Search(load_spec(CONFIGS / "tiny.yaml"))
+    rate = search.flop_rate
+    sets = {"baseline": cand(peak=100, flops=int(1 * rate)),
+            "ckpt": cand("ckpt", peak=60, flops=int(3 * rate)),
+            "sdpa": cand("sdpa", peak=70, flops=int(2 * rate)),
+            "quant": cand("quant", peak=50, flops=int(1 * rate), lossy=1),
+            "amp": cand("amp", peak=40, error="refused")}
+    for c in sets.values():
+        search.cache[tuple(sorted(s.label for s in c.strategies))] = c
+    assert search.evaluate((strategy_spec("ckpt"),)) is sets["ckpt"]
+    ranked = search._ranked_fitting(budget=70)
+    assert labels(ranked) == ["sdpa", "ckpt", "quant"]  # not the baseline (over), not amp (refused)
+    assert [c.predicted_s for c in ranked] == pytest.approx([2.0, 3.0, 1.0])

@@ -11,7 +11,7 @@ from memopt.errors import OutOfMemory
 from memopt.runner import run
 from memopt.spec import load_spec
 
-from .conftest import CONFIGS, invoke
+from .helpers import CONFIGS, invoke
 
 # ~8.4e9 parameters (134 GB with AdamW): far over this machine, and quick to trace with two layers
 # (scripts/probe_inputs.py runs the 48-layer spec, ~3 TiB, through the same paths)
@@ -54,3 +54,8 @@ def test_estimate_fits_is_bounded_in_time(tmp_path):
     found = fits(spec, 10**12, 2**20, deadline_s=0.5)
     assert time.perf_counter() - started < 0.5 + 5  # the deadline, then at most the estimate under way
     assert found.not_tried and found.tried + len(found.not_tried) >= 10
+
+
+def test_profile_device_memory_is_a_clear_error():
+    result = invoke(["profile", CONFIGS / "tiny.yaml", "--device-memory", "3MiB"])
+    assert result.exit_code == 1 and "out of memory" in result.output and "Traceback" not in result.output

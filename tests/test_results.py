@@ -10,7 +10,7 @@ import sys
 from memopt.outputs import json_text
 from memopt.results import HostPeaks, RunResult, StepMemory, VsBaseline
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 BASELINE = ROOT / "tests" / "baselines" / "tiny.json"
 

@@ -47,7 +47,8 @@ def refused_up_front(spec: Spec) -> str | None:
     return None
 
 
-@settings(max_examples=int(os.environ.get("MEMOPT_SHAPE_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("MEMOPT_SHAPE_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=shapes(), setting=st.sampled_from(SETTINGS))
 def test_every_strategy_runs_or_is_refused_up_front_on_any_shape(data, setting):
     try:

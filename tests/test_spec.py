@@ -11,7 +11,7 @@ from memopt.errors import SpecError
 from memopt.model import parameter_count
 from memopt.spec import load_spec, read_yaml, spec_from_data
 
-from .conftest import CONFIGS
+from .helpers import CONFIGS
 
 
 def test_embedded_default_is_the_seed_config():

@@ -12,7 +12,7 @@ from memopt.runner import forward_backward, make_batch, prepare, run, train_step
 from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.theory import amp_saving, expected_saving, layer_input_bytes, one_layer_spec
 
-from .conftest import CONFIGS, invoke, memtracker_peak
+from .helpers import CONFIGS, invoke, memtracker_peak
 
 
 def with_strategies(spec: Spec, *names: str) -> Spec:

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from memopt.errors import SpecError
-from memopt.optimize import Candidate
 from memopt.spec import load_spec, spec_from_data
 from memopt.strategies import StrategySpec, candidate_specs, registry, strategy_spec
 
-from .conftest import CONFIGS
+from .helpers import CONFIGS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "memopt"
 
@@ -77,14 +76,6 @@ def test_every_candidate_is_a_validated_strategy_spec_equal_to_its_label_parsed(
             parsed = spec_from_data({}, strategies=[setting.label]).strategies[0]
             assert parsed == setting and parsed.label == setting.label
             assert setting.to_dict() == {name: setting.options.model_dump()}
-
-
-def test_a_candidate_set_label_is_its_labels_joined():
-    accum, quant = candidate_specs("accum")[-1], candidate_specs("quant")[0]
-    cand = Candidate((accum, quant, strategy_spec("chunked_ce"), strategy_spec("sdpa")))
-    assert cand.label == "accum:micro_batches=8+quant:bits=8,lora=8+chunked_ce+sdpa"
-    assert cand.to_dict()["strategies"] == ["accum:micro_batches=8", "quant:bits=8,lora=8", "chunked_ce", "sdpa"]
-    assert Candidate(()).label == "baseline"
 
 
 def test_equality_looks_at_the_validated_options_not_their_spelling():

@@ -2,8 +2,12 @@
 
 import torch
 
-from memopt._torch_private import (TorchDispatchMode, current_saved_tensors_hooks, observe_saved_tensors,
-                                    saved_tensors_by_node)
+from memopt._torch_private import (
+    TorchDispatchMode,
+    current_saved_tensors_hooks,
+    observe_saved_tensors,
+    saved_tensors_by_node,
+)
 
 
 def test_observer_sees_saved_tensors_and_keeps_inner_hooks():
