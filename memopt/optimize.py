@@ -160,11 +160,12 @@ def by_prediction(cand: Candidate) -> tuple[int, float]:
 
 
 def non_dominated(cands: list[Candidate]) -> list[Candidate]:
-    """Drop a set when another is at most as large and predicted at most as slow (and strictly better once)."""
+    """Drop a set when another is at most as large, predicted at most as slow and at most as lossy (and strictly
+    better once): a lossy set never removes a lossless one, which the ranking prefers."""
     keep = []
     for c in cands:
-        if not any(o is not c and o.peak <= c.peak and o.predicted_s <= c.predicted_s
-                   and (o.peak < c.peak or o.predicted_s < c.predicted_s) for o in cands):
+        if not any(o is not c and o.peak <= c.peak and o.predicted_s <= c.predicted_s and o.lossy <= c.lossy
+                   and (o.peak < c.peak or o.predicted_s < c.predicted_s or o.lossy < c.lossy) for o in cands):
             keep.append(c)
     return keep
 

@@ -12,7 +12,7 @@ from memopt.model import parameter_count
 from memopt.runner import make_batch, prepare, run, train_step
 from memopt.spec import load_spec, spec_from_data
 
-from .helpers import CONFIGS, memtracker_peak
+from .helpers import CONFIGS, ROOT, memtracker_peak
 
 
 def _saved_storages(loss: torch.Tensor, exclude: set[int]) -> int:
@@ -134,3 +134,18 @@ def test_cuda_tracker_agrees_with_max_memory_allocated():
     result = run(spec)
     allocated = result.host.cuda["max_allocated_bytes"]
     assert abs(result.memory.peak_bytes - allocated) <= 0.01 * allocated
+
+
+def test_the_tiny_profile_is_pinned_to_the_byte():
+    """Refactors must keep every number: tiny's peak, its split, each category's peak, the state and the phase
+    peaks equal the repository baseline exactly (tests/baselines/tiny.json, written before the model seam)."""
+    import json
+
+
+    pinned = json.loads((ROOT / "tests" / "baselines" / "tiny.json").read_text())["runs"][0]
+    memory = run(load_spec(CONFIGS / "tiny.yaml")).memory
+    assert memory.peak_bytes == pinned["peak_bytes"]
+    assert memory.peak_breakdown == pinned["peak_breakdown"]
+    assert memory.category_peak_bytes == pinned["category_peak_bytes"]
+    assert memory.state_bytes == pinned["state_bytes"]
+    assert memory.phase_peak_bytes == pinned["phase_peak_bytes"]

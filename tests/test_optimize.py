@@ -198,3 +198,13 @@ def test_the_search_ranks_what_fits_by_prediction_from_its_cache():
     ranked = search._ranked_fitting(budget=70)
     assert labels(ranked) == ["sdpa", "ckpt", "quant"]  # not the baseline (over), not amp (refused)
     assert [c.predicted_s for c in ranked] == pytest.approx([2.0, 3.0, 1.0])
+
+
+def test_a_lossy_set_never_removes_a_lossless_one_the_ranking_prefers():
+    """Smaller and faster but lossy does not dominate a lossless set: by_prediction puts lossless first."""
+    lossless = Candidate((), peak=100, predicted_s=2.0, lossy=0)
+    lossy = Candidate((), peak=50, predicted_s=1.0, lossy=1)
+    kept = non_dominated([lossless, lossy])
+    assert kept == [lossless, lossy]
+    assert sorted(kept, key=by_prediction)[0] is lossless
+    assert non_dominated([lossless, Candidate((), peak=50, predicted_s=1.0, lossy=0)])[0].peak == 50
