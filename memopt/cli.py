@@ -411,6 +411,7 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    signal.signal(signal.SIGINT, _Interrupted.handler)  # Ctrl-C while starting up: exit 130 too, no traceback
     for stream in (sys.stdout, sys.stderr):  # an ASCII or Latin-1 locale: replace what it cannot show
         if hasattr(stream, "reconfigure") and "utf" not in (stream.encoding or "").lower():
             stream.reconfigure(errors="replace")

@@ -89,7 +89,11 @@ def test_max_drift_leaves_out_what_drifts_more_and_the_winner_stays_under_it(tmp
     assert any(s.startswith("quant:bits=4") for s in doc["left_out_for_drift"])
     winner = doc["candidates"][0]
     names = [next(iter(s)) for s in doc["winner"]]
-    assert "prune" not in names and any(n in ("quant", "optim8bit", "amp") for n in names)  # lossless cannot fit
+    assert "prune" not in names
+    # the winner is among the least lossy sets that were measured under the budget (a lossless mix of offload,
+    # chunked_ce, sdpa and optim_in_bwd fits half of tiny; a lossy set may not push it out of the ranking)
+    fitting = [c for c in doc["candidates"] if c["measured_peak"] is not None and c["measured_peak"] <= budget]
+    assert winner["lossy"] == min(c["lossy"] for c in fitting)
     assert winner["measured_peak"] <= budget
     assert winner["drift"] is None or winner["drift"]["logits_rel_error"] <= 0.01
 
