@@ -303,8 +303,7 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
     assert result.memory is not None
     peak = result.memory.peak_bytes
     if old is None:
-        outputs.add("--baseline", report.json_text(doc))
-        outputs.set_json(doc)
+        outputs.set_json(doc, also="--baseline")
         _emit(outputs, json_stdout, lambda: _stderr().print(report.baseline_written_line(baseline, peak)))
         return
     before = baseline_memory(old)

@@ -50,11 +50,13 @@ class Outputs:
             raise MemoptError(f"{option}: no file was given")
         self.pending.append((path, data))
 
-    def set_json(self, document: dict[str, Any]) -> None:
-        """The command's JSON document: for ``--json`` (stdout) and ``--json-out FILE``."""
+    def set_json(self, document: dict[str, Any], also: str | None = None) -> None:
+        """The command's JSON document: for ``--json`` (stdout), ``--json-out FILE`` and the option ``also``
+        (``check --update``'s ``--baseline``)."""
         self.document = document
-        if self.wants("--json-out"):
-            self.add("--json-out", json_text(document))
+        for option in ("--json-out", also):
+            if option is not None and self.wants(option):
+                self.add(option, json_text(document))
 
     def write(self) -> None:
         from memopt.files import write_output

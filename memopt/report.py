@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
@@ -35,24 +33,6 @@ def to_json(spec: Spec, results: list[RunResult], device: str) -> dict[str, Any]
     return runs_document(spec, results, device)
 
 
-def write_json(data: dict[str, Any], target: str) -> None:
-    """``-`` -> stdout; otherwise memopt.files.write_output (atomic for regular files, never half-written)."""
-    from memopt.files import write_output
-
-    text = json.dumps(data, indent=2) + "\n"
-    if target == "-":
-        print(text, end="")
-        return
-    write_output(target, text)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a result file through memopt.files.write_output (kept for callers of this name)."""
-    from memopt.files import write_output
-
-    write_output(path, data)
-
-
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
@@ -61,8 +41,7 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
     """The summary, the breakdown by category and the peak by phase for one run."""
     mem = result.memory
     assert mem is not None
-    title = f"memopt profile - {spec_title(spec, result.device)}"
-    summary = Table(title=title, show_header=False, title_justify="left")
+    summary = Table(title=profile_title(spec, result), show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_column(style="dim")
@@ -400,13 +379,6 @@ def optimize_table(outcome: Any, top: int) -> Table:
 
 
 # -- documents and printouts of each command (the CLI calls one of each) ---------------------------------------
-
-def json_text(data: Any) -> str:
-    """Strict JSON (NaN and infinities as null), indented, with a final newline."""
-    from memopt.outputs import json_text as strict_text
-
-    return strict_text(data)
-
 
 def profile_title(spec: Spec, result: RunResult) -> str:
     return f"memopt profile - {spec_title(spec, result.device)}"

@@ -224,9 +224,7 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
     stage = "model build"
     tracker = None
     try:
-        with _limit_watch(spec, device_memory, fake) as watch_limit:
-            stage_of = _stage_setter(watch_limit)
-            stage = stage_of("model build")
+        with _limit_watch(spec, device_memory, fake, stage) as watch_limit:
             say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
             session = prepare(spec, fake=fake)
             model = session.model
@@ -235,7 +233,9 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
                                device=session.target_device, estimated=fake, params_total=total,
                                params_trainable=trainable)
             result.drift = drift
-            stage = stage_of("warm-up step")
+            stage = "warm-up step"
+            if watch_limit is not None:
+                watch_limit.stage = stage
             if fake:
                 say(f"{name}: creating optimizer state")
                 _create_optimizer_state(session)  # what a warm-up step leaves behind, without tracing one
@@ -287,22 +287,15 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
     return result
 
 
-def _stage_setter(tracker: TensorTracker | None) -> Callable[[str], str]:
-    def set_stage(stage: str) -> str:
-        if tracker is not None:
-            tracker.stage = stage
-        return stage
-    return set_stage
-
-
 @contextlib.contextmanager
-def _limit_watch(spec: Spec, device_memory: int | None, fake: bool) -> Iterator[TensorTracker | None]:
-    """With ``device_memory``, live tensors are held under it from the model's build on (build, drift
-    measurement, warm-up), not only in the measured steps."""
+def _limit_watch(spec: Spec, device_memory: int | None, fake: bool, stage: str) -> Iterator[TensorTracker | None]:
+    """With ``device_memory``, live tensors are held under it from the model's build on (build and warm-up;
+    the measured steps have their own tracker), an overflow naming the ``stage`` the tracker is told."""
     if device_memory is None or fake:
         yield None
         return
     device = resolve_device(spec.run.device)
     with TensorTracker(device, limit_bytes=device_memory,
                        round_to=CUDA_BLOCK if device == "cuda" else 1) as tracker:
+        tracker.stage = stage
         yield tracker

@@ -17,7 +17,7 @@ import pytest
 from memopt import files
 from memopt.errors import MemoptError, SpecError
 from memopt.files import read_input, refuse_overwriting_inputs, write_output
-from memopt.report import write_json
+from memopt.outputs import json_text
 from memopt.spec import load_spec, read_yaml
 
 from .helpers import CONFIGS, ROOT, invoke
@@ -60,12 +60,12 @@ def test_a_character_device_is_written_in_place_not_replaced(tmp_path):
     clone = _char_device(tmp_path)
     if clone is not None:
         write_output(clone, "discarded\n")
-        write_json({"a": 1}, str(clone))
+        write_output(clone, json_text({"a": 1}))
         assert stat.S_ISCHR(os.lstat(clone).st_mode)
         assert [p.name for p in tmp_path.iterdir()] == ["null"]  # no temp file beside it
     _real_devices_are_safe(tmp_path)
     write_output("/dev/null", "discarded\n")
-    write_json({"a": 1}, "/dev/null")
+    write_output("/dev/null", json_text({"a": 1}))
     assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
 
 
@@ -303,5 +303,5 @@ def test_deep_nesting_through_the_cli(tmp_path):
 def test_json_written_through_a_symlink_is_read_back(tmp_path):
     (tmp_path / "real.json").write_text("{}")
     (tmp_path / "out.json").symlink_to("real.json")
-    write_json({"schema": 1}, str(tmp_path / "out.json"))
+    write_output(tmp_path / "out.json", json_text({"schema": 1}))
     assert json.loads((tmp_path / "real.json").read_text()) == {"schema": 1}
