@@ -112,11 +112,6 @@ class ModelAdapter(Protocol):
         ...
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at qualified ``name``."""
-    model.set_submodule(name, module)
-
-
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of a model memopt built (the only kind today)."""
     from memopt.adapters.builtin import BuiltinAdapter
@@ -125,6 +120,6 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 
 
 __all__ = ["AdapterError", "AttentionProjections", "Batch", "FeedForward", "LinearFilter", "LossFromHidden",
-           "ModelAdapter", "adapter_for", "set_module"]
+           "ModelAdapter", "adapter_for"]
 
 

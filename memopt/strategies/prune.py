@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from memopt.adapters import AttentionProjections, ModelAdapter, set_module
+from memopt.adapters import AttentionProjections, ModelAdapter
 from memopt.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
@@ -102,4 +102,4 @@ class Prune(Strategy[PruneOptions]):
                 ups, down = prune_ffn([_linear(module, name) for name in ffn.up], _linear(module, ffn.down),
                                       opts.ffn)
                 for name, linear in zip((*ffn.up, ffn.down), (*ups, down)):
-                    set_module(module, name, linear)
+                    module.set_submodule(name, linear)

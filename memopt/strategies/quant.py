@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from memopt.adapters import ModelAdapter, set_module
+from memopt.adapters import ModelAdapter
 from memopt.quantize import QuantLinear, dequantize, packed_parameters
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
@@ -98,11 +98,11 @@ class Quant(Strategy[QuantOptions]):
             quantized = QuantLinear(linear, opts.bits, opts.format, opts.group_size)
             if opts.lora and any(fnmatch.fnmatch(name, pattern) for pattern in opts.lora.targets):
                 quantized.add_lora(opts.lora.rank, opts.lora.alpha)
-            set_module(model.model, name, quantized)
+            model.model.set_submodule(name, quantized)
         embedding = model.embedding()
         if opts.embedding and embedding is not None and not model.tied_embeddings():
-            set_module(model.model, embedding[0], QuantEmbedding(embedding[1], opts.bits, opts.format,
-                                                                 opts.group_size))
+            model.model.set_submodule(embedding[0], QuantEmbedding(embedding[1], opts.bits, opts.format,
+                                                                   opts.group_size))
         if opts.lora:
             for name, p in model.model.named_parameters():
                 p.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
