@@ -1,3 +1,21 @@
 """memopt: memory profiler and optimizer for Transformer language models."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from memopt.track import Tracking
+
 __version__ = "0.1.0"
+
+
+def track(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Tracking:
+    """``with memopt.track(model, optimizer) as t:`` measures your own training loop (see memopt.track).
+
+    Imports torch only when called: ``import memopt`` stays cheap."""
+    from memopt.track import track as track_
+
+    return track_(model, optimizer)

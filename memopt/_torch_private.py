@@ -54,6 +54,13 @@ def is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
+def in_fake_mode() -> bool:
+    """Whether a FakeTensorMode is active (new tensors are fake)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
+
+
 class FlopCounter(TorchDispatchMode):
     """FLOPs of the enclosed ops (matmuls, attention, convolutions), real or fake tensors alike.
 

@@ -43,6 +43,13 @@ StrategiesOpt = Annotated[Optional[list[str]], typer.Option(
 DeviceMemoryOpt = Annotated[Optional[str], typer.Option(
     "--device-memory", help="Simulate a device of this size, e.g. 24GiB: a run whose live tensors exceed it stops "
                             "as out of memory (from the model's build on).", show_default=False)]
+HfOpt = Annotated[Optional[str], typer.Option(
+    "--hf", metavar="PATH", help="A Hugging Face causal LM instead of the spec's model: a local config.json, a "
+    "checkpoint folder (its safetensors weights are loaded), or a model_type's default config (llama, mistral, gpt2, "
+    "qwen2, gemma, ...). Needs pip install 'memopt\\[hf]'.", show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", metavar="PKG.MODULE:FACTORY", help="Your own nn.Module instead of the spec's model: the factory is "
+    "imported (which runs that module's code) and called; see README.", show_default=False)]
 MarkdownOpt = Annotated[Optional[str], typer.Option("--markdown", metavar="FILE",
                                                     help="Also write the table as Markdown (for a PR comment).")]
 
@@ -168,7 +175,8 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
 @app.command()
 @handle_errors
 def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
-            device: DeviceOpt = None, dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+            device: DeviceOpt = None, dtype: DtypeOpt = None,
+            hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
             timeline: Annotated[Optional[str], typer.Option(
                 "--timeline", metavar="FILE", help="Write live memory over the step: FILE.png or FILE.html.",
@@ -181,7 +189,7 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
     from memopt.outputs import Outputs
 
     spec = _load(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
-                 steps=steps)
+                 steps=steps, hf=hf, python=model)
     limit = _size(device_memory, "--device-memory")
     outputs = Outputs({"spec": config}, json_out=json_out, timeline=timeline)
     if timeline is not None:
@@ -209,7 +217,8 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
             json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
             plot: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png",
                                                         help="Bar chart of peak by category per run.")] = None,
-            device: DeviceOpt = None, dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+            device: DeviceOpt = None, dtype: DtypeOpt = None,
+            hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None) -> None:
     """Run the baseline and each strategy set side by side, each in its own process.
 
@@ -222,7 +231,8 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
     from memopt.runner import resolve_device
     from memopt.strategy_args import parse_sets
 
-    spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps)
+    spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                 hf=hf, python=model)
     limit = _size(device_memory, "--device-memory")
     device_name = resolve_device(spec.run.device)
     planned = planned_runs(spec, parse_sets(strategies), device_name)  # everything a run would refuse, now
@@ -275,7 +285,8 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
           tolerance: Annotated[str, typer.Option("--tolerance", help="Allowed growth, e.g. 2%.")] = "2%",
           update: Annotated[bool, typer.Option("--update", help="Write the new baseline (atomically).")] = False,
           json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
-          device: DeviceOpt = None, dtype: DtypeOpt = None, strategies: StrategiesOpt = None,
+          device: DeviceOpt = None, dtype: DtypeOpt = None,
+          hf: HfOpt = None, model: ModelOpt = None, strategies: StrategiesOpt = None,
           device_memory: DeviceMemoryOpt = None) -> None:
     """CI memory-regression gate: exit 3 when the peak, a category or a phase grew past the tolerance.
 
@@ -289,7 +300,7 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
     from memopt.units import parse_percent
 
     tol = parse_percent(tolerance, "--tolerance")
-    spec = _load(config, strategies, device=device, dtype=dtype)
+    spec = _load(config, strategies, device=device, dtype=dtype, hf=hf, python=model)
     limit = _size(device_memory, "--device-memory")
     outputs = Outputs({"spec": config, "--baseline": None if update else baseline}, json_out=json_out,
                       markdown=markdown, baseline=baseline if update else None)
@@ -336,7 +347,8 @@ def strategies(*, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> 
 @app.command()
 @handle_errors
 def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
-             device: DeviceOpt = None, dtype: DtypeOpt = None, batch_size: BatchOpt = None,
+             device: DeviceOpt = None, dtype: DtypeOpt = None,
+             hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None,
              seq_len: SeqOpt = None, strategies: StrategiesOpt = None, fits: Annotated[Optional[str], typer.Option(
                  "--fits", metavar="SIZE", help="Answer whether it fits in SIZE (e.g. 24GiB); if not, which "
                                                 "single strategies would make it fit.", show_default=False)] = None
@@ -352,7 +364,7 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
     from memopt.outputs import Outputs
 
     spec = _load(config, strategies, device=device or "cpu", dtype=dtype, batch_size=batch_size,
-                 seq_len=seq_len)
+                 seq_len=seq_len, hf=hf, python=model)
     budget = _size(fits, "--fits")
     outputs = Outputs({"spec": config}, json_out=json_out)
     with _progress() as say:
@@ -381,7 +393,8 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
                  "of the logits) stays under PCT, e.g. 1%; implies --allow-lossy, needs the model to run here.",
                  show_default=False)] = None,
              json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, device: DeviceOpt = None,
-             dtype: DtypeOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+             dtype: DtypeOpt = None,
+             hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
              steps: StepsOpt = None) -> None:
     """Search strategy combinations; show the fastest that fits the budget and write it as a spec.
 
@@ -394,7 +407,8 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
     from memopt.outputs import Outputs
     from memopt.units import parse_percent
 
-    spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps)
+    spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                 hf=hf, python=model)
     limit = _size(budget, "--budget")
     assert limit is not None
     cap = parse_percent(max_drift, "--max-drift") if max_drift is not None else None

@@ -19,42 +19,51 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memopt.adapters import ModelAdapter, adapter_for
-from memopt.model import build_model
-from memopt.spec import Spec
+from memopt.adapters import ModelAdapter
+from memopt.build import build_adapter
+from memopt.spec import PythonModelSpec, Spec
 
 DRIFT_STEPS = 3  # identical training steps before comparing, for strategies whose cost shows in training
 
 
 @torch.no_grad()
-def measure_drift(spec: Spec, model: ModelAdapter, tokens: torch.Tensor, targets: torch.Tensor,
-                  device: str, contexts: Sequence[Callable[[], Any]] = (),
+def measure_drift(spec: Spec, model: ModelAdapter, batch: Any, device: str, contexts: Sequence[Callable[[], Any]] = (),
                   reference: ModelAdapter | None = None) -> dict[str, float]:
     """Relative error of the logits (||changed - ref|| / ||ref||) and the loss difference.
 
     The reference is rebuilt from the same seed unless given, so both start from identical weights; the
-    batch is walked one sequence at a time so that only one sequence's logits exist at once.
+    batch is walked one sequence at a time so that only one sequence's logits exist at once. The loss is
+    cross-entropy of the logits against the targets, or the model's own loss for a batch of its own.
     """
+    from memopt.runner import split_batch
+
     if reference is None:
         torch.manual_seed(spec.run.seed)
-        reference = adapter_for(build_model(spec.model, spec.run.dtype, device))
+        reference = build_adapter(spec, device)
     was_training = model.model.training
     model.model.eval()
     reference.model.eval()
     diff2 = ref2 = loss_ref = loss_new = 0.0
-    for tok, tgt in zip(tokens.split(1), targets.split(1)):
-        ref = reference.logits((tok, tgt)).float().flatten(0, 1)                  # s, vocab
+    pieces = split_batch(batch, spec.train.batch_size)
+    tokens_and_targets = isinstance(batch, tuple) and len(batch) == 2 and not isinstance(spec.model, PythonModelSpec)
+    for piece in pieces:
         with contextlib.ExitStack() as stack:  # the strategies' step contexts (autocast for amp)
+            ref = reference.logits(piece).float().flatten(0, -2)                      # s, vocab
             for make_context in contexts:
                 stack.enter_context(make_context())
-            new = model.logits((tok, tgt)).float().flatten(0, 1)
+            new = model.logits(piece).float().flatten(0, -2)
+            if not tokens_and_targets:
+                loss_new += float(model.loss(piece)) / len(pieces)
+        if not tokens_and_targets:
+            loss_ref += float(reference.loss(piece)) / len(pieces)
         diff2 += (new - ref).pow(2).sum().item()
         ref2 += ref.pow(2).sum().item()
-        loss_ref += F.cross_entropy(ref, tgt.flatten(), reduction="sum").item()
-        loss_new += F.cross_entropy(new, tgt.flatten(), reduction="sum").item()
+        if tokens_and_targets:
+            target = piece[1].flatten()
+            loss_ref += F.cross_entropy(ref, target, reduction="sum").item() / batch[1].numel()
+            loss_new += F.cross_entropy(new, target, reduction="sum").item() / batch[1].numel()
     model.model.train(was_training)
-    n = targets.numel()
-    return {"logits_rel_error": math.sqrt(diff2 / ref2) if ref2 else 0.0, "loss_delta": (loss_new - loss_ref) / n}
+    return {"logits_rel_error": math.sqrt(diff2 / ref2) if ref2 else 0.0, "loss_delta": loss_new - loss_ref}
 
 
 def strategy_drift(spec: Spec) -> dict[str, float] | None:
@@ -72,6 +81,6 @@ def strategy_drift(spec: Spec) -> dict[str, float] | None:
             train_step(session, step=step)
             train_step(unchanged, step=step)
         reference = unchanged.adapter
-    tokens, targets = make_batch(spec, session.device, step=steps)  # after training: a batch neither has seen
-    drift = measure_drift(spec, session.adapter, tokens, targets, session.device, session.plan.contexts, reference)
+    batch = make_batch(spec, session.device, step=steps)  # after training: a batch neither has seen
+    drift = measure_drift(spec, session.adapter, batch, session.device, session.plan.contexts, reference)
     return {**drift, "after_steps": steps}

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from memopt.build import parameter_total
 from memopt.errors import MemoptError
-from memopt.model import parameter_count
 from memopt.runner import RunResult, run
-from memopt.spec import DTYPE_BYTES, Spec
+from memopt.spec import DTYPE_BYTES, HfModelSpec, PythonModelSpec, Spec
 from memopt.strategies import StrategySpec
 
 DEADLINE_S = 60.0  # --fits: how long to look for single strategies that would make it fit
@@ -41,14 +41,17 @@ def analytic(spec: Spec) -> dict[str, int | None]:
     """
     m, t = spec.model, spec.train
     dtype_bytes = DTYPE_BYTES[spec.run.dtype]
-    n = parameter_count(m)
-    s, b, h, a = t.seq_len, t.batch_size, m.d_model, m.n_heads
-    per_layer = s * b * h * (34 + 5 * a * s / h)
+    n = parameter_total(m, spec.run.dtype)
+    acts: int | None = None
+    if not isinstance(m, PythonModelSpec):  # a user's module: no shape facts to put in the formula
+        shape = m.facts if isinstance(m, HfModelSpec) else m.model_dump()
+        s, b, h, a = t.seq_len, t.batch_size, shape["d_model"], shape["n_heads"]
+        per_layer = s * b * h * (34 + 5 * a * s / h)
+        acts = int(shape["n_layers"] * per_layer * dtype_bytes / 2)
     optimizer = {"adamw": 2 * n * dtype_bytes, "sgd": 0, "none": 0}.get(t.optimizer)
-    acts = int(m.n_layers * per_layer * dtype_bytes / 2)
     parts = {"params": n * dtype_bytes, "grads": n * dtype_bytes if t.optimizer != "none" else 0,
              "optimizer": optimizer, "activations": acts}
-    parts["peak"] = None if optimizer is None else sum(v for v in parts.values() if v is not None)
+    parts["peak"] = None if optimizer is None or acts is None else sum(v for v in parts.values() if v is not None)
     return parts
 
 

@@ -37,11 +37,18 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
-def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
-    """The summary, the breakdown by category and the peak by phase for one run."""
+def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = None,
+                   warmed_up: bool = True) -> list[Table]:
+    """The summary, the breakdown by category and the peak by phase for one run.
+
+    ``title`` replaces the profile's (made from ``spec``; memopt.track has no spec); ``warmed_up`` false: the
+    step time does not say "after a warm-up"."""
     mem = result.memory
     assert mem is not None
-    summary = Table(title=profile_title(spec, result), show_header=False, title_justify="left")
+    if title is None:
+        assert spec is not None, "profile_tables needs a spec or a title"
+        title = profile_title(spec, result)
+    summary = Table(title=title, show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_column(style="dim")
@@ -61,7 +68,7 @@ def profile_tables(spec: Spec, result: RunResult) -> list[Table]:
         summary.add_row("Trace time", f"{result.step_time_s:.1f} s", "one step on fake tensors")
     else:
         summary.add_row("Step time (median)", f"{result.step_time_s * 1000:.1f} ms",
-                        f"of {len(result.step_times_s)}, after a warm-up")
+                        f"of {len(result.step_times_s)}" + (", after a warm-up" if warmed_up else ""))
         summary.add_row("Loss", f"{result.loss:.4f}", "")
     summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
     if result.drift is not None:
@@ -261,17 +268,18 @@ def compare_markdown(runs: list[RunResult], title: str) -> str:
 
 
 def spec_title(spec: Spec, device: str) -> str:
-    m = spec.model
-    return (f"{m.arch} d{m.d_model} h{m.n_heads} L{m.n_layers} V{m.vocab_size}, batch {spec.train.batch_size} x "
+    return (f"{spec.model.title()}, batch {spec.train.batch_size} x "
             f"seq {spec.train.seq_len}, {spec.train.optimizer}, {spec.run.dtype}, {device}")
 
 
-def runs_document(spec: Spec, runs: list[RunResult], device: str, **extra: Any) -> dict[str, Any]:
-    """The schema-1 document of these runs (profile, compare, check, estimate)."""
+def runs_document(spec: Spec | dict[str, Any], runs: list[RunResult], device: str, **extra: Any) -> dict[str, Any]:
+    """The schema-1 document of these runs (profile, compare, check, estimate; memopt.track gives its ``spec``
+    as a mapping of what it knows)."""
     import torch
 
     return {"schema": SCHEMA, "memopt_version": memopt.__version__, "torch_version": torch.__version__,
-            "device": device, "spec": spec.to_dict(), "runs": [r.to_json() for r in runs], **extra}
+            "device": device, "spec": spec if isinstance(spec, dict) else spec.to_dict(),
+            "runs": [r.to_json() for r in runs], **extra}
 
 
 def drift_when(drift: dict[str, float]) -> str:

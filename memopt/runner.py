@@ -13,14 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt._torch_private import fake_tensor_mode, flop_counter, is_fake
-from memopt.adapters import ModelAdapter, adapter_for
+from memopt._torch_private import fake_tensor_mode, flop_counter, in_fake_mode, is_fake
+from memopt.adapters import ModelAdapter
+from memopt.build import build_adapter, vocab_size
 from memopt.drift import strategy_drift
 from memopt.errors import MemoptError, OutOfMemory
 from memopt.measure import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
-from memopt.model import build_model, count_parameters
+from memopt.model import count_parameters
 from memopt.results import RunResult
-from memopt.spec import Spec
+from memopt.spec import PythonModelSpec, Spec
 from memopt.strategies import StepPlan, Strategy, build_strategies, registry
 from memopt.strategies.base import SavedTensors
 
@@ -78,7 +79,7 @@ def prepare(spec: Spec, fake: bool = False) -> Session:
     saved = SavedTensors()
     strategies = build_strategies(spec, target, saved)
     torch.manual_seed(spec.run.seed)
-    adapter = adapter_for(build_model(spec.model, spec.run.dtype, device))
+    adapter = build_adapter(spec, device)
     for strategy in strategies:
         strategy.apply(adapter)
     trainable = [p for p in adapter.model.parameters() if p.requires_grad]
@@ -93,27 +94,51 @@ def prepare(spec: Spec, fake: bool = False) -> Session:
     return Session(spec, device, target, adapter, optimizer, plan, strategies, saved)
 
 
-def make_batch(spec: Spec, device: str, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random token ids: inputs and next-token targets, (batch, seq) each."""
-    gen = torch.Generator().manual_seed(spec.run.seed * 1_000_003 + step)
-    ids = torch.randint(spec.model.vocab_size, (spec.train.batch_size, spec.train.seq_len + 1), generator=gen)
+def make_batch(spec: Spec, device: str, step: int = 0) -> Any:
+    """Seeded random token ids: inputs and next-token targets, (batch, seq) each; or, for a model with its own
+    ``model.batch``, what that function returns for (batch_size, seq_len, device) under the same seed."""
+    seed = spec.run.seed * 1_000_003 + step
+    if isinstance(spec.model, PythonModelSpec) and spec.model.batch is not None:
+        from memopt.build import user_batch
+
+        return user_batch(spec.model.batch, spec.train.batch_size, spec.train.seq_len, device, seed)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(vocab_size(spec.model), (spec.train.batch_size, spec.train.seq_len + 1), generator=gen)
     ids = ids.to(device)
     return ids[:, :-1], ids[:, 1:]
+
+
+def split_batch(batch: Any, k: int) -> list[Any]:
+    """``k`` micro-batches: every tensor of the batch (a tensor, tuple, list or dict) chunked along dim 0."""
+    if k == 1:
+        return [batch]
+    if isinstance(batch, torch.Tensor):
+        parts = batch.chunk(k)
+        if len(parts) != k:
+            raise MemoptError(f"accum: a batch tensor of {batch.shape[0]} rows does not split into {k} micro-batches")
+        return list(parts)
+    if isinstance(batch, dict):
+        split = {key: split_batch(value, k) for key, value in batch.items()}
+        return [{key: parts[i] for key, parts in split.items()} for i in range(k)]
+    if isinstance(batch, (tuple, list)):
+        columns = [split_batch(item, k) for item in batch]
+        return [type(batch)(column[i] for column in columns) if isinstance(batch, tuple) else
+                [column[i] for column in columns] for i in range(k)]
+    return [batch] * k
 
 
 def _phase(tracker: TensorTracker | None, name: str) -> contextlib.AbstractContextManager[None]:
     return tracker.in_phase(name) if tracker is not None else contextlib.nullcontext()
 
 
-def forward_backward(session: Session, tokens: torch.Tensor, targets: torch.Tensor,
-                     tracker: TensorTracker | None = None) -> float:
+def forward_backward(session: Session, batch: Any, tracker: TensorTracker | None = None) -> float:
     """Forward and backward over the plan's micro-batches, inside the strategies' contexts; mean loss."""
     k = session.plan.micro_batches
-    micro = list(zip(tokens.chunk(k), targets.chunk(k)))
-    if is_fake(tokens):
+    micro = split_batch(batch, k)
+    if in_fake_mode():
         micro = micro[:TRACED_MICRO_BATCHES]  # micro-batches 3..k repeat the 2nd exactly: same shapes, same grads
     losses = []
-    for tok, tgt in micro:
+    for piece in micro:
         with contextlib.ExitStack() as stack:
             if tracker is not None:
                 stack.enter_context(tracker.saved_tensors())  # outermost: strategies' hooks take precedence
@@ -121,7 +146,7 @@ def forward_backward(session: Session, tokens: torch.Tensor, targets: torch.Tens
             for make_context in session.plan.contexts:
                 stack.enter_context(make_context())
             with _phase(tracker, "forward"):
-                loss = session.adapter.loss((tok, tgt))
+                loss = session.adapter.loss(piece)
                 scaled = loss / k if k > 1 else loss
             with _phase(tracker, "backward"):
                 scaled.backward()
@@ -147,8 +172,8 @@ def train_step(session: Session, tracker: TensorTracker | None = None, watch: Mo
     """
     optimizer = session.optimizer
     with _phase(tracker, "forward"):
-        tokens, targets = make_batch(session.spec, session.device, step)
-    loss = forward_backward(session, tokens, targets, tracker)
+        batch = make_batch(session.spec, session.device, step)
+    loss = forward_backward(session, batch, tracker)
     if before_step is not None:
         before_step(session)
     with _phase(tracker, "optimizer"):

@@ -89,6 +89,113 @@ class ModelSpec(_Frozen):
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kind(self) -> str:
+        return "builtin"
+
+    def title(self) -> str:
+        return f"{self.arch} d{self.d_model} h{self.n_heads} L{self.n_layers} V{self.vocab_size}"
+
+
+ENTRY_POINT = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+
+
+class HfModelSpec(_Frozen):
+    """A Hugging Face causal LM: a local config.json, a checkpoint folder, or a known architecture's default
+    config (``llama``, ``gpt2``, ...). Shape facts (d_model, vocab_size, ...) come from its config."""
+
+    hf: str = Field(description="config.json, a checkpoint folder, or a model_type (llama, gpt2, mistral, ...)")
+    config: dict[str, Any] = Field(default_factory=dict, description="config fields to override, e.g. "
+                                   "{num_hidden_layers: 2}")
+    attention: Literal["eager", "sdpa"] = Field("sdpa", description="the attention implementation transformers uses")
+    random_weights: bool = Field(False, description="ignore a checkpoint folder's weights (random init instead)")
+
+    @model_validator(mode="after")
+    def _load(self) -> HfModelSpec:
+        from memopt.hf import load_config
+
+        load_config(self.hf, self.config)  # raises ValueError naming hf / config.KEY
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "hf"
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """d_model, n_heads, n_kv_heads, n_layers, vocab_size, ffn_dim, max_seq_len, tie_embeddings, model_type
+        from the Hugging Face config."""
+        from memopt.hf import config_facts
+
+        return config_facts(self.hf, self.config)
+
+    @property
+    def arch(self) -> str:
+        return "decoder"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.facts["vocab_size"])
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.facts["max_seq_len"])
+
+    @property
+    def dropout(self) -> float:
+        return float(self.facts["dropout"])
+
+    def title(self) -> str:
+        f = self.facts
+        return f"hf {f['model_type']} d{f['d_model']} h{f['n_heads']} L{f['n_layers']} V{f['vocab_size']}"
+
+
+class PythonModelSpec(_Frozen):
+    """Your own nn.Module from a factory ``pkg.module:function`` (imported, so it runs that code)."""
+
+    python: str = Field(pattern=ENTRY_POINT, description="pkg.module:factory returning an nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    batch: str | None = Field(None, pattern=ENTRY_POINT, description=(
+        "pkg.module:make_batch(batch_size, seq_len, device) -> what the model takes; default random token ids"))
+    loss: str | None = Field(None, pattern=ENTRY_POINT, description=(
+        "pkg.module:loss_fn(output, batch) -> scalar; default: the output if scalar, its .loss, or cross-entropy "
+        "of its logits against the next tokens"))
+    vocab_size: int | None = Field(None, gt=0, le=2**24, description="for random token ids; default: the "
+                                   "model's input embedding size")
+    max_seq_len: int = Field(2**20, gt=0, le=2**20)
+
+    @model_validator(mode="after")
+    def _import(self) -> PythonModelSpec:
+        from memopt.entry_points import load_entry_point
+
+        for field in ("python", "batch", "loss"):
+            text = getattr(self, field)
+            if text is not None:
+                load_entry_point(text, field)  # raises ValueError naming the field and the entry point
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "python"
+
+    @property
+    def arch(self) -> str:
+        return "custom"
+
+    @property
+    def attention(self) -> str:
+        return "custom"
+
+    @property
+    def dropout(self) -> float:
+        return 0.0
+
+    def title(self) -> str:
+        return f"python {self.python}"
+
+
+AnyModelSpec = ModelSpec | HfModelSpec | PythonModelSpec
+
 
 class TrainSpec(_Frozen):
     batch_size: int = Field(8, gt=0, le=2**20)
@@ -105,7 +212,7 @@ class RunSpec(_Frozen):
 
 
 class Spec(_Frozen):
-    model: ModelSpec = ModelSpec()
+    model: AnyModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     run: RunSpec = RunSpec()
     strategies: tuple[StrategySpec, ...] = ()
@@ -142,6 +249,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       vocab_size=32000, ffn_dim=28672, max_seq_len=4096),
 }
 
+MODEL_OVERRIDES = {"hf": "--hf", "python": "--model"}  # override key -> option: replaces the spec's model
 OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
                   "steps": ("train", "steps"), "device": ("run", "device"), "dtype": ("run", "dtype"),
                   "optimizer": ("train", "optimizer")}
@@ -309,8 +417,13 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
     data = dict(data)
     problems: list[str] = []
     data["model"] = _expand_preset(data.get("model", {}), problems)
+    if all((overrides or {}).get(key) is not None for key in MODEL_OVERRIDES):
+        problems.append("--hf and --model each name a model: give one of them")
     for key, value in (overrides or {}).items():
         if value is None:
+            continue
+        if key in MODEL_OVERRIDES:  # --hf PATH / --model pkg.mod:factory replace the spec's model
+            data["model"] = {key: value}
             continue
         section, field = OVERRIDE_PATHS[key]
         if not isinstance(data.get(section, {}), dict):
@@ -322,6 +435,9 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
     raw_strategies = data.pop("strategies", None) if strategies is None else strategies
     data.pop("strategies", None)
     parsed = _parse_strategies(raw_strategies, problems)
+    data["model"] = _model_section(data["model"], problems, overrides or {})
+    if data["model"] is None:
+        del data["model"]  # its problems are listed already
     spec = None
     try:
         spec = Spec.model_validate(data)
@@ -331,6 +447,21 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
         raise SpecError(problems)
     assert spec is not None
     return spec.with_strategies(tuple(parsed))
+
+
+def _model_section(model: Any, problems: list[str], overrides: dict[str, Any]) -> Any:
+    """The model section validated as the kind its keys name (``hf``, ``python``, else memopt's own), its problems
+    named ``model.KEY`` (after the option that gave it, for --hf/--model)."""
+    if not isinstance(model, dict):
+        return model
+    kind = next((k for k in MODEL_OVERRIDES if k in model), None)
+    cls: type[_Frozen] = {"hf": HfModelSpec, "python": PythonModelSpec, None: ModelSpec}[kind]
+    try:
+        return cls.model_validate(model)
+    except ValidationError as exc:
+        option = f"{MODEL_OVERRIDES[kind]} " if kind is not None and overrides.get(kind) is not None else ""
+        problems.extend(f"{option}model.{describe(err, cls)}" for err in exc.errors())
+        return None
 
 
 def _expand_preset(model: Any, problems: list[str]) -> Any:

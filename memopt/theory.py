@@ -13,10 +13,16 @@ from collections.abc import Callable
 import torch
 
 from memopt._torch_private import saved_tensors_by_node, storage_key
-from memopt.spec import Spec, spec_from_data
+from memopt.spec import ModelSpec, Spec, spec_from_data
 
 # Autograd nodes of the ops autocast runs in 16 bits on CPU and CUDA (matmuls, convolutions, attention).
 SIXTEEN_BIT_NODES = re.compile(r"(Mm|Addmm|Bmm|Baddbmm|Addbmm|Convolution|ScaledDotProduct\w*)Backward\d+")
+
+
+def builtin_model(spec: Spec) -> ModelSpec:
+    """The spec's model, which these formulas need to be memopt's own (their shapes are its shapes)."""
+    assert isinstance(spec.model, ModelSpec), "the formulas describe memopt's own models"
+    return spec.model
 
 
 def one_layer_spec(spec: Spec) -> Spec:
@@ -26,13 +32,13 @@ def one_layer_spec(spec: Spec) -> Spec:
 
 
 def layer_input_bytes(spec: Spec) -> int:
-    m, t = spec.model, spec.train
+    m, t = builtin_model(spec), spec.train
     return t.batch_size * t.seq_len * m.d_model * 4
 
 
 def matmul_output_bytes(spec: Spec) -> int:
     """Bytes of one layer's matmul and attention outputs, which selective checkpointing keeps."""
-    m, t = spec.model, spec.train
+    m, t = builtin_model(spec), spec.train
     tokens = t.batch_size * t.seq_len
     assert m.ffn_dim is not None  # the spec fills in its default
     kv = 2 * (m.n_kv_heads or m.n_heads) * m.head_dim
@@ -49,7 +55,7 @@ def checkpointing_saving(spec: Spec, acts: int, one_layer_acts: int, checkpointe
     (all of them, or what a checkpointed layer keeps); in backward, the layers below a checkpointed
     one plus that one recomputed whole (the head's are freed by then).
     """
-    n = spec.model.n_layers
+    n = builtin_model(spec).n_layers
     layer = (acts - one_layer_acts) // max(n - 1, 1)
     head = one_layer_acts - layer
     cost = [kept_per_layer if checkpointed(i) else layer for i in range(n)]
@@ -87,7 +93,7 @@ def expected_saving(label: str, spec: Spec, base: dict[str, int],
                     one_layer_acts: int) -> tuple[str, int] | None:
     """(category, theoretical saving in bytes) of one strategy setting against the baseline's category
     peaks ``base``, or None when there is no formula. ``one_layer_acts``: activations of one_layer_spec."""
-    m, t = spec.model, spec.train
+    m, t = builtin_model(spec), spec.train
     acts, inputs = base["activations"], layer_input_bytes(spec)
     if label == "ckpt":
         return "activations", checkpointing_saving(spec, acts, one_layer_acts, lambda i: True, inputs)

@@ -125,7 +125,7 @@ def test_lora_gets_gradients_and_quantized_base_stays_bit_identical():
     before = [(m.codes.clone(), m.scales.clone()) for m in quantized]
     from memopt.runner import forward_backward, make_batch
 
-    forward_backward(session, *make_batch(session.spec, "cpu"))
+    forward_backward(session, make_batch(session.spec, "cpu"))
     for m in quantized:
         assert m.codes.grad is None and m.scales.grad is None
         assert m.lora_a.grad is not None and m.lora_b.grad is not None and m.lora_b.grad.abs().sum() > 0

@@ -23,7 +23,7 @@ def with_strategies(spec: Spec, *names: str) -> Spec:
 def loss_and_grads(spec: Spec) -> tuple[float, list[torch.Tensor]]:
     session = prepare(spec)
     tokens, targets = make_batch(spec, session.device)
-    loss = forward_backward(session, tokens, targets)
+    loss = forward_backward(session, (tokens, targets))
     return loss, [p.grad.clone() for p in session.model.parameters()]
 
 
@@ -234,7 +234,7 @@ def test_offload_to_disk_leaves_no_file_also_when_the_step_raises(tiny, tmp_path
     first.register_hook(boom)
     tokens, targets = make_batch(session.spec, "cpu")
     with pytest.raises(RuntimeError, match="failure in the middle"):
-        forward_backward(session, tokens, targets)
+        forward_backward(session, (tokens, targets))
     assert session.strategies[0].moved_tensors > 0
     assert list(tmp_path.iterdir()) == []
 

@@ -92,7 +92,7 @@ def test_with_strategies_takes_strategy_specs_and_serialises_as_before():
     assert chosen.to_dict()["strategies"] == [{"quant": {"bits": 8, "format": "int", "group_size": 64,
                                                          "embedding": False, "head": False,
                                                          "lora": {"rank": 8, "alpha": 16.0,
-                                                                  "targets": ["layers.*"]}}}]
+                                                                  "targets": ["*"]}}}]
     assert spec_from_data(chosen.to_dict()) == chosen
 
 

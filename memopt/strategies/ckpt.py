@@ -81,10 +81,10 @@ class Checkpointed(nn.Module):
         self.inner = inner
         self._context_fn = functools.partial(_selective_contexts if selective else _full_contexts, saved)
 
-    def forward(self, *args: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
-            return self.inner(*args)
-        return checkpoint(self.inner, *args, use_reentrant=False, context_fn=self._context_fn)
+            return self.inner(*args, **kwargs)
+        return checkpoint(self.inner, *args, use_reentrant=False, context_fn=self._context_fn, **kwargs)
 
 
 class CkptOptions(Options):

@@ -27,8 +27,9 @@ from memopt.strategies.base import Options, Strategy
 class LoraOptions(Options):
     rank: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0)
-    targets: list[str] = Field(default_factory=lambda: ["layers.*"],
-                               description="module name patterns (fnmatch) that get adapters")
+    targets: list[str] = Field(default_factory=lambda: ["*"],
+                               description="qualified Linear names (fnmatch patterns, e.g. *.self_attn.*) that get "
+                               "adapters; default every quantized Linear")
 
 
 class QuantOptions(Options):

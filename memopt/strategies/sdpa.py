@@ -21,7 +21,7 @@ class Sdpa(Strategy[SdpaOptions]):
     order = 10
 
     def check(self) -> None:
-        if self.spec.model.attention == "sdpa":
+        if self.spec.model.attention == "sdpa":  # the built-in and Hugging Face models say so in the spec
             raise StrategyError("sdpa: model.attention is already sdpa, so this strategy would change nothing "
                                 "(set model.attention: eager to compare)")
 
