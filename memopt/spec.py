@@ -455,7 +455,8 @@ def _model_section(model: Any, problems: list[str], overrides: dict[str, Any]) -
     if not isinstance(model, dict):
         return model
     kind = next((k for k in MODEL_OVERRIDES if k in model), None)
-    cls: type[_Frozen] = {"hf": HfModelSpec, "python": PythonModelSpec, None: ModelSpec}[kind]
+    classes: dict[str | None, type[_Frozen]] = {"hf": HfModelSpec, "python": PythonModelSpec, None: ModelSpec}
+    cls = classes[kind]
     try:
         return cls.model_validate(model)
     except ValidationError as exc:
