@@ -50,6 +50,9 @@ HfOpt = Annotated[Optional[str], typer.Option(
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", metavar="PKG.MODULE:FACTORY", help="Your own nn.Module instead of the spec's model: the factory is "
     "imported (which runs that module's code) and called; see README.", show_default=False)]
+DataOpt = Annotated[Optional[str], typer.Option(
+    "--data", metavar="FILE", help="Batches from this text file (train.data): a Hugging Face checkpoint's tokenizer "
+    "when it has one, else UTF-8 bytes. Default: seeded random token ids.", show_default=False)]
 MarkdownOpt = Annotated[Optional[str], typer.Option("--markdown", metavar="FILE",
                                                     help="Also write the table as Markdown (for a PR comment).")]
 
@@ -176,7 +179,8 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
 @handle_errors
 def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
             device: DeviceOpt = None, dtype: DtypeOpt = None,
-            hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+            hf: HfOpt = None, model: ModelOpt = None,
+            data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
             timeline: Annotated[Optional[str], typer.Option(
                 "--timeline", metavar="FILE", help="Write live memory over the step: FILE.png or FILE.html.",
@@ -189,7 +193,7 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
     from memopt.outputs import Outputs
 
     spec = _load(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
-                 steps=steps, hf=hf, python=model)
+                 steps=steps, hf=hf, python=model, data=data)
     limit = _size(device_memory, "--device-memory")
     outputs = Outputs({"spec": config}, json_out=json_out, timeline=timeline)
     if timeline is not None:
@@ -218,7 +222,8 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
             plot: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png",
                                                         help="Bar chart of peak by category per run.")] = None,
             device: DeviceOpt = None, dtype: DtypeOpt = None,
-            hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+            hf: HfOpt = None, model: ModelOpt = None,
+            data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None) -> None:
     """Run the baseline and each strategy set side by side, each in its own process.
 
@@ -232,7 +237,7 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
     from memopt.strategy_args import parse_sets
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                 hf=hf, python=model)
+                 hf=hf, python=model, data=data)
     limit = _size(device_memory, "--device-memory")
     device_name = resolve_device(spec.run.device)
     planned = planned_runs(spec, parse_sets(strategies), device_name)  # everything a run would refuse, now
@@ -286,7 +291,7 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
           update: Annotated[bool, typer.Option("--update", help="Write the new baseline (atomically).")] = False,
           json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
           device: DeviceOpt = None, dtype: DtypeOpt = None,
-          hf: HfOpt = None, model: ModelOpt = None, strategies: StrategiesOpt = None,
+          hf: HfOpt = None, model: ModelOpt = None, data: DataOpt = None, strategies: StrategiesOpt = None,
           device_memory: DeviceMemoryOpt = None) -> None:
     """CI memory-regression gate: exit 3 when the peak, a category or a phase grew past the tolerance.
 
@@ -300,7 +305,7 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
     from memopt.units import parse_percent
 
     tol = parse_percent(tolerance, "--tolerance")
-    spec = _load(config, strategies, device=device, dtype=dtype, hf=hf, python=model)
+    spec = _load(config, strategies, device=device, dtype=dtype, hf=hf, python=model, data=data)
     limit = _size(device_memory, "--device-memory")
     outputs = Outputs({"spec": config, "--baseline": None if update else baseline}, json_out=json_out,
                       markdown=markdown, baseline=baseline if update else None)

@@ -102,6 +102,10 @@ def make_batch(spec: Spec, device: str, step: int = 0) -> Any:
         from memopt.build import user_batch
 
         return user_batch(spec.model.batch, spec.train.batch_size, spec.train.seq_len, device, seed)
+    if spec.train.data is not None and not in_fake_mode():  # an estimate needs the shapes only
+        from memopt.data import text_batch
+
+        return text_batch(spec, device, step)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(vocab_size(spec.model), (spec.train.batch_size, spec.train.seq_len + 1), generator=gen)
     ids = ids.to(device)

@@ -203,6 +203,8 @@ class TrainSpec(_Frozen):
     optimizer: Literal["none", "sgd", "adamw", "adafactor"] = "adamw"
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     steps: int = Field(3, gt=0, le=10_000, description="measured steps after one warm-up step")
+    data: str | None = Field(None, description="a text file: batches are its tokens (a Hugging Face checkpoint's "
+                             "tokenizer when it has one, else UTF-8 bytes); default seeded random token ids")
 
 
 class RunSpec(_Frozen):
@@ -252,7 +254,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 MODEL_OVERRIDES = {"hf": "--hf", "python": "--model"}  # override key -> option: replaces the spec's model
 OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
                   "steps": ("train", "steps"), "device": ("run", "device"), "dtype": ("run", "dtype"),
-                  "optimizer": ("train", "optimizer")}
+                  "optimizer": ("train", "optimizer"), "data": ("train", "data")}
 
 
 SPEC_LIMIT_BYTES = 2**20     # a spec is a few hundred bytes; anything near this is not one

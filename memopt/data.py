@@ -1,0 +1,50 @@
+"""Batches from a text file (``train.data``): its tokens in windows of seq_len + 1, cycled.
+
+Tokenized with a Hugging Face checkpoint folder's tokenizer when the model has one, else as UTF-8 bytes (ids
+0-255, which needs a vocabulary of at least 256). Without ``train.data`` batches are seeded random token ids.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from memopt.errors import MemoptError
+from memopt.files import read_input
+from memopt.spec import HfModelSpec, Spec
+
+DATA_LIMIT_BYTES = 256 * 2**20
+
+
+def text_batch(spec: Spec, device: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``step * batch .. (step + 1) * batch`` of the file's windows (wrapping around): inputs and next-token
+    targets, (batch, seq) each."""
+    assert spec.train.data is not None
+    ids = _tokens(spec.train.data, spec.model.hf if isinstance(spec.model, HfModelSpec) else None)
+    b, s = spec.train.batch_size, spec.train.seq_len
+    if ids.numel() < s + 1:
+        raise MemoptError(f"train.data: {spec.train.data} has {ids.numel()} tokens, fewer than seq_len + 1 = {s + 1}")
+    from memopt.build import vocab_size
+
+    vocab = vocab_size(spec.model)
+    if int(ids.max()) >= vocab:
+        raise MemoptError(f"train.data: token id {int(ids.max())} is outside the model's vocabulary of {vocab}"
+                          + ("" if isinstance(spec.model, HfModelSpec) else " (bytes need vocab_size >= 256)"))
+    windows = (ids.numel() - 1) // s
+    starts = [((step * b + row) % windows) * s for row in range(b)]
+    rows = torch.stack([ids[start:start + s + 1] for start in starts]).to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokens(path: str, hf_source: str | None) -> torch.Tensor:
+    text = read_input(path, "train.data", DATA_LIMIT_BYTES)
+    tokenizer = None
+    if hf_source is not None:
+        from memopt.hf import tokenizer_for
+
+        tokenizer = tokenizer_for(hf_source)
+    if tokenizer is not None:
+        return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
