@@ -188,6 +188,8 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
     """Build the model, run a warm-up and measured training steps, and show where every byte went.
 
     Example: [bold]memopt profile configs/tiny.yaml -s ckpt+chunked_ce --json-out out.json[/bold]
+
+    A Hugging Face model: [bold]memopt profile --hf path/to/config.json -s ckpt+chunked_ce[/bold]
     """
     from memopt import plot, report, runner
     from memopt.outputs import Outputs
