@@ -43,7 +43,7 @@ PEERS = {
 }
 MIXES = {
     "memopt-lossless": ("memopt best lossless", "ckpt+chunked_ce+optim_in_bwd+offload"),
-    "memopt-lossy": ("memopt best lossy", "quant:bits=4,lora=8,group_size=128,embedding=true+ckpt+chunked_ce+offload"),
+    "memopt-lossy": ("memopt best lossy", "quant:bits=8,lora=8,embedding=true+ckpt+chunked_ce+offload"),
 }
 MEASURED_STEPS = 2
 
