@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from memopt.adapters import ModelAdapter
+from memopt.entry_points import exception_text
 from memopt.errors import MemoptError
 from memopt.model import TORCH_DTYPES, build_model, default_dtype
 from memopt.spec import AnyModelSpec, HfModelSpec, ModelSpec, PythonModelSpec, Spec
@@ -28,7 +29,7 @@ def model_adapter(model: AnyModelSpec, dtype: str, device: str) -> ModelAdapter:
         from memopt.adapters.hf import HfAdapter
         from memopt.hf import build_hf
 
-        return HfAdapter(build_hf(model, TORCH_DTYPES[dtype], device))
+        return HfAdapter(build_hf(model, TORCH_DTYPES[dtype], device))  # adapter_for would find it too
     from memopt.adapters.module import ModuleAdapter
 
     loss = _entry(model.loss, "loss") if model.loss else None
@@ -53,9 +54,10 @@ def build_python(model: PythonModelSpec, dtype: str, device: str) -> nn.Module:
     except MemoptError:
         raise
     except Exception as exc:
-        raise MemoptError(f"model.python: {model.python} raised {type(exc).__name__}: {exc}") from None
+        raise MemoptError(f"model.python: {model.python} raised {exception_text(exc)}") from None
     if not isinstance(built, nn.Module):
-        raise MemoptError(f"model.python: {model.python} returned a {type(built).__name__}, not an nn.Module")
+        what = "None" if built is None else f"a value of type {type(built).__name__}"  # not "a int"
+        raise MemoptError(f"model.python: {model.python} returned {what}, not an nn.Module")
     return built
 
 
@@ -106,4 +108,4 @@ def user_batch(entry: str, batch_size: int, seq_len: int, device: str, seed: int
     try:
         return make(batch_size, seq_len, device)
     except Exception as exc:
-        raise MemoptError(f"model.batch: {entry} raised {type(exc).__name__}: {exc}") from None
+        raise MemoptError(f"model.batch: {entry} raised {exception_text(exc)}") from None

@@ -60,7 +60,7 @@ MarkdownOpt = Annotated[Optional[str], typer.Option("--markdown", metavar="FILE"
 def _stderr() -> Any:
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, emoji=False)  # user text such as pkg.mod:factory: is not an emoji code
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -27,7 +27,15 @@ if TYPE_CHECKING:
 
 INSTALL = "pip install 'memopt[hf]'"
 CONFIG_LIMIT_BYTES = 16 * 2**20
+SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # the format's own limit on a header
 DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout")
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    """' (did you mean X?)' or ''. Not suggest's '; did you mean X?': a spec problem's '; ' separates problems
+    (memopt.wording.describe splits on it, which would make the suggestion a problem of its own)."""
+    hint = suggest(word, choices)
+    return f" ({hint[2:]})" if hint else ""
 
 
 def transformers_module() -> Any:
@@ -75,7 +83,10 @@ def load_config(source: str, overrides: dict[str, Any]) -> Any:
 
 @functools.lru_cache(maxsize=32)
 def _load_config(source: str, overrides_json: str, _stamp: int) -> Any:
-    transformers = transformers_module()
+    try:
+        transformers = transformers_module()
+    except MemoptError as exc:  # named as the spec's field: "model.hf: SOURCE: ... pip install ..."
+        raise MemoptError(f"hf: {source}: {exc}") from None
     mapping = transformers.CONFIG_MAPPING
     causal = _causal_types()
     path = config_file(source)
@@ -83,8 +94,8 @@ def _load_config(source: str, overrides_json: str, _stamp: int) -> Any:
     data: dict[str, Any] = {}
     if path is None:
         if source not in mapping:
-            raise MemoptError(f"hf: {source}: no such file, nor a model_type{suggest(source, causal)} (e.g. "
-                              "llama, mistral, gpt2, qwen2, gemma)")
+            raise MemoptError(f"hf: {source}: no such file, nor a model_type such as llama, mistral, gpt2, "
+                              f"qwen2 or gemma{_did_you_mean(source, causal)}")
         model_type = source
     else:
         if not path.exists():
@@ -98,7 +109,7 @@ def _load_config(source: str, overrides_json: str, _stamp: int) -> Any:
             raise MemoptError(f"hf: {path}: expected a JSON object, got {type(data).__name__}")
         named = data.get("model_type")
         if not isinstance(named, str) or named not in mapping:
-            raise MemoptError(f"hf: {path}: unknown model_type {named!r}{suggest(str(named), causal)}")
+            raise MemoptError(f"hf: {path}: unknown model_type {named!r}{_did_you_mean(str(named), causal)}")
         model_type = named
     if model_type not in causal:
         raise MemoptError(f"hf: {source}: model_type {model_type} has no causal language model in transformers")
@@ -106,12 +117,12 @@ def _load_config(source: str, overrides_json: str, _stamp: int) -> Any:
     known = {*cls().to_dict(), *getattr(cls, "attribute_map", {})}
     for name in overrides:
         if name not in known:
-            raise MemoptError(f"config.{name}: not a field of {cls.__name__}{suggest(name, known)}")
+            raise MemoptError(f"config.{name}: not a field of {cls.__name__}{_did_you_mean(name, known)}")
     try:
         return cls.from_dict({**data, **overrides})
     except Exception as exc:  # transformers validates fields its own way
         where = f"{path}" if path is not None else source
-        text = " ".join(str(exc).split())
+        text = " ".join(str(exc).split()).replace("; ", ", ")  # '; ' separates spec problems
         raise MemoptError(f"hf: {where}: {cls.__name__} refused it: {text}") from None
 
 
@@ -132,7 +143,8 @@ def config_facts(source: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def build_hf(spec: HfModelSpec, dtype: torch.dtype, device: str) -> nn.Module:
     """The causal LM of ``spec`` on ``device`` in ``dtype``: the checkpoint's weights when the folder has them (and
-    tensors are real), random ones otherwise."""
+    tensors are real), random ones otherwise. A checkpoint whose shapes disagree with the config is refused, also
+    under fake tensors (from its safetensors headers), so that estimate and profile answer alike."""
     transformers = transformers_module()
     config = load_config(spec.hf, spec.config)
     folder = None if spec.random_weights else checkpoint_folder(spec.hf)
@@ -140,16 +152,83 @@ def build_hf(spec: HfModelSpec, dtype: torch.dtype, device: str) -> nn.Module:
 
     if folder is not None and not in_fake_mode():
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, config=config, dtype=dtype, attn_implementation=spec.attention)
+            with _quiet(transformers):  # its progress bar and load report (our message says what is wrong)
+                model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, config=config, dtype=dtype, attn_implementation=spec.attention,
+                    ignore_mismatched_sizes=True, output_loading_info=True)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MemoptError(f"hf: {folder}: cannot load the checkpoint: {first}") from None
+            raise MemoptError(f"hf: {folder}: cannot load the checkpoint: {_first_sentence(exc, spec)}") from None
+        _refuse_mismatch(folder, [(name, tuple(saved), tuple(built)) for name, saved, built in info["mismatched_keys"]])
+        missing = sorted(info["missing_keys"])
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise MemoptError(f"hf: {folder}: the checkpoint has no weights for {missing[0]}{more} (they would be "
+                              "random, set random_weights: true to use random weights throughout)")
         return model.to(device)
     from memopt.model import default_dtype
 
-    with torch.device(device), default_dtype(dtype):
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attention)
+    try:
+        with torch.device(device), default_dtype(dtype):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                                  attn_implementation=spec.attention)
+    except Exception as exc:  # e.g. an architecture without sdpa attention (Gemma2)
+        raise MemoptError(f"hf: {spec.hf}: transformers cannot build it: {_first_sentence(exc, spec)}") from None
+    if folder is not None:  # fake tensors: the weights are not read, their shapes are
+        saved = checkpoint_shapes(folder)
+        _refuse_mismatch(folder, [(name, saved[name], tuple(t.shape)) for name, t in model.state_dict().items()
+                                  if name in saved and saved[name] != tuple(t.shape)])
+    return model
+
+
+def _first_sentence(exc: Exception, spec: HfModelSpec) -> str:
+    """transformers' error on one line, up to its first full stop, with a hint when what it lacks is sdpa."""
+    text = " ".join(str(exc).split())
+    first = text.split(". ")[0].rstrip(".") if text else type(exc).__name__
+    if spec.attention == "sdpa" and "scaled_dot_product_attention" in text:
+        first += " (set model.attention: eager)"
+    return first
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """transformers' logging at errors only and its progress bars off, restored after."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the JSON headers of the folder's ``*.safetensors`` files (no weights read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with file.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size <= SAFETENSORS_HEADER_LIMIT:
+                    raise ValueError(f"a header of {size} bytes")
+                header = json.loads(f.read(size))
+            shapes.update({name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()
+                           if name != "__metadata__"})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MemoptError(f"hf: {file}: not a safetensors file ({exc})") from None
+    return shapes
+
+
+def _refuse_mismatch(folder: Path, wrong: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+    """MemoptError naming the folder and the first tensor whose saved shape is not the config's."""
+    if not wrong:
+        return
+    name, saved, built = sorted(wrong)[0]
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    raise MemoptError(f"hf: {folder}: the checkpoint's shapes disagree with its config: {name} is {list(saved)} in "
+                      f"the checkpoint, {list(built)} by the config{more}")
 
 
 def tokenizer_for(source: str) -> Any | None:

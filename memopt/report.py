@@ -106,8 +106,8 @@ def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = 
 
 def stdout_console() -> Console:
     """Rich console for results; when piped (CI logs, files) it is wide enough for the tables."""
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 140))
+    console = Console(emoji=False)
+    return console if console.is_terminal else Console(width=max(console.width, 140), emoji=False)
 
 
 def print_tables(tables: list[Table], console: Console | None = None) -> None:

@@ -419,13 +419,14 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
     data = dict(data)
     problems: list[str] = []
     data["model"] = _expand_preset(data.get("model", {}), problems)
-    if all((overrides or {}).get(key) is not None for key in MODEL_OVERRIDES):
+    both = all((overrides or {}).get(key) is not None for key in MODEL_OVERRIDES)
+    if both:
         problems.append("--hf and --model each name a model: give one of them")
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         if key in MODEL_OVERRIDES:  # --hf PATH / --model pkg.mod:factory replace the spec's model
-            data["model"] = {key: value}
+            data["model"] = {} if both else {key: value}  # both: neither is imported or read
             continue
         section, field = OVERRIDE_PATHS[key]
         if not isinstance(data.get(section, {}), dict):

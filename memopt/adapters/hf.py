@@ -99,6 +99,8 @@ class HfAdapter(ModuleAdapter):
         return str(self.config._attn_implementation)
 
     def use_attention(self, kind: str) -> None:
+        if kind == "sdpa" and not getattr(self.model, "_supports_sdpa", True):  # transformers would raise ValueError
+            raise AdapterError(f"sdpa: transformers has no sdpa attention for {type(self.model).__name__}")
         self.model.set_attn_implementation(kind)  # type: ignore[operator]
 
     def attention_projections(self) -> list[AttentionProjections]:

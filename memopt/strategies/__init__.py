@@ -111,6 +111,10 @@ def build_strategies(spec: Any, device: str, saved: SavedTensors | None = None) 
         if device not in strategy.devices:
             raise StrategyError(f"{strategy.name}: works only on {', '.join(strategy.devices)}, "
                                 f"not on {device}")
+        kind = getattr(spec.model, "kind", "builtin")
+        if strategy.needs_to_know and kind == "python":
+            raise StrategyError(f"{strategy.name}: needs to know the model's {strategy.needs_to_know}, which memopt "
+                                "cannot for a model from a Python factory")
         strategy.check()
     return sorted(chosen, key=lambda s: s.order)
 

@@ -67,6 +67,9 @@ class Strategy(Generic[OptionsT]):
     drift_shows_in_training: ClassVar[bool] = False
     order: ClassVar[int] = 50       # composition order: lower applies first
     refuses: ClassVar[dict[str, str]] = {}  # other strategy name -> why the pair cannot work
+    # what of the model's structure it needs beyond blocks and Linears (e.g. "attention kernel"): refused up front on
+    # models memopt only sees as an nn.Module (a Python factory's)
+    needs_to_know: ClassVar[str] = ""
     # typical settings to try (estimate --fits, optimize), lightest first, most saving last: option mappings as
     # they would be written (the labels show them so), made StrategySpecs by candidate_specs; () = just the name
     candidates: ClassVar[tuple[dict[str, Any], ...]] = ()

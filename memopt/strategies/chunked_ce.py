@@ -106,6 +106,7 @@ class ChunkedCe(Strategy[ChunkedCeOptions]):
     summary = "output projection + cross-entropy in chunks of tokens, recomputed chunk by chunk in backward"
     saves = "the b x s x vocab logits, log-probs and their gradient (3 x b*s*V floats)"
     order = 20
+    needs_to_know = "final hidden states and output head"
 
     def check(self) -> None:
         quant = next((s.options for s in self.spec.strategies if s.name == "quant"), None)

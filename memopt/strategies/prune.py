@@ -85,6 +85,7 @@ class Prune(Strategy[PruneOptions]):
             "its dense masks add memory)"
     lossy = True
     order = 1
+    needs_to_know = "feed-forward and attention layout"
     candidates = ({"ffn": 0.25}, {"ffn": 0.5})
 
     def check(self) -> None:
