@@ -132,6 +132,24 @@ class TensorTracker(TorchDispatchMode):
         raise OutOfMemory(f"out of memory: live tensors reached {format_bytes(self.total)} {when}, over the "
                           f"device's {format_bytes(limit or 0)}")
 
+    def resized(self, storage: Any) -> None:
+        """A tracked storage changed size in place (``resize_``: a parameter released or brought back)."""
+        entry = self._live.get(storage_key(storage))
+        if entry is None:
+            return
+        n = self._nbytes(storage)
+        if n < entry[2]:
+            self.bytes[entry[1]] -= entry[2] - n
+            self.total -= entry[2] - n
+            entry[2] = n
+            self._at_peak = False
+            self._tick()
+            return
+        self.bytes[entry[1]] -= entry[2]
+        self.total -= entry[2]
+        self._live.pop(storage_key(storage))
+        self._add(storage, entry[1])  # a growth is an allocation: peaks and the limit apply
+
     def mark(self, tensor: torch.Tensor, category: str, only_from: str | None = None) -> None:
         """Put ``tensor``'s storage in ``category`` (tracking it if new)."""
         try:

@@ -1,5 +1,9 @@
 """Weight-only group-wise quantization (int8, int4, nf4) and LoRA adapters, on plain PyTorch tensors.
 
+LoRA is one set of pieces for every frozen base: ``lora_parameters`` (A kaiming-uniform as nn.Linear and peft
+initialise it, B zeros) and ``lora_delta`` (x A^T B^T * alpha/rank), used by ``QuantLinear.add_lora`` (memopt's
+packed weights) and by ``LoraLinear``, which wraps any other frozen linear map (an nn.Linear, a bitsandbytes layer).
+
 Weights are stored packed (int4/nf4: two 4-bit codes per byte) with one scale per group of
 ``group_size`` inputs; a row the group size does not divide is padded with zeros to whole groups.
 ``QuantLinear`` runs through a custom autograd Function that saves only the packed weight and its
@@ -94,6 +98,21 @@ def packed_parameters(weight: torch.Tensor, bits: int, fmt: str,
     return codes_param, scales_param
 
 
+def lora_parameters(rank: int, in_features: int, out_features: int, dtype: torch.dtype,
+                    device: torch.device | str) -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's trainable pair: A (rank x in), kaiming-uniform as nn.Linear (and peft) initialise a weight, and
+    B (out x rank), zeros, so that the adapted layer computes exactly what its base does until B trains."""
+    with torch.no_grad():
+        a = torch.empty(rank, in_features, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return nn.Parameter(a), nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """What LoRA adds to a layer's output: (x A^T) B^T * alpha/rank."""
+    return F.linear(F.linear(x, a), b) * scale
+
+
 class _QuantMatmul(torch.autograd.Function):
     """y = x @ dequant(W)^T, saving only the packed weight; backward dequantizes again."""
 
@@ -127,11 +146,7 @@ class QuantLinear(nn.Module):
     def add_lora(self, rank: int, alpha: float) -> None:
         """LoRA: y += (x A^T) B^T * alpha/rank; B starts at zero so the output is unchanged at first."""
         ref = self.scales
-        with torch.no_grad():
-            a = torch.empty(rank, self.in_features, dtype=ref.dtype, device=ref.device)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_a = nn.Parameter(a)
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=ref.dtype, device=ref.device))
+        self.lora_a, self.lora_b = lora_parameters(rank, self.in_features, self.out_features, ref.dtype, ref.device)
         self.lora_scale = alpha / rank
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -144,8 +159,27 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         if self.lora_a is not None and self.lora_b is not None:
-            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.lora_scale
+            y = y + lora_delta(x, self.lora_a, self.lora_b, self.lora_scale)
         return y
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.fmt}{self.bits}, group_size={self.group_size}"
+
+
+class LoraLinear(nn.Module):
+    """LoRA around a frozen linear map: ``base`` (an nn.Linear, a bitsandbytes Linear4bit/Linear8bitLt, anything
+    with ``in_features``/``out_features`` that maps the last dimension) plus trainable ``lora_a``/``lora_b``;
+    y = base(x) + (x A^T) B^T * alpha/rank. The base is not copied: its parameters stay where they are."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
+        self.lora_a, self.lora_b = lora_parameters(rank, self.in_features, self.out_features, dtype, device)
+        self.lora_scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + lora_delta(x, self.lora_a, self.lora_b, self.lora_scale)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.lora_a.shape[0]}, scale={self.lora_scale:g}"

@@ -161,11 +161,11 @@ def forward_backward(session: Session, batch: Any, tracker: TensorTracker | None
 
 @contextlib.contextmanager
 def _reporting_to(saved: SavedTensors, tracker: TensorTracker) -> Iterator[None]:
-    saved.observer = tracker.saved
+    saved.observer, saved.tracker = tracker.saved, tracker
     try:
         yield
     finally:
-        saved.observer = None
+        saved.observer = saved.tracker = None
 
 
 def train_step(session: Session, tracker: TensorTracker | None = None, watch: ModelWatch | None = None,
@@ -180,7 +180,7 @@ def train_step(session: Session, tracker: TensorTracker | None = None, watch: Mo
     loss = forward_backward(session, batch, tracker)
     if before_step is not None:
         before_step(session)
-    with _phase(tracker, "optimizer"):
+    with _phase(tracker, "optimizer"), _reporting_to(session.saved, tracker) if tracker else contextlib.nullcontext():
         if optimizer is not None and not session.plan.step_in_backward:
             optimizer.step()
         if watch is not None:
@@ -308,6 +308,7 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
         facts = strategy.report()
         if facts:
             result.strategy_facts[strategy.name] = facts
+        strategy.close()
     result.notes.extend(session.plan.notes)
     if not fake and not math.isfinite(result.loss):
         result.warnings.append(f"the loss is {result.loss} (not finite): the numbers are of a diverged step"

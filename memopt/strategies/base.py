@@ -39,15 +39,26 @@ class StepPlan:
 
 
 class SavedTensors:
-    """Where a strategy reports tensors it keeps for backward through its own hooks (checkpointing's
-    recomputation, offload's kept tensors): the runner points it at the tracker while it measures."""
+    """Where a strategy tells the tracker what its own hooks do: tensors kept for backward (checkpointing's
+    recomputation, offload's kept tensors), a tensor of a known category (offloaded optimizer state read back),
+    a storage resized in place (a parameter released or brought back). The runner points it at the tracker
+    while it measures."""
 
     def __init__(self) -> None:
         self.observer: Callable[[torch.Tensor], None] | None = None
+        self.tracker: Any | None = None  # memopt.measure.TensorTracker while measuring
 
     def __call__(self, tensor: torch.Tensor) -> None:
         if self.observer is not None:
             self.observer(tensor)
+
+    def mark(self, tensor: torch.Tensor, category: str) -> None:
+        if self.tracker is not None:
+            self.tracker.mark(tensor, category)
+
+    def resized(self, storage: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.resized(storage)
 
 
 OptionsT = TypeVar("OptionsT", bound=Options)
@@ -96,3 +107,6 @@ class Strategy(Generic[OptionsT]):
     def report(self) -> dict[str, Any]:
         """Measured facts this strategy wants in the report (e.g. bytes moved off the device)."""
         return {}
+
+    def close(self) -> None:
+        """Release what the strategy holds outside the model (e.g. temporary files); called when the run ends."""

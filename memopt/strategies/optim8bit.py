@@ -4,20 +4,28 @@ Both moments are stored as one byte per element plus one float32 absmax per bloc
 dequantized per parameter inside the step. The codes are companded (a square-root map) so that small
 moments keep relative precision: m = absmax * sign * (q/127)^2, v = absmax * (q/255)^4.
 State: ~2.03 bytes per parameter instead of AdamW's 8.
+
+``backend: bitsandbytes`` uses ``bnb.optim.AdamW8bit`` instead (the same defaults: betas, eps, weight decay
+0.01): its dynamic 8-bit code (a 256-entry map per moment, shared by all parameters), blocks of 256 with a
+float32 absmax each, and, as bitsandbytes does by default, 32-bit moments for tensors under 4096 elements.
+Its state is ordinary tensors in ``optimizer.state`` (counted as optimizer memory) and its update runs on
+fake tensors too, so it is estimated as well as profiled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
+from memopt._torch_private import in_fake_mode
 from memopt.adapters import ModelAdapter
 from memopt.errors import StrategyError
 from memopt.strategies import register
-from memopt.strategies.base import Options, Strategy
+from memopt.strategies.base import Strategy
+from memopt.strategies.quant import BackendOptions, require
 
 BLOCK = 256
 
@@ -84,15 +92,36 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
 
-class Optim8bitOptions(Options):
+def bnb_adamw8bit(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit over ``params``. On fake tensors its two 256-entry quantization maps, which it
+    computes with Python floats (impossible on fake tensors), are plain tensors of the same shape: the update
+    reads them but only shapes and dtypes matter there."""
+    bnb = require("bitsandbytes", "optim8bit.backend bitsandbytes")
+
+    def fill_qmap(self: Any) -> None:
+        if not in_fake_mode():
+            bnb.optim.AdamW8bit.fill_qmap(self)
+            return
+        self.name2qmap["dynamic"] = torch.zeros(256, dtype=torch.float32)
+        self.name2qmap["udynamic"] = torch.zeros(256, dtype=torch.float32)
+
+    cls = type("FakeSafeAdamW8bit", (bnb.optim.AdamW8bit,), {"fill_qmap": fill_qmap})
+    optimizer: torch.optim.Optimizer = cls(params, lr=lr)
+    return optimizer
+
+
+class Optim8bitOptions(BackendOptions):
     lr: float | None = Field(None, gt=0, description="default: train.lr")
+    backend: Literal["memopt", "bitsandbytes"] = Field("memopt", description=(
+        "memopt: memopt's AdamW8bit; bitsandbytes: bnb.optim.AdamW8bit (pip install 'memopt[hf]')"))
 
 
 @register
 class Optim8bit(Strategy[Optim8bitOptions]):
     name = "optim8bit"
     Options = Optim8bitOptions
-    summary = "AdamW with block-wise 8-bit states (block 256, absmax per block), dequantized in the step"
+    summary = ("AdamW with block-wise 8-bit states (block 256, absmax per block), dequantized in the step; "
+               "memopt's or bitsandbytes' AdamW8bit (backend)")
     saves = "Adam states 8 -> ~2.03 bytes per trainable parameter"
     lossy = True
     drift_shows_in_training = True
@@ -102,7 +131,12 @@ class Optim8bit(Strategy[Optim8bitOptions]):
     def check(self) -> None:
         if self.spec.train.optimizer != "adamw":
             raise StrategyError(f"optim8bit: replaces AdamW, but train.optimizer is {self.spec.train.optimizer}")
+        if self.options.backend == "bitsandbytes":
+            require("bitsandbytes", "optim8bit.backend bitsandbytes")
 
     def attach_optimizer(self, model: ModelAdapter, make_optimizer: Callable[..., Any]) -> Any:
         params = [p for p in model.model.parameters() if p.requires_grad]
-        return AdamW8bit(params, lr=self.options.lr or self.spec.train.lr) if params else None
+        if not params:
+            return None
+        lr = self.options.lr or self.spec.train.lr
+        return bnb_adamw8bit(params, lr) if self.options.backend == "bitsandbytes" else AdamW8bit(params, lr=lr)

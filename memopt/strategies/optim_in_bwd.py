@@ -63,6 +63,8 @@ class OptimInBwd(Strategy[OptimInBwdOptions]):
             raise StrategyError("optim_in_bwd: train.optimizer is none, so there is no step to fuse")
 
     def attach_optimizer(self, model: ModelAdapter, make_optimizer: Callable[..., Any]) -> Any:
+        if any(s.name == "offload_states" for s in self.spec.strategies):
+            return None  # offload_states steps each parameter in backward itself, where its state lives
         params = [p for p in model.model.parameters() if p.requires_grad]
         train = self.spec.train
         return FusedOptimizer(params, lambda ps: make_optimizer(train.optimizer, ps, train.lr))

@@ -1,0 +1,539 @@
+"""Model states off the device: optimizer state, gradients and parameters, streamed unit by unit.
+
+The tiers are those of activation offload: a CUDA device's states go to pinned CPU memory, a CPU device's to
+files in a temporary folder (removed at the end of the run, and at once when a write fails).
+
+- ``optimizer``: the optimizer state lives off the device. Each parameter steps on its own: on a CPU device its
+  state is read into the device, stepped, written back and freed (one parameter's state on the device at a
+  time); on CUDA it steps on the CPU where the state lives, on an fp32 master copy, which is then copied to
+  the device (ZeRO-Offload). Gradients leave the device as they are produced (summed there over micro-
+  batches) unless ``optim_in_bwd`` steps each parameter in backward, when no gradient moves at all.
+- ``params``: parameters live off the device too. The model is cut into units (each repeated block, and each
+  other module that holds parameters: embedding, norms, head); a unit's parameters are brought in when it
+  runs (forward, checkpointed recomputation, or autograd unpacking a saved weight in backward), with the next
+  unit in that direction prefetched, and released when a unit further on needs the room: at most
+  ``1 + prefetch`` units are on the device. Releasing frees the storage (``resize_(0)``) and keeps the
+  tensor, so autograd's saved references and the gradient's shape stay valid (as FSDP1 does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import shutil
+import tempfile
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from memopt._torch_private import current_saved_tensors_hooks, in_fake_mode, storage_key
+from memopt.adapters import ModelAdapter
+from memopt.errors import MemoptError, StrategyError
+from memopt.strategies import register
+from memopt.strategies.base import Options, SavedTensors, StepPlan, Strategy
+
+CHUNK_ELEMENTS = 2**20  # AdamW steps an offloaded parameter this many elements at a time (8 MiB of fp32 moments)
+
+
+class OffloadStatesOptions(Options):
+    optimizer: bool = Field(True, description="optimizer state (and gradients) off the device")
+    params: bool = Field(False, description="parameters off the device, brought in unit by unit")
+    prefetch: int = Field(1, ge=0, le=8, description="units brought in ahead of the one running")
+    target: Literal["auto", "cpu", "disk"] = Field("auto", description="auto: cpu on CUDA, disk on CPU")
+    folder: str | None = Field(None, description="where the disk tier writes (default: the system's temporary "
+                                                 "folder)")
+
+
+class _Tier:
+    """Where offloaded tensors live, by key; counts the bytes moved each way."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.read = 0
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
+        raise NotImplementedError
+
+    def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
+        raise NotImplementedError
+
+    def has(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Forget everything (and remove any files)."""
+
+
+def _memory(t: torch.Tensor) -> Any:
+    """The bytes of a contiguous CPU tensor as a writable buffer. Not ``.numpy()``: that makes the storage
+    unresizable, and a released parameter is a storage resized to 0."""
+    return (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+
+
+class _DiskTier(_Tier):
+    """One file per tensor, rewritten in place; read straight into the device tensor's storage."""
+
+    def __init__(self, parent: str | None):
+        super().__init__()
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix="memopt-states-", dir=parent))
+        except OSError as exc:
+            raise MemoptError(f"offload_states.folder: cannot create a folder in {parent or tempfile.gettempdir()}:"
+                              f" {exc.strerror or exc}") from None
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.bin"
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        data = t.detach().contiguous()
+        try:
+            with open(self._path(key), "wb") as fh:
+                fh.write(_memory(data))
+        except OSError as exc:
+            self.close()
+            raise MemoptError(f"offload_states: writing to {self.folder} failed: {exc.strerror or exc} (the "
+                              "folder was removed; choose another with offload_states.folder)") from None
+        self.written += t.numel() * t.element_size()
+
+    def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
+        assert t.is_contiguous()
+        with open(self._path(key), "rb") as fh:
+            fh.seek(offset)
+            fh.readinto(_memory(t))
+        self.read += t.numel() * t.element_size()
+
+    def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
+        """Write ``t`` into the tensor stored under ``key`` at byte ``offset`` (the file is created if need be)."""
+        path = self._path(key)
+        try:
+            with open(path, "r+b" if path.exists() else "wb") as fh:
+                fh.seek(offset)
+                fh.write(_memory(t.detach().contiguous()))
+        except OSError as exc:
+            self.close()
+            raise MemoptError(f"offload_states: writing to {self.folder} failed: {exc.strerror or exc} (the "
+                              "folder was removed; choose another with offload_states.folder)") from None
+        self.written += t.numel() * t.element_size()
+
+    def has(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def close(self) -> None:
+        self._cleanup()
+
+
+class _HostTier(_Tier):
+    """Pinned CPU tensors (for a CUDA device); copies to the device may run on a side stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host: dict[str, torch.Tensor] = {}
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        home = self.host.get(key)
+        if home is None:
+            home = self.host[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        home.copy_(t.detach())
+        self.written += t.numel() * t.element_size()
+
+    def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
+        source = self.host[key].view(-1)[offset // t.element_size():][:t.numel()].view(t.shape)
+        t.detach().copy_(source, non_blocking=True)
+        self.read += t.numel() * t.element_size()
+
+    def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
+        self.host[key].view(-1)[offset // t.element_size():][:t.numel()].copy_(t.detach().view(-1))
+        self.written += t.numel() * t.element_size()
+
+    def has(self, key: str) -> bool:
+        return key in self.host
+
+    def close(self) -> None:
+        self.host.clear()
+
+
+class _FakeTier(_Tier):
+    """Under fake tensors (estimate): the bytes move by definition; nothing is stored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: set[str] = set()
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        self.keys.add(key)
+        self.written += t.numel() * t.element_size()
+
+    def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
+        self.read += t.numel() * t.element_size()
+
+    def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
+        self.put(key, t)
+
+    def has(self, key: str) -> bool:
+        return key in self.keys
+
+
+class _Units:
+    """The model's parameters in units, brought onto the device and released as the step moves along them."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], tier: _Tier, capacity: int,
+                 resized: Callable[[Any], None]):
+        self.tier, self.capacity, self.resized = tier, capacity, resized
+        in_blocks = {id(m) for block in blocks for m in block.modules()}
+        order = {id(m): i for i, m in enumerate(model.modules())}  # registration order: forward order, as a rule
+        owners = sorted([*blocks, *(m for m in model.modules() if id(m) not in in_blocks
+                                    and any(True for _ in m.parameters(recurse=False)))], key=lambda m: order[id(m)])
+        seen: set[int] = set()
+        self.params: list[list[nn.Parameter]] = []
+        self.modules: list[nn.Module] = []
+        for owner in owners:
+            own = [p for p in owner.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in own)
+            if own:
+                self.params.append(own)
+                self.modules.append(owner)
+        self.unit_of = {storage_key(p): i for i, ps in enumerate(self.params) for p in ps}
+        self.key_of = {id(p): f"p{i}_{j}" for i, ps in enumerate(self.params) for j, p in enumerate(ps)}
+        self.nbytes = {id(p): p.untyped_storage().nbytes() for ps in self.params for p in ps}
+        self.resident: OrderedDict[int, None] = OrderedDict()  # unit -> None, least recently used first
+
+    def all_params(self) -> Iterator[nn.Parameter]:
+        for ps in self.params:
+            yield from ps
+
+    def offload_all(self) -> None:
+        """Write every parameter to the tier and free it on the device."""
+        for p in self.all_params():
+            self.tier.put(self.key_of[id(p)], p.data)
+            self._release(p)
+        self.resident.clear()
+
+    def _release(self, p: torch.Tensor) -> None:
+        p.untyped_storage().resize_(0)
+        self.resized(p.untyped_storage())
+
+    def load_param(self, p: torch.Tensor) -> None:
+        if p.untyped_storage().nbytes() == 0:
+            p.untyped_storage().resize_(self.nbytes[id(p)])
+            self.resized(p.untyped_storage())
+            self.tier.read_into(self.key_of[id(p)], p.data)
+
+    def store_param(self, p: torch.Tensor) -> None:
+        """After an optimizer step: write the parameter back and free it, unless its unit is in use."""
+        self.tier.put(self.key_of[id(p)], p.data)
+        if self.unit_of[storage_key(p)] not in self.resident:
+            self._release(p)
+
+    def use(self, unit: int, backward: bool) -> None:
+        """Bring ``unit`` (and the next one in this direction) onto the device, release the least recent."""
+        wanted = [unit] + [u for u in range(unit - 1, unit - 1 - self.capacity + 1, -1) if u >= 0] if backward \
+            else [unit] + [u for u in range(unit + 1, unit + self.capacity) if u < len(self.params)]
+        for old in [u for u in self.resident if u not in wanted]:  # release first: never more than capacity
+            del self.resident[old]
+            for p in self.params[old]:
+                self._release(p)
+        for u in reversed(wanted):
+            if u not in self.resident:
+                for p in self.params[u]:
+                    self.load_param(p)
+            self.resident[u] = None
+            self.resident.move_to_end(u)
+
+    def release_all(self) -> None:
+        for u in list(self.resident):
+            for p in self.params[u]:
+                self._release(p)
+        self.resident.clear()
+
+
+def _in_backward() -> bool:
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
+@register
+class OffloadStates(Strategy[OffloadStatesOptions]):
+    name = "offload_states"
+    Options = OffloadStatesOptions
+    summary = ("optimizer state, gradients and (params: true) parameters off the device: CUDA -> pinned CPU, CPU -> "
+               "files; parameters streamed unit by unit with prefetch")
+    saves = "model states: optimizer state and gradients (and parameters but 1 + prefetch units) leave the device"
+    order = 75
+    refuses = {"optim8bit": "optim8bit keeps its 8-bit state on the device; offload_states moves AdamW's off it"}
+    candidates = ({}, {"params": True})
+
+    def __init__(self, options: OffloadStatesOptions, spec: Any, device: str, saved: SavedTensors | None = None):
+        super().__init__(options, spec, device, saved)
+        self.target = options.target if options.target != "auto" else ("cpu" if device == "cuda" else "disk")
+        self.units: _Units | None = None
+        self.tier: _Tier | None = None
+        self.step_in_backward = any(s.name == "optim_in_bwd" for s in spec.strategies)
+        self._handles: list[Any] = []
+
+    def check(self) -> None:
+        opts = self.options
+        if not opts.optimizer and not opts.params:
+            raise StrategyError("offload_states: set optimizer and/or params to true, otherwise nothing moves")
+        if self.device == "cpu" and self.target == "cpu":
+            raise StrategyError("offload_states.target: cpu on a CPU device moves nothing; use target: disk")
+        if opts.optimizer and self.spec.train.optimizer == "none":
+            raise StrategyError("offload_states.optimizer: train.optimizer is none, so there is no state to move")
+
+    def _make_tier(self) -> _Tier:
+        if in_fake_mode():
+            return _FakeTier()
+        return _DiskTier(self.options.folder) if self.target == "disk" else _HostTier()
+
+    def apply(self, model: ModelAdapter) -> None:
+        self.tier = self._make_tier()
+        if not self.options.params:
+            return
+        blocks = [getattr(b, "inner", b) for b in model.blocks()]
+        self.units = _Units(model.model, blocks, self.tier, 1 + self.options.prefetch, self.saved.resized)
+        for i, module in enumerate(self.units.modules):
+            self._handles.append(module.register_forward_pre_hook(self._runs(i)))
+        head = model.head()
+        loss_head = getattr(model.model, "loss_head", None)
+        if head is not None and isinstance(loss_head, nn.Module):  # a chunked loss reads the head's weight itself
+            unit = self.units.unit_of.get(storage_key(head[1].weight))
+            if unit is not None:
+                self._handles.append(loss_head.register_forward_pre_hook(self._runs(unit)))
+        self.units.offload_all()
+
+    def _runs(self, unit: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any) -> None:
+            assert self.units is not None
+            self.units.use(unit, backward=_in_backward())
+        return hook
+
+    def attach_optimizer(self, model: ModelAdapter, make_optimizer: Callable[..., Any]) -> Any | None:
+        params = [p for p in model.model.parameters() if p.requires_grad]
+        if not self.options.optimizer and not self.options.params:
+            return None
+        train = self.spec.train
+        assert self.tier is not None
+        return OffloadedOptimizer(params, lambda ps: make_optimizer(train.optimizer, ps, train.lr), self.tier,
+                                  self.units, self.options.optimizer, self.step_in_backward, self.saved, self.device)
+
+    def configure(self, plan: StepPlan) -> None:
+        if self.units is not None:
+            plan.contexts.append(self.context)
+        if self.step_in_backward:
+            plan.step_in_backward = True
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Parameters autograd saves for backward are brought back (with their unit) when it unpacks them."""
+        units = self.units
+        assert units is not None
+        outer = current_saved_tensors_hooks()
+
+        def pack(t: torch.Tensor) -> Any:
+            unit = units.unit_of.get(storage_key(t))
+            if unit is not None:
+                return ("param", unit, t)
+            return ("outer", outer[0](t) if outer is not None else t)
+
+        def unpack(packed: Any) -> torch.Tensor:
+            if packed[0] == "param":
+                units.use(packed[1], backward=True)
+                return packed[2]
+            return outer[1](packed[1]) if outer is not None else packed[1]
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+
+    def close(self) -> None:
+        if self.tier is not None:
+            self.tier.close()
+
+    def report(self) -> dict[str, Any]:
+        tier = self.tier
+        if tier is None:
+            return {}
+        facts = {"target": self.target, "moved_off_device_bytes": tier.written, "moved_to_device_bytes": tier.read}
+        if self.units is not None:
+            facts["units"] = len(self.units.params)
+        return facts
+
+
+class OffloadedOptimizer:
+    """One optimizer per parameter, its state kept in the tier between steps; gradients go there as produced."""
+
+    def __init__(self, params: list[nn.Parameter], make: Callable[[list[Any]], Any], tier: _Tier,
+                 units: _Units | None, offload_state: bool, in_backward: bool, saved: SavedTensors, device: str):
+        self.tier, self.units, self.offload_state, self.in_backward = tier, units, offload_state, in_backward
+        self.saved = saved
+        self.on_host = device == "cuda" and isinstance(tier, _HostTier)
+        self.params = params
+        self.masters = {id(p): p.detach().to("cpu", copy=True).pin_memory() for p in params} if self.on_host else {}
+        self.optimizers = {id(p): make([self._stepped(p)]) for p in params}
+        self.grad_keys = {id(p): f"g{i}" for i, p in enumerate(params)}
+        self.has_grad: set[int] = set()
+        self.steps: dict[int, int] = {}  # AdamW steps taken per parameter (chunked path)
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def _stepped(self, p: torch.Tensor) -> torch.Tensor:
+        return self.masters[id(p)] if self.on_host else p
+
+    @property
+    def state(self) -> dict[Any, Any]:
+        """The state on the device now (none between steps when it is offloaded)."""
+        merged: dict[Any, Any] = {}
+        if not self.offload_state:
+            for opt in self.optimizers.values():
+                merged.update(opt.state)
+        return merged
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        assert p.grad is not None
+        if self.in_backward:
+            self._step_one(p, p.grad)
+            p.grad = None
+            return
+        if not self.offload_state and self.units is None:
+            return
+        key = self.grad_keys[id(p)]
+        if id(p) in self.has_grad:  # another micro-batch: sum with what the tier holds
+            earlier = torch.empty_like(p.grad)
+            self.tier.read_into(key, earlier)
+            p.grad.add_(earlier)
+            del earlier
+        self.tier.put(key, p.grad)
+        self.has_grad.add(id(p))
+        p.grad = None
+
+    def step(self) -> None:
+        if self.in_backward:
+            return
+        if self.units is not None:
+            self.units.release_all()  # step one parameter at a time, each brought in alone
+        for p in self.params:
+            grad = p.grad
+            if id(p) in self.has_grad:
+                grad = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                self.saved.mark(grad, "grads")
+                self.tier.read_into(self.grad_keys[id(p)], grad)
+                self.has_grad.discard(id(p))
+            if grad is not None:
+                self._step_one(p, grad)
+            del grad
+            p.grad = None
+
+    def _state_keys(self, p: torch.Tensor) -> str:
+        return f"s{self.grad_keys[id(p)][1:]}"
+
+    def _step_one(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        opt = self.optimizers[id(p)]
+        if self.offload_state and not self.on_host and type(opt) is torch.optim.AdamW:
+            if self.units is not None:
+                self.units.load_param(p)
+            self._adamw_in_chunks(p, grad, opt)
+            if self.units is not None:
+                self.units.store_param(p)
+            return
+        target = self._stepped(p)
+        if self.units is not None:
+            self.units.load_param(p)
+        prefix = self._state_keys(p)
+        if self.offload_state and not self.on_host:
+            self._load_state(opt, target, prefix)
+        target.grad = grad.to(target.device, dtype=target.dtype) if self.on_host else grad
+        opt.step()
+        target.grad = None
+        if self.on_host and self.units is None:
+            with torch.no_grad():
+                p.copy_(target, non_blocking=True)
+        if self.offload_state and not self.on_host:
+            self._store_state(opt, target, prefix)
+        if self.units is not None:
+            if self.on_host:
+                self.tier.put(self.units.key_of[id(p)], target)
+                if self.units.unit_of[storage_key(p)] not in self.units.resident:
+                    self.units._release(p)
+            else:
+                self.units.store_param(p)
+
+    @torch.no_grad()
+    def _adamw_in_chunks(self, p: torch.Tensor, grad: torch.Tensor, opt: Any) -> None:
+        """torch's single-tensor AdamW step, CHUNK_ELEMENTS of the parameter at a time: only one chunk of its two
+        moments is ever on the device (read from the tier, updated, written back)."""
+        group = opt.param_groups[0]
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        steps = self.steps.get(id(p), 0) + 1
+        self.steps[id(p)] = steps
+        prefix = self._state_keys(p)
+        flat, gflat = p.data.view(-1), grad.reshape(-1)
+        size = p.element_size()
+        bias1, bias2_sqrt = 1 - beta1 ** steps, (1 - beta2 ** steps) ** 0.5
+        for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+            chunk, g = flat[start:start + CHUNK_ELEMENTS], gflat[start:start + CHUNK_ELEMENTS]
+            moments = []
+            for name in ("exp_avg", "exp_avg_sq"):
+                value = torch.zeros_like(chunk) if steps == 1 else torch.empty_like(chunk)
+                self.saved.mark(value, "optimizer")
+                if steps > 1:
+                    self.tier.read_into(f"{prefix}_{name}", value, start * size)
+                moments.append(value)
+            exp_avg, exp_avg_sq = moments
+            chunk.mul_(1 - lr * decay)
+            exp_avg.lerp_(g, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+            chunk.addcdiv_(exp_avg, denom, value=-lr / bias1)
+            del denom
+            self.tier.write_at(f"{prefix}_exp_avg", exp_avg, start * size)
+            self.tier.write_at(f"{prefix}_exp_avg_sq", exp_avg_sq, start * size)
+            del exp_avg, exp_avg_sq, moments
+
+    def _load_state(self, opt: Any, target: torch.Tensor, prefix: str) -> None:
+        names = getattr(opt, "_memopt_state_layout", None)
+        if names is None:
+            return  # the first step creates it
+        state: dict[str, Any] = {}
+        for name, kept in names.items():
+            if not isinstance(kept, tuple):
+                state[name] = kept  # a plain value, kept as it was
+                continue
+            value = torch.empty(kept[0], dtype=kept[1], device=target.device)
+            self.saved.mark(value, "optimizer")
+            self.tier.read_into(f"{prefix}_{name}", value)
+            state[name] = value
+        opt.state[target] = state
+
+    def _store_state(self, opt: Any, target: torch.Tensor, prefix: str) -> None:
+        state = opt.state.pop(target, {})
+        layout = {}
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                self.tier.put(f"{prefix}_{name}", value)
+                layout[name] = (value.shape, value.dtype)
+            else:
+                layout[name] = value
+        opt._memopt_state_layout = layout
+        state.clear()
+
+    def gradients(self) -> list[torch.Tensor | None]:
+        """The gradients of this step, read back from the tier (for tests and checks; None where there is none)."""
+        out: list[torch.Tensor | None] = []
+        for p in self.params:
+            grad = p.grad
+            if id(p) in self.has_grad:
+                grad = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                self.tier.read_into(self.grad_keys[id(p)], grad)
+            out.append(grad)
+        return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None

@@ -1,0 +1,156 @@
+"""offload_states: model states off the device, lossless, with the resident bytes its design says."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memopt.errors import StrategyError
+from memopt.estimate import estimate
+from memopt.runner import make_batch, prepare, run, train_step
+from memopt.spec import Spec, load_spec
+from memopt.strategies.offload_states import CHUNK_ELEMENTS
+
+from .helpers import CONFIGS, ROOT
+
+MIXES = ["offload_states", "offload_states:params=true", "offload_states:params=true+ckpt+chunked_ce",
+         "offload_states:params=true+optim_in_bwd", "offload_states:params=true,prefetch=0+ckpt",
+         "offload_states+accum:micro_batches=2"]
+
+
+def spec_with(strategies: str, config: str = "tiny-decoder.yaml") -> Spec:
+    return load_spec(CONFIGS / config, strategies=strategies.split("+") if strategies else None)
+
+
+def trained(spec: Spec, steps: int = 3) -> tuple[list[float], list[torch.Tensor | None], list[torch.Tensor]]:
+    """Losses of ``steps`` steps, the last step's gradients (before its update) and the parameters after it."""
+    session = prepare(spec)
+    losses: list[float] = []
+    grads: list[torch.Tensor | None] = []
+
+    def keep_grads(s):
+        grads[:] = (s.optimizer.gradients() if hasattr(s.optimizer, "gradients")
+                    else [p.grad.clone() if p.grad is not None else None for p in s.model.parameters()])
+
+    for step in range(steps):
+        losses.append(train_step(session, step=step, before_step=keep_grads if step == steps - 1 else None))
+    units = next((s.units for s in session.strategies if s.name == "offload_states"), None)
+    if units is not None:
+        for p in units.all_params():
+            units.load_param(p)
+    return losses, grads, [p.detach().clone() for p in session.model.parameters()]
+
+
+@pytest.mark.parametrize("mix", ["offload_states", "offload_states:params=true+ckpt+chunked_ce",
+                                 "offload_states+accum:micro_batches=2"])
+def test_lossless_loss_gradients_and_parameters_equal_the_baseline_after_three_steps(mix):
+    base = trained(spec_with("+".join(s for s in mix.split("+") if not s.startswith("offload_states"))))
+    new = trained(spec_with(mix))
+    assert new[0] == pytest.approx(base[0], rel=1e-6)
+    assert len(new[1]) == len(base[1]) and len(new[2]) == len(base[2])
+    for a, b in zip(base[1], new[1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    for a, b in zip(base[2], new[2]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_with_optim_in_bwd_parameters_equal_the_baseline_after_three_steps():
+    base, new = trained(spec_with("optim_in_bwd")), trained(spec_with("offload_states:params=true+optim_in_bwd"))
+    assert new[0] == pytest.approx(base[0], rel=1e-6)
+    for a, b in zip(base[2], new[2]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def _units(spec: Spec) -> list[int]:
+    strategy = next(s for s in prepare(spec).strategies if s.name == "offload_states")
+    return [sum(p.untyped_storage().nbytes() if p.untyped_storage().nbytes() else strategy.units.nbytes[id(p)]
+                for p in unit) for unit in strategy.units.params]
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_resident_parameters_are_the_running_unit_and_the_prefetched_ones_exactly(prefetch):
+    spec = spec_with(f"offload_states:params=true,prefetch={prefetch}")
+    sizes = _units(spec)
+    window = prefetch + 1
+    expected = max(sum(sizes[i:i + window]) for i in range(len(sizes) - window + 1))
+    result = run(spec)
+    assert result.memory.category_peak_bytes["params"] == expected
+    assert result.memory.state_bytes["params"] == 0  # released after the optimizer step
+    assert len(sizes) == 2 + 2 + 1  # tok, the 2 layers, the final norm, the head
+
+
+def test_resident_optimizer_state_is_one_parameters_state_exactly():
+    spec = spec_with("offload_states")
+    session = prepare(spec)
+    largest = max(p.numel() for p in session.model.parameters() if p.requires_grad)
+    result = run(spec)
+    assert result.memory.state_bytes["optimizer"] == 0
+    assert result.memory.state_bytes["grads"] == 0
+    # exp_avg and exp_avg_sq of one chunk of one parameter (the step count is a Python int)
+    assert result.memory.category_peak_bytes["optimizer"] == 2 * min(largest, CHUNK_ELEMENTS) * 4
+    baseline = run(spec_with(""))
+    assert result.memory.peak_bytes < baseline.memory.peak_bytes
+    moved = result.strategy_facts["offload_states"]
+    assert moved["moved_off_device_bytes"] > 0 and moved["moved_to_device_bytes"] > 0
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_estimate_equals_profile(mix):
+    spec = spec_with(mix)
+    real, traced = run(spec), estimate(spec)
+    assert traced.memory.peak_bytes == real.memory.peak_bytes
+    assert traced.strategy_facts["offload_states"]["moved_off_device_bytes"] == pytest.approx(
+        real.strategy_facts["offload_states"]["moved_off_device_bytes"] / spec.train.steps, rel=0.35)
+
+
+@pytest.mark.parametrize(("strategies", "message"), [
+    (["offload_states:optimizer=false"], "set optimizer and/or params to true"),
+    (["offload_states:target=cpu"], "target: cpu on a CPU device moves nothing"),
+    (["offload_states", "optim8bit"], "offload_states+optim8bit: refused"),
+])
+def test_refusals_name_the_reason(strategies, message):
+    from memopt.strategies import build_strategies
+
+    spec = load_spec(CONFIGS / "tiny.yaml", strategies=strategies)
+    with pytest.raises(StrategyError, match=message.replace("+", r"\+")):
+        build_strategies(spec, "cpu")
+
+
+def test_a_full_disk_is_one_error_and_leaves_no_files(tmp_path):
+    """A write limit (RLIMIT_FSIZE) stands for a full disk: the write fails mid-step."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def limit():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    out = subprocess.run([sys.executable, "-m", "memopt", "profile", str(CONFIGS / "tiny.yaml"), "-s",
+                          f"offload_states:folder={scratch}"], capture_output=True, text=True, cwd=ROOT,
+                         preexec_fn=limit, env={**os.environ, "COLUMNS": "200"}, timeout=300)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "offload_states: writing to" in lines[0] and "File too large" in lines[0], lines
+    assert "Traceback" not in out.stderr
+    assert list(scratch.iterdir()) == []
+
+
+def test_files_are_removed_when_the_run_ends(tmp_path):
+    spec = load_spec(CONFIGS / "tiny.yaml", strategies=[f"offload_states:params=true,folder={tmp_path}"])
+    run(spec)
+    assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_batches_are_untouched(tiny_decoder):
+    """The strategy never changes the data: the same batch as the baseline."""
+    a = make_batch(tiny_decoder, "cpu", 1)[0]
+    b = make_batch(spec_with("offload_states"), "cpu", 1)[0]
+    assert torch.equal(a, b)
