@@ -69,6 +69,16 @@ def search_options(spec: Spec, allow_lossy: bool) -> dict[str, list[StrategySpec
     return candidate_settings(spec, resolve_device(spec.run.device, estimate=True), allow_lossy=allow_lossy)
 
 
+def moved_bytes(facts: dict[str, dict[str, Any]]) -> int:
+    """Bytes a step moves off the device and back, over every strategy that moves any, counted one way (predict
+    doubles it): activation offload reads back what it wrote; offload_states says both directions."""
+    total = 0
+    for fact in facts.values():
+        off, back = fact.get("moved_off_device_bytes", 0), fact.get("moved_to_device_bytes")
+        total += off if back is None else (off + back) // 2
+    return total
+
+
 class Search:
     """Estimates strategy sets on fake tensors, with a cache, and predicts their step time."""
 
@@ -97,7 +107,7 @@ class Search:
         else:
             assert result.memory is not None
             cand.peak, cand.flops = result.memory.peak_bytes, result.flops or 0
-            cand.offload_bytes = result.strategy_facts.get("offload", {}).get("moved_off_device_bytes", 0)
+            cand.offload_bytes = moved_bytes(result.strategy_facts)
             from memopt.strategies import registry
 
             known = registry()

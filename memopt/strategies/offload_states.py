@@ -148,7 +148,7 @@ class _HostTier(_Tier):
 
     def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
         source = self.host[key].view(-1)[offset // t.element_size():][:t.numel()].view(t.shape)
-        t.detach().copy_(source, non_blocking=True)
+        t.detach().copy_(source)  # synchronous: a released storage must not be refilled while a copy is in flight
         self.read += t.numel() * t.element_size()
 
     def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
@@ -374,8 +374,16 @@ class OffloadedOptimizer:
         self.tier, self.units, self.offload_state, self.in_backward = tier, units, offload_state, in_backward
         self.saved = saved
         self.on_host = device == "cuda" and isinstance(tier, _HostTier)
+        # tracing a CUDA estimate: the optimizer steps on the host, which the trace (on the CPU) must not count
+        self.host_step_traced = device == "cuda" and isinstance(tier, _FakeTier) and offload_state
         self.params = params
-        self.masters = {id(p): p.detach().to("cpu", copy=True).pin_memory() for p in params} if self.on_host else {}
+        self.masters: dict[int, torch.Tensor] = {}  # on CUDA: the fp32 copy each parameter steps on, on the CPU
+        if self.on_host:
+            assert isinstance(tier, _HostTier)
+            host = tier.host
+            for p in params:  # an offloaded parameter's home in pinned memory is its master
+                self.masters[id(p)] = host[units.key_of[id(p)]] if units is not None else \
+                    p.detach().to("cpu", copy=True).pin_memory()
         self.optimizers = {id(p): make([self._stepped(p)]) for p in params}
         self.grad_keys = {id(p): f"g{i}" for i, p in enumerate(params)}
         self.has_grad: set[int] = set()
@@ -434,6 +442,8 @@ class OffloadedOptimizer:
 
     def _step_one(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         opt = self.optimizers[id(p)]
+        if self.host_step_traced:
+            return  # the step is the host's: on the device only the gradient came and went
         if self.offload_state and not self.on_host and type(opt) is torch.optim.AdamW:
             if self.units is not None:
                 self.units.load_param(p)
@@ -450,18 +460,12 @@ class OffloadedOptimizer:
         target.grad = grad.to(target.device, dtype=target.dtype) if self.on_host else grad
         opt.step()
         target.grad = None
-        if self.on_host and self.units is None:
-            with torch.no_grad():
-                p.copy_(target, non_blocking=True)
+        if self.on_host and p.untyped_storage().nbytes() > 0:  # a copy on the device: refresh it
+            p.data.copy_(target)
         if self.offload_state and not self.on_host:
             self._store_state(opt, target, prefix)
-        if self.units is not None:
-            if self.on_host:
-                self.tier.put(self.units.key_of[id(p)], target)
-                if self.units.unit_of[storage_key(p)] not in self.units.resident:
-                    self.units._release(p)
-            else:
-                self.units.store_param(p)
+        if self.units is not None and not self.on_host:  # on CUDA the master is the parameter's home already
+            self.units.store_param(p)
 
     @torch.no_grad()
     def _adamw_in_chunks(self, p: torch.Tensor, grad: torch.Tensor, opt: Any) -> None:
