@@ -23,22 +23,23 @@ def text_batch(spec: Spec, device: str, step: int) -> tuple[torch.Tensor, torch.
     assert spec.train.data is not None
     ids = _tokens(spec.train.data, spec.model.hf if isinstance(spec.model, HfModelSpec) else None)
     b, s = spec.train.batch_size, spec.train.seq_len
-    if ids.numel() < s + 1:
-        raise MemoptError(f"train.data: {spec.train.data} has {ids.numel()} tokens, fewer than seq_len + 1 = {s + 1}")
+    if len(ids) < s + 1:
+        raise MemoptError(f"train.data: {spec.train.data} has {len(ids)} tokens, fewer than seq_len + 1 = {s + 1}")
     from memopt.build import vocab_size
 
     vocab = vocab_size(spec.model)
-    if int(ids.max()) >= vocab:
-        raise MemoptError(f"train.data: token id {int(ids.max())} is outside the model's vocabulary of {vocab}"
+    if max(ids) >= vocab:
+        raise MemoptError(f"train.data: token id {max(ids)} is outside the model's vocabulary of {vocab}"
                           + ("" if isinstance(spec.model, HfModelSpec) else " (bytes need vocab_size >= 256)"))
-    windows = (ids.numel() - 1) // s
+    windows = (len(ids) - 1) // s
     starts = [((step * b + row) % windows) * s for row in range(b)]
-    rows = torch.stack([ids[start:start + s + 1] for start in starts]).to(device)
+    # the corpus stays Python data: a view of a corpus tensor would make the tracker count the whole corpus
+    rows = torch.tensor([ids[start:start + s + 1] for start in starts], dtype=torch.long).to(device)
     return rows[:, :-1], rows[:, 1:]
 
 
 @functools.lru_cache(maxsize=4)
-def _tokens(path: str, hf_source: str | None) -> torch.Tensor:
+def _tokens(path: str, hf_source: str | None) -> tuple[int, ...]:
     text = read_input(path, "train.data", DATA_LIMIT_BYTES)
     tokenizer = None
     if hf_source is not None:
@@ -46,5 +47,5 @@ def _tokens(path: str, hf_source: str | None) -> torch.Tensor:
 
         tokenizer = tokenizer_for(hf_source)
     if tokenizer is not None:
-        return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+        return tuple(tokenizer(text)["input_ids"])
+    return tuple(text.encode("utf-8"))
