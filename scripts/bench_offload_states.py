@@ -35,13 +35,13 @@ def memopt(*args: str, may_fail: bool = False) -> dict[str, Any]:
         if may_fail:
             return {"error": out.stderr.strip()}
         raise SystemExit(f"memopt {' '.join(args)} failed: {out.stderr.strip()}")
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return json.loads(out.stdout)
 
 
 def profile(model: list[str], strategies: str | None) -> dict[str, Any]:
     run = memopt("profile", *model, "--steps", "2", *(["-s", strategies] if strategies else []))["runs"][0]
     print(f"  {strategies or 'baseline'}: {run['peak_bytes'] / MiB:,.2f} MiB", file=sys.stderr)
-    return run  # type: ignore[no-any-return]
+    return run
 
 
 def main() -> None:
@@ -66,9 +66,10 @@ def main() -> None:
             if not args.no_optimize:
                 budget = f"{base['peak_bytes'] // 10}B"
                 doc = memopt("optimize", *model, "--budget", budget, "--top", "1", may_fail=True)
-                found = {} if "error" in doc else {"strategies": "+".join(doc["winner"]),
-                                                   "peak_bytes": doc["candidates"][0].get("measured_peak")
-                                                   or doc["candidates"][0]["peak"]}
+                winner = {} if "error" in doc else doc["candidates"][0]
+                found = winner and {"strategies": "+".join(winner["strategies"]),
+                                    "peak_bytes": winner.get("measured_peak") or winner["peak"]}
+                print(f"  optimize --budget {budget}: {found or doc.get('error')}", file=sys.stderr)
             rows.append((title, base, best, moved_off, moved_back, found))
     print("| model | baseline peak | best lossless peak | of baseline | step time (baseline) | moved off / back per "
           "step | `optimize --budget 10%` found |")
