@@ -24,6 +24,17 @@ LinearFilter = Callable[[nn.Module, str], bool]       # (module, fqn) -> keep it
 LossFromHidden = Callable[[torch.Tensor, nn.Linear, torch.Tensor], torch.Tensor]  # (hidden, head, targets)
 
 
+class LossModule(nn.Module):
+    """A loss function as a module, so the tracker names it (e.g. ``loss_head``) like the one it replaces."""
+
+    def __init__(self, loss: LossFromHidden):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(hidden, head, targets)
+
+
 class AdapterError(StrategyError):
     """This model cannot give what a strategy needs (e.g. no separable output head)."""
 
@@ -131,6 +142,6 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 
 
 __all__ = ["AdapterError", "AttentionProjections", "Batch", "FeedForward", "LinearFilter", "LossFromHidden",
-           "ModelAdapter", "adapter_for"]
+           "LossModule", "ModelAdapter", "adapter_for"]
 
 

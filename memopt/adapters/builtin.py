@@ -7,19 +7,8 @@ from typing import cast
 import torch
 from torch import nn
 
-from memopt.adapters import AttentionProjections, Batch, FeedForward, LinearFilter, LossFromHidden
+from memopt.adapters import AttentionProjections, Batch, FeedForward, LinearFilter, LossFromHidden, LossModule
 from memopt.model import DecoderLayer, EncoderLayer, LanguageModel
-
-
-class _LossModule(nn.Module):
-    """A loss function as a module, so the tracker names it (e.g. ``loss_head``) like the one it replaces."""
-
-    def __init__(self, loss: LossFromHidden):
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss(hidden, head, targets)
 
 
 class BuiltinAdapter:
@@ -87,7 +76,7 @@ class BuiltinAdapter:
 
     def replace_loss(self, loss: LossFromHidden, name: str = "loss_head") -> None:
         assert name == "loss_head", "memopt's model calls its loss module loss_head"
-        self.lm.loss_head = _LossModule(loss) if not isinstance(loss, nn.Module) else loss
+        self.lm.loss_head = LossModule(loss) if not isinstance(loss, nn.Module) else loss
 
     def loss(self, batch: Batch) -> torch.Tensor:
         return self.lm(*batch)

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memopt.adapters import AdapterError, AttentionProjections, Batch, FeedForward, LinearFilter, LossFromHidden
+from memopt.adapters import (
+    AdapterError,
+    AttentionProjections,
+    Batch,
+    FeedForward,
+    LinearFilter,
+    LossFromHidden,
+    LossModule,
+)
 from memopt.adapters.module import ModuleAdapter
 
 FFN_NAMES = ((("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj"), (("fc1",), "fc2"),
@@ -34,15 +42,6 @@ class CausalLmLoss(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
-
-
-class _LossModule(nn.Module):
-    def __init__(self, loss: LossFromHidden):
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss(hidden, head, targets)
 
 
 class _Projections:
@@ -151,7 +150,7 @@ class HfAdapter(ModuleAdapter):
         if getattr(self.config, "final_logit_softcapping", None):
             raise AdapterError(f"{type(self.model).__name__} soft-caps its logits (final_logit_softcapping), which "
                                "the chunked loss does not")
-        self.model.loss_head = loss if isinstance(loss, nn.Module) else _LossModule(loss)
+        self.model.loss_head = loss if isinstance(loss, nn.Module) else LossModule(loss)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         return self.loss_from_hidden(self.hidden_states(batch), batch)

@@ -66,9 +66,6 @@ class _Tier:
     def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
         raise NotImplementedError
 
-    def has(self, key: str) -> bool:
-        raise NotImplementedError
-
     def close(self) -> None:
         """Forget everything (and remove any files)."""
 
@@ -125,9 +122,6 @@ class _DiskTier(_Tier):
                               "folder was removed; choose another with offload_states.folder)") from None
         self.written += t.numel() * t.element_size()
 
-    def has(self, key: str) -> bool:
-        return self._path(key).exists()
-
     def close(self) -> None:
         self._cleanup()
 
@@ -155,9 +149,6 @@ class _HostTier(_Tier):
         self.host[key].view(-1)[offset // t.element_size():][:t.numel()].copy_(t.detach().view(-1))
         self.written += t.numel() * t.element_size()
 
-    def has(self, key: str) -> bool:
-        return key in self.host
-
     def close(self) -> None:
         self.host.clear()
 
@@ -165,12 +156,7 @@ class _HostTier(_Tier):
 class _FakeTier(_Tier):
     """Under fake tensors (estimate): the bytes move by definition; nothing is stored."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.keys: set[str] = set()
-
     def put(self, key: str, t: torch.Tensor) -> None:
-        self.keys.add(key)
         self.written += t.numel() * t.element_size()
 
     def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
@@ -178,9 +164,6 @@ class _FakeTier(_Tier):
 
     def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
         self.put(key, t)
-
-    def has(self, key: str) -> bool:
-        return key in self.keys
 
 
 class _Units:
