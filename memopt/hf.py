@@ -102,7 +102,9 @@ def _load_config(source: str, overrides_json: str, _stamp: int) -> Any:
             where = f"{path.parent} has no config.json" if path.name == "config.json" else f"{path}: no such file"
             raise MemoptError(f"hf: {where}")
         try:
-            data = json.loads(read_input(path, "hf", CONFIG_LIMIT_BYTES))
+            data = json.loads(read_input(path, "config.json", CONFIG_LIMIT_BYTES))
+        except MemoptError as exc:  # not a regular file, too large, not UTF-8: named after the field
+            raise MemoptError(f"hf: {exc}") from None
         except json.JSONDecodeError as exc:
             raise MemoptError(f"hf: {path}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
         if not isinstance(data, dict):

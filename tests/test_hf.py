@@ -355,6 +355,7 @@ BAD = {
     "not an object": (["--hf", "{root}/array/config.json"], ["{root}/array/config.json", "expected a JSON object"]),
     "folder without config.json": (["--hf", "{root}/empty"], ["{root}/empty has no config.json"]),
     "missing file": (["--hf", "{root}/nowhere/config.json"], ["{root}/nowhere"]),
+    "a device": (["--hf", "/dev/zero"], ["--hf model.hf: /dev/zero: is a character device, expected a config.json"]),
 }
 
 
