@@ -7,6 +7,7 @@ strategy registry (memopt.strategies) word their problems the same way without i
 from __future__ import annotations
 
 import difflib
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,12 +39,21 @@ def describe_path(loc: tuple[Any, ...]) -> str:
     return text or "spec"
 
 
+def _is_tag(part: Any) -> bool:
+    """Whether a path part is one pydantic added ('function-after[...]', 'list[int]'), not a key."""
+    return isinstance(part, str) and re.fullmatch(r"[\w-]+\[.*\]", part, re.DOTALL) is not None
+
+
 def describe(err: ErrorDetails, root: Any = None) -> str:
     """One pydantic error -> 'model.n_head: unknown key; did you mean n_heads?' (the did-you-mean looks up the
     fields of ``root``, the validated model, along the error's path)."""
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-    path = describe_path(loc)
+    raw = tuple(err["loc"])
     kind = err["type"]
+    # pydantic adds tags such as 'function-after[_check(), ModelSpec]' to the path; a key the user typed is
+    # the last part of an unknown-key error, whatever characters it holds, and is never dropped
+    keep = raw[-1:] if kind == "extra_forbidden" else ()
+    loc = tuple(p for p in raw[:len(raw) - len(keep)] if not _is_tag(p)) + keep
+    path = describe_path(loc)
     if kind == "extra_forbidden":
         return f"{path}: unknown key{suggest(str(loc[-1]), known_fields(root, loc))}"
     if kind == "missing":

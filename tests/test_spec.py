@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -108,3 +110,10 @@ def test_odd_yaml_text_loads_or_raises_spec_error(text):
         spec_from_data(data)
     except SpecError:
         pass
+
+
+@pytest.mark.parametrize("key", ["[", "a[b]", "list[int]", "]"])
+def test_unknown_key_with_brackets_is_named_as_typed(key):
+    # found by the fuzz test above: pydantic's own path tags hold brackets, a user's key may too
+    with pytest.raises(SpecError, match=re.escape(f"model.{key}: unknown key")):
+        spec_from_data({"model": {key: 0}})
