@@ -11,7 +11,7 @@ from typing import Any
 
 from memopt.errors import MemoptError
 from memopt.files import read_input
-from memopt.measure import CATEGORIES, PHASES
+from memopt.measure import MODE_CATEGORIES, MODE_PHASES
 from memopt.results import StepMemory
 from memopt.spec import Spec
 
@@ -75,7 +75,9 @@ def _baseline_problems(doc: Any) -> list[str]:
         return problems
     run = runs[0]
     problems += _byte_problems(run, "peak_bytes", "runs[0].peak_bytes")
-    for field, names in (("category_peak_bytes", CATEGORIES), ("phase_peak_bytes", PHASES)):
+    mode = _mode(doc)
+    for field, names in (("category_peak_bytes", MODE_CATEGORIES[mode]),
+                         ("phase_peak_bytes", MODE_PHASES[mode])):
         where = f"runs[0].{field}"
         if not isinstance(run.get(field), dict):
             problems.append(_expected(run, field, "a mapping", where))
@@ -83,6 +85,13 @@ def _baseline_problems(doc: Any) -> list[str]:
         for name in names:
             problems += _byte_problems(run[field], name, f"{where}.{name}")
     return problems or _odd_values(doc)
+
+
+def _mode(doc: dict[str, Any]) -> str:
+    """The run mode a baseline was measured in (train when its spec names none, as before generation existed)."""
+    run = doc.get("spec", {}).get("run") if isinstance(doc.get("spec"), dict) else None
+    mode = run.get("mode", "train") if isinstance(run, dict) else "train"
+    return mode if mode in MODE_CATEGORIES else "train"
 
 
 def _byte_problems(parent: dict[str, Any], key: str, where: str) -> list[str]:
@@ -159,6 +168,7 @@ def baseline_memory(baseline: dict[str, Any]) -> StepMemory:
 def growths(baseline: StepMemory, now: StepMemory, tolerance: float) -> list[Growth]:
     """Every number (peak, each category's own peak, each phase's peak) that grew past the tolerance."""
     pairs = [("peak", "total", baseline.peak_bytes, now.peak_bytes)]
-    pairs += [(c, "category", baseline.category_peak_bytes[c], now.category_peak_bytes[c]) for c in CATEGORIES]
-    pairs += [(p, "phase", baseline.phase_peak_bytes[p], now.phase_peak_bytes[p]) for p in PHASES]
+    pairs += [(c, "category", old, now.category_peak_bytes.get(c, 0))
+              for c, old in baseline.category_peak_bytes.items()]
+    pairs += [(p, "phase", old, now.phase_peak_bytes.get(p, 0)) for p, old in baseline.phase_peak_bytes.items()]
     return [Growth(what, kind, old, new) for what, kind, old, new in pairs if new > old * (1 + tolerance)]

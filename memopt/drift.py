@@ -84,3 +84,35 @@ def strategy_drift(spec: Spec) -> dict[str, float] | None:
     batch = make_batch(spec, session.device, step=steps)  # after training: a batch neither has seen
     drift = measure_drift(spec, session.adapter, batch, session.device, session.plan.contexts, reference)
     return {**drift, "after_steps": steps}
+
+
+def inference_drift(spec: Spec) -> dict[str, float] | None:
+    """Drift of an infer/generate run's lossy strategies against the unchanged model (static cache, no strategy).
+
+    infer: the logits of the same batch, as in training. generate: both models generate greedily from the same
+    prompt; ``tokens_differ`` is the share of generated tokens that differ, ``logits_rel_error`` the logits'
+    relative error over each sequence's steps up to its first different token (after that the two models
+    continue different texts, and their logits are not comparable).
+    """
+    if spec.run.mode == "infer":
+        return strategy_drift(spec)
+    from memopt.inference import generate, prompt_batch
+    from memopt.runner import prepare
+
+    with torch.inference_mode():
+        session = prepare(spec)
+        if not any(s.lossy for s in session.strategies):
+            return None
+        prompt = prompt_batch(spec, session.device)
+        changed = generate(session, prompt, keep_logits=True)
+        del session
+        reference = generate(prepare(spec.with_strategies(())), prompt, keep_logits=True)
+    differ = changed.tokens != reference.tokens                                   # b, new_tokens
+    first = torch.where(differ.any(1), differ.float().argmax(1), differ.shape[1] - 1)  # b: last comparable step
+    diff2 = ref2 = 0.0
+    for step, (new, ref) in enumerate(zip(changed.logits, reference.logits)):
+        rows = first >= step
+        diff2 += (new[rows] - ref[rows]).pow(2).sum().item()
+        ref2 += ref[rows].pow(2).sum().item()
+    return {"logits_rel_error": math.sqrt(diff2 / ref2) if ref2 else 0.0,
+            "tokens_differ": differ.float().mean().item(), "loss_delta": 0.0, "after_steps": 0}

@@ -29,8 +29,12 @@ from memopt._torch_private import TorchDispatchMode, observe_saved_tensors, stor
 from memopt.results import HostPeaks, StepMemory
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
-STATE_CATEGORIES = ("params", "buffers", "grads", "optimizer")
+STATE_CATEGORIES = ("params", "buffers", "grads", "optimizer", "kv_cache")
 PHASES = ("forward", "backward", "optimizer")
+# inference: nothing is saved for backward; generation keeps the keys and values of the tokens seen so far
+MODE_CATEGORIES = {"train": CATEGORIES, "infer": ("params", "buffers", "kv_cache", "temporaries"),
+                   "generate": ("params", "buffers", "kv_cache", "temporaries")}
+MODE_PHASES = {"train": PHASES, "infer": ("forward",), "generate": ("prefill", "decode")}
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 
 def _tensors(out: Any) -> Iterator[torch.Tensor]:
@@ -45,15 +49,16 @@ class TensorTracker(TorchDispatchMode):
     """Live tensor bytes by category, with the step's peak, its breakdown and per-phase peaks."""
 
     def __init__(self, device_type: str, *, timeline: bool = False, limit_bytes: int | None = None,
-                 round_to: int | None = None):
+                 round_to: int | None = None, mode: str = "train"):
         super().__init__()
         self.device_type = device_type
+        self.categories, self.phases = MODE_CATEGORIES[mode], MODE_PHASES[mode]
         self.round_to = round_to or (CUDA_BLOCK if device_type == "cuda" else 1)
         self.limit_bytes = limit_bytes
         self._live: dict[int, list[Any]] = {}  # storage key -> [weakref, category, nbytes]
-        self.bytes = dict.fromkeys(CATEGORIES, 0)
+        self.bytes = dict.fromkeys(self.categories, 0)
         self.total = 0
-        self.phase = "forward"
+        self.phase = self.phases[0]
         self.module: str | None = None  # the module running now (set by ModelWatch)
         self.stage: str | None = None   # named in an out-of-memory message instead of the phase (e.g. "model build")
         self._record_timeline = timeline
@@ -63,15 +68,15 @@ class TensorTracker(TorchDispatchMode):
     # -- bookkeeping -----------------------------------------------------------------------------
     def begin_step(self) -> None:
         """Start a new measurement window from what is live now."""
-        self.phase = "forward"
+        self.phase = self.phases[0]
         self.peak = self.total
         self.peak_breakdown = dict(self.bytes)
         self.peak_phase = self.phase
         self.peak_module = self.module
         self._at_peak = True
         self.category_peak = dict(self.bytes)
-        self.phase_peak = dict.fromkeys(PHASES, 0)
-        self.state_bytes = {c: self.bytes[c] for c in STATE_CATEGORIES}
+        self.phase_peak = dict.fromkeys(self.phases, 0)
+        self.record_state()
         self.timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = [] if self._record_timeline else None
         self._tick()
 
@@ -119,7 +124,7 @@ class TensorTracker(TorchDispatchMode):
 
     def _tick(self) -> None:
         if self.timeline is not None:
-            self.timeline.append((self.phase, self.module, tuple(self.bytes[c] for c in CATEGORIES)))
+            self.timeline.append((self.phase, self.module, tuple(self.bytes.values())))
 
     def _over_limit(self) -> None:
         from memopt.errors import OutOfMemory
@@ -187,8 +192,8 @@ class TensorTracker(TorchDispatchMode):
         yield
 
     def record_state(self) -> None:
-        """Remember params/buffers/grads/optimizer bytes now (after the optimizer step)."""
-        self.state_bytes = {c: self.bytes[c] for c in STATE_CATEGORIES}
+        """Remember the state categories' bytes now (params/buffers/grads/optimizer after the optimizer step)."""
+        self.state_bytes = {c: self.bytes[c] for c in self.categories if c in STATE_CATEGORIES}
 
     # -- the dispatch hook ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

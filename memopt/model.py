@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memopt.kv_cache import KVCache
 from memopt.spec import ModelSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,30 +134,44 @@ class Rope(nn.Module):
         self.register_buffer("cos", angles.cos().to(dtype), persistent=False)
         self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: b, heads, s, hd
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x: b, heads, s, hd at positions start..
         s = x.shape[-2]
         x1, x2 = x[..., 0::2], x[..., 1::2]
-        cos, sin = self.cos[:s], self.sin[:s]  # type: ignore[index]  # buffers
+        cos, sin = self.cos[start:start + s], self.sin[start:start + s]  # type: ignore[index]  # buffers
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, causal: bool,
-           dropout: float) -> torch.Tensor:
+           dropout: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention over (b, heads, s, hd) tensors; k, v may have fewer (grouped) heads.
 
     ``eager`` materialises the b*heads*s*s probabilities; ``sdpa`` calls F.scaled_dot_product_attention.
+    ``mask`` (s_q, s_k, True = may attend) replaces ``causal`` where queries and keys are not aligned (a cache).
     """
     grouped = k.shape[1] != q.shape[1]
     if kind == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, enable_gqa=grouped)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              is_causal=causal and mask is None, enable_gqa=grouped)
     if grouped:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])                          # b, h, s, s
-    if causal:
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif causal:
         s = q.shape[-2]
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return F.dropout(scores.softmax(-1), dropout) @ v                                     # b, h, s, hd
+
+
+def cached_mask(s_q: int, q_start: int, s_k: int, k_start: int, device: torch.device) -> torch.Tensor | None:
+    """Causal mask of queries at positions q_start.. over keys at k_start..; None when every key is allowed
+    (one query, as in decoding: its keys are all in its past)."""
+    if s_q == 1:
+        return None
+    q_pos = torch.arange(q_start, q_start + s_q, device=device)[:, None]
+    k_pos = torch.arange(k_start, k_start + s_k, device=device)[None, :]
+    return k_pos <= q_pos
 
 
 class SelfAttention(nn.Module):
@@ -171,6 +187,7 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(n_heads * head_dim, d_model, bias=bias)
         self.causal, self.dropout, self.attention = causal, dropout, attention
         self._rope = [rope]  # shared, not a submodule (kept out of this module's state)
+        self.layer_index = 0  # its slot in a KV cache (set by LanguageModel)
 
     @classmethod
     def from_multihead(cls, mha: nn.MultiheadAttention, attention: str) -> SelfAttention:
@@ -187,15 +204,24 @@ class SelfAttention(nn.Module):
             new.o.bias.copy_(mha.out_proj.bias)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x (b, s, d) -> (b, s, d); with a cache, x holds the positions after those the cache has seen."""
         b, s, _ = x.shape
+        start = cache.length if cache is not None else 0
         q = self.q(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)               # b, h, s, hd
         k = self.k(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)            # b, kv, s, hd
         v = self.v(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)            # b, kv, s, hd
         rope = self._rope[0]
         if rope is not None:
-            q, k = rope(q), rope(k)
-        y = attend(q, k, v, kind=self.attention, causal=self.causal, dropout=self.dropout if self.training else 0.0)
+            q, k = rope(q, start), rope(k, start)
+        mask, causal = None, self.causal
+        if cache is not None:
+            k, v, k_start = cache.update(self.layer_index, k, v)
+            if k_start or start:  # queries after cached keys: causal from where each query is
+                mask = cached_mask(s, start, k.shape[-2], k_start, x.device)
+                causal = False    # one query (decoding) attends to every key, all in its past
+        y = attend(q, k, v, kind=self.attention, causal=causal, dropout=self.dropout if self.training else 0.0,
+                   mask=mask)
         return self.o(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -230,8 +256,8 @@ class DecoderLayer(nn.Module):
     def attention(self, value: str) -> None:
         self.attn.attention = value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cache))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -258,6 +284,8 @@ class LanguageModel(nn.Module):
             self.pos = None
             self.rope = Rope(spec.head_dim, spec.max_seq_len)
             self.layers = nn.ModuleList(DecoderLayer(spec, self.rope) for _ in range(spec.n_layers))
+            for i, layer in enumerate(self.layers):
+                cast(DecoderLayer, layer).attn.layer_index = i
             norm = nn.RMSNorm(d, eps=spec.norm_eps)
         self.norm = norm if spec.final_norm else nn.Identity()
         self.head = nn.Linear(d, spec.vocab_size, bias=bool(spec.head_bias))
@@ -281,3 +309,13 @@ class LanguageModel(nn.Module):
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b, s) -> logits (b, s, vocab), for accuracy drift."""
         return self.head(self.hidden(tokens))
+
+    def next_logits(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (b, s) after the cache's positions (decoder only) -> the last position's logits (b, vocab);
+        the cache then holds these positions too. Without a cache: the whole sequence, recomputed."""
+        x = self.tok(tokens)
+        for layer in self.layers:
+            x = layer(x, cache) if cache is not None else layer(x)
+        if cache is not None:
+            cache.advance(tokens.shape[1])
+        return self.head(self.norm(x[:, -1]))

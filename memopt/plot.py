@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from memopt.errors import MemoptError
-from memopt.measure import CATEGORIES
 from memopt.results import RunResult, StepMemory
 from memopt.units import format_bytes
 
 COLORS = {"params": "#4e79a7", "buffers": "#9c755f", "grads": "#f28e2b", "optimizer": "#e15759",
-          "activations": "#59a14f", "temporaries": "#bab0ac"}
-PHASE_COLORS = {"forward": "#eef5ff", "backward": "#fff4e6", "optimizer": "#f3f0ff"}
+          "activations": "#59a14f", "kv_cache": "#76b7b2", "temporaries": "#bab0ac"}
+PHASE_COLORS = {"forward": "#eef5ff", "backward": "#fff4e6", "optimizer": "#f3f0ff", "prefill": "#eef5ff",
+                "decode": "#fff4e6"}
 MIB = 2**20
 
 
@@ -40,7 +40,7 @@ def timeline_data(memory: StepMemory) -> dict[str, Any]:
     events = memory.timeline
     totals = [sum(b) for _, _, b in events]
     peak_at = max(range(len(totals)), key=totals.__getitem__)
-    return {"categories": list(CATEGORIES), "phases": [p for p, _, _ in events],
+    return {"categories": list(memory.peak_breakdown), "phases": [p for p, _, _ in events],
             "modules": [m for _, m, _ in events], "bytes": [list(b) for _, _, b in events],
             "peak_bytes": memory.peak_bytes, "peak_index": peak_at, "peak_module": events[peak_at][1],
             "peak_phase": events[peak_at][0]}
@@ -87,8 +87,9 @@ def _timeline_png(data: dict[str, Any], title: str) -> bytes:
     for phase, start, end in _phase_spans(data["phases"]):
         ax.axvspan(start, end + 1, color=PHASE_COLORS.get(phase, "#fff"), zorder=0)
         ax.text((start + end) / 2, 0, phase, ha="center", va="bottom", fontsize=8, color="#555")
-    series = [[b[i] / MIB for b in data["bytes"]] for i in range(len(CATEGORIES))]
-    ax.stackplot(x, *series, labels=CATEGORIES, colors=[COLORS[c] for c in CATEGORIES], zorder=1)
+    categories = data["categories"]
+    series = [[b[i] / MIB for b in data["bytes"]] for i in range(len(categories))]
+    ax.stackplot(x, *series, labels=categories, colors=[COLORS[c] for c in categories], zorder=1)
     peak = data["peak_index"]
     ax.annotate(f"peak {format_bytes(data['peak_bytes'])}\n{data['peak_phase']} in {data['peak_module']}",
                 (peak, data["peak_bytes"] / MIB), xytext=(25, -25), textcoords="offset points", fontsize=9,
@@ -125,7 +126,7 @@ def _timeline_html(data: dict[str, Any], title: str) -> str:
                       f'fill="{PHASE_COLORS.get(phase, "#fff")}"/><text x="{(x0 + x1) / 2}" y="{pad - 6}" '
                       f'font-size="11" text-anchor="middle">{phase}</text>')
     lower = [0.0] * n
-    for ci, category in enumerate(CATEGORIES):
+    for ci, category in enumerate(data["categories"]):
         upper = [lower[i] + data["bytes"][i][ci] for i in range(n)]
         points = [xy(i, upper[i]) for i in range(n)] + [xy(i, lower[i]) for i in reversed(range(n))]
         shapes.append(f'<polygon points="{" ".join(points)}" fill="{COLORS[category]}"><title>{category}</title>'
@@ -135,7 +136,8 @@ def _timeline_html(data: dict[str, Any], title: str) -> str:
     label = html.escape(f"peak {format_bytes(data['peak_bytes'])}, {data['peak_phase']} in {data['peak_module']}")
     shapes.append(f'<circle cx="{px}" cy="{py}" r="4" fill="black"/><text x="{float(px) + 8}" y="{float(py) - 8}" '
                   f'font-size="12">{label}</text>')
-    legend = " ".join(f'<span style="background:{COLORS[c]};padding:2px 6px;color:#fff">{c}</span>' for c in CATEGORIES)
+    legend = " ".join(f'<span style="background:{COLORS[c]};padding:2px 6px;color:#fff">{c}</span>'
+                      for c in data["categories"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>
 <body style="font-family:sans-serif">
@@ -153,8 +155,9 @@ def render_compare_png(runs: list[RunResult], title: str) -> bytes:
     done = [(r.name, r.memory) for r in runs if r.ok and r.memory is not None]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(done)), 5))
     bottom = [0.0] * len(done)
-    for category in CATEGORIES:
-        values = [mem.peak_breakdown[category] / MIB for _, mem in done]
+    categories = list(dict.fromkeys(c for _, mem in done for c in mem.peak_breakdown))
+    for category in categories:
+        values = [mem.peak_breakdown.get(category, 0) / MIB for _, mem in done]
         ax.bar([name for name, _ in done], values, bottom=bottom, label=category, color=COLORS[category])
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_ylabel("peak tensor memory (MiB)")

@@ -11,7 +11,6 @@ from rich.table import Table
 from rich.text import Text
 
 import memopt
-from memopt.measure import CATEGORIES, PHASES
 from memopt.results import RunResult, StepMemory
 from memopt.spec import Spec
 from memopt.units import format_bytes
@@ -24,6 +23,7 @@ CATEGORY_HELP = {
     "grads": "gradients",
     "optimizer": "e.g. Adam moments",
     "activations": "saved for bwd",
+    "kv_cache": "keys and values",
     "temporaries": "all else",
 }
 
@@ -88,18 +88,18 @@ def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = 
     for col, justify in (("category", "left"), ("at peak", "right"), ("share", "right"),
                          ("own peak", "right"), ("after step", "right"), ("what", "left")):
         breakdown.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for c in CATEGORIES:
+    for c in mem.peak_breakdown:
         state = mem.state_bytes.get(c)
         breakdown.add_row(c, format_bytes(mem.peak_breakdown[c]), _pct(mem.peak_breakdown[c], mem.peak_bytes),
                           format_bytes(mem.category_peak_bytes[c]),
-                          format_bytes(state) if state is not None else "-", CATEGORY_HELP[c])
+                          format_bytes(state) if state is not None else "-", CATEGORY_HELP.get(c, ""))
     breakdown.add_row("total", format_bytes(mem.peak_bytes), "100%", "", "", "", style="bold")
 
     phases = Table(title="Peak by phase", title_justify="left")
     phases.add_column("phase")
     phases.add_column("peak", justify="right")
     phases.add_column("of step peak", justify="right")
-    for p in PHASES:
+    for p in mem.phase_peak_bytes:
         phases.add_row(p, format_bytes(mem.phase_peak_bytes[p]), _pct(mem.phase_peak_bytes[p], mem.peak_bytes))
     return [summary, breakdown, phases]
 
@@ -199,7 +199,7 @@ def strategies_table(rows: list[dict[str, Any]]) -> Table:
 def _changed_categories(run: StepMemory, base: StepMemory, top: int = 2) -> str:
     """The categories whose own peak moved most against the baseline, e.g. 'activations -62%'."""
     deltas = []
-    for c in CATEGORIES:
+    for c in base.category_peak_bytes.keys() & run.category_peak_bytes.keys():
         b, r = base.category_peak_bytes[c], run.category_peak_bytes[c]
         if b != r:
             deltas.append((abs(r - b), c, f"{c} {100 * (r - b) / b:+.0f}%" if b else f"{c} +{format_bytes(r)}"))

@@ -115,6 +115,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)  # what may make the numbers wrong (e.g. a NaN loss)
     pid: int = field(default_factory=os.getpid)
     vs_baseline: VsBaseline | None = None  # only in a compare, only when this run and the baseline are ok
+    inference: dict[str, Any] | None = None  # infer/generate runs: shapes, KV cache bytes, time to first token
 
     @classmethod
     def failed(cls, name: str, strategies: list[dict[str, Any]], error: str, device: str = "") -> RunResult:
@@ -136,6 +137,8 @@ class RunResult:
                      "pid": self.pid})
         if self.vs_baseline is not None:
             data["vs_baseline"] = self.vs_baseline.to_json()
+        if self.inference is not None:
+            data["inference"] = self.inference
         return data
 
     @classmethod
@@ -154,4 +157,5 @@ class RunResult:
                    loss=_number(data.get("loss")), drift=data.get("drift"),
                    strategy_facts=data.get("strategy_facts", {}), notes=data.get("notes", []),
                    warnings=data.get("warnings", []), pid=data.get("pid", 0),
-                   vs_baseline=VsBaseline.from_json(vs) if vs is not None else None)
+                   vs_baseline=VsBaseline.from_json(vs) if vs is not None else None,
+                   inference=data.get("inference"))

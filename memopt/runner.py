@@ -23,7 +23,7 @@ from memopt.model import count_parameters
 from memopt.results import RunResult
 from memopt.spec import PythonModelSpec, Spec
 from memopt.strategies import StepPlan, Strategy, build_strategies, registry
-from memopt.strategies.base import SavedTensors
+from memopt.strategies.base import KvPlan, SavedTensors
 
 Progress = Callable[[str], None]
 TRACED_MICRO_BATCHES = 2  # under fake tensors: the first micro-batch (no grads yet) and a steady-state one
@@ -82,13 +82,16 @@ def prepare(spec: Spec, fake: bool = False) -> Session:
     adapter = build_adapter(spec, device)
     for strategy in strategies:
         strategy.apply(adapter)
-    trainable = [p for p in adapter.model.parameters() if p.requires_grad]
     optimizer = None
-    for strategy in strategies:
-        optimizer = strategy.attach_optimizer(adapter, make_optimizer) or optimizer
-    if optimizer is None:
-        optimizer = make_optimizer(spec.train.optimizer, trainable, spec.train.lr)
-    plan = StepPlan()
+    if spec.run.mode == "train":
+        trainable = [p for p in adapter.model.parameters() if p.requires_grad]
+        for strategy in strategies:
+            optimizer = strategy.attach_optimizer(adapter, make_optimizer) or optimizer
+        if optimizer is None:
+            optimizer = make_optimizer(spec.train.optimizer, trainable, spec.train.lr)
+    else:
+        adapter.model.eval()  # inference: dropout off
+    plan = StepPlan(kv=KvPlan(spec.generate.cache))
     for strategy in strategies:
         strategy.configure(plan)
     return Session(spec, device, target, adapter, optimizer, plan, strategies, saved)
@@ -233,6 +236,12 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_me
     ``grads_to``: save the warm-up step's gradients there (for gradient cosine between runs).
     ``fake``: trace the very same step under FakeTensorMode (no storage): an estimate, one measured step.
     """
+    if spec.run.mode != "train":
+        from memopt.inference import run_inference
+
+        with fake_tensor_mode() if fake else contextlib.nullcontext():
+            return run_inference(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
+                                 fake=fake)
     if fake:
         with fake_tensor_mode():
             return _run(spec, name, timeline, device_memory, progress, None, fake=True)

@@ -29,7 +29,7 @@ def candidate_settings(spec: Spec, device: str, *, allow_lossy: bool = True,
         if name in exclude or (cls.lossy and not allow_lossy):
             continue
         accepted = []
-        for setting in candidate_specs(name):
+        for setting in candidate_specs(name, spec.run.mode):
             try:
                 build_strategies(spec.with_strategies((setting,)), device)
             except MemoptError:

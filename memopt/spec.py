@@ -207,28 +207,64 @@ class TrainSpec(_Frozen):
                              "tokenizer when it has one, else UTF-8 bytes); default seeded random token ids")
 
 
+Mode = Literal["train", "infer", "generate"]
+MODES = ("train", "infer", "generate")
+
+
 class RunSpec(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: DType = "float32"
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    mode: Mode = Field("train", description="train: a training step; infer: one forward under inference_mode "
+                       "(train.batch_size x train.seq_len); generate: prefill + greedy decode with a KV cache")
+
+
+class GenerateSpec(_Frozen):
+    """``run.mode: generate``: train.batch_size sequences of ``prompt_len`` prompt tokens, then ``new_tokens``
+    greedy tokens (the first from the prefill, the rest one decode step each)."""
+
+    prompt_len: int = Field(96, gt=0, le=2**20)
+    new_tokens: int = Field(32, gt=0, le=2**20)
+    cache: Literal["static", "dynamic"] = Field(
+        "static", description="static: preallocated for prompt_len + new_tokens positions; dynamic: grows by "
+        "concatenation each step (Hugging Face's DynamicCache)")
+
+    @property
+    def positions(self) -> int:
+        """What a static cache holds: every position of the longest sequence."""
+        return self.prompt_len + self.new_tokens
 
 
 class Spec(_Frozen):
     model: AnyModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     run: RunSpec = RunSpec()
+    generate: GenerateSpec = GenerateSpec()
     strategies: tuple[StrategySpec, ...] = ()
 
     @model_validator(mode="after")
     def _cross_check(self) -> Spec:
-        if self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len "
-                             f"{self.model.max_seq_len}")
+        mode, gen, limit = self.run.mode, self.generate, self.model.max_seq_len
+        if mode != "generate" and self.train.seq_len > limit:
+            raise ValueError(f"train.seq_len: {self.train.seq_len} exceeds model.max_seq_len {limit}")
+        if mode == "generate":
+            if self.model.arch != "decoder":
+                what = "a Python factory's model" if self.model.kind == "python" else f"an {self.model.arch}"
+                raise ValueError(f"run.mode: generate needs a causal decoder (memopt's decoder or a Hugging Face "
+                                 f"causal LM), not {what} (--mode infer runs a forward pass)")
+            if gen.positions > limit:
+                raise ValueError(f"generate.new_tokens: prompt_len {gen.prompt_len} + new_tokens {gen.new_tokens} = "
+                                 f"{gen.positions} exceeds model.max_seq_len {limit}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved spec, as YAML/JSON-ready plain data."""
+        """The resolved spec, as YAML/JSON-ready plain data (a training spec without run.mode and generate,
+        as before generation existed, so that older baselines stay comparable)."""
         data = self.model_dump(exclude={"strategies"})
+        if self.run.mode == "train":
+            del data["run"]["mode"]
+        if self.run.mode != "generate":
+            del data["generate"]
         data["strategies"] = [s.to_dict() for s in self.strategies]
         return data
 
@@ -254,7 +290,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 MODEL_OVERRIDES = {"hf": "--hf", "python": "--model"}  # override key -> option: replaces the spec's model
 OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
                   "steps": ("train", "steps"), "device": ("run", "device"), "dtype": ("run", "dtype"),
-                  "optimizer": ("train", "optimizer"), "data": ("train", "data")}
+                  "optimizer": ("train", "optimizer"), "data": ("train", "data"), "mode": ("run", "mode"),
+                  "prompt_len": ("generate", "prompt_len"), "new_tokens": ("generate", "new_tokens"),
+                  "cache": ("generate", "cache")}
 
 
 SPEC_LIMIT_BYTES = 2**20     # a spec is a few hundred bytes; anything near this is not one

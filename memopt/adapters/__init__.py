@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from memopt.errors import StrategyError
+from memopt.kv_cache import OnNew
+from memopt.strategies.base import KvPlan
 
 Batch = tuple[torch.Tensor, torch.Tensor]            # (tokens, next-token targets), (batch, seq) each
 LinearFilter = Callable[[nn.Module, str], bool]       # (module, fqn) -> keep it, as torchao's filter_fn
@@ -119,7 +121,21 @@ class ModelAdapter(Protocol):
         ...
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        """Logits (batch, seq, vocab) without the loss, for accuracy drift."""
+        """Logits (batch, seq, vocab) without the loss, for accuracy drift and ``--mode infer``."""
+        ...
+
+    def make_cache(self, plan: KvPlan, batch: int, positions: int, on_new: OnNew) -> Any:
+        """An empty KV cache for generation (``positions`` at most), its key/value tensors reported to ``on_new``;
+        AdapterError when the model cannot generate or the plan's layout does not apply to it."""
+        ...
+
+    def next_logits(self, tokens: torch.Tensor, cache: Any | None, start: int) -> torch.Tensor:
+        """Tokens (batch, s) at positions start.. -> the last position's logits (batch, vocab), stored in
+        ``cache``; without a cache the tokens are the whole sequence, recomputed."""
+        ...
+
+    def skip_cache_to(self, cache: Any, length: int) -> None:
+        """Make ``cache`` stand for ``length`` positions seen (estimates trace the first and last decode steps)."""
         ...
 
 

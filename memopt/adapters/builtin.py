@@ -7,8 +7,18 @@ from typing import cast
 import torch
 from torch import nn
 
-from memopt.adapters import AttentionProjections, Batch, FeedForward, LinearFilter, LossFromHidden, LossModule
+from memopt.adapters import (
+    AdapterError,
+    AttentionProjections,
+    Batch,
+    FeedForward,
+    LinearFilter,
+    LossFromHidden,
+    LossModule,
+)
+from memopt.kv_cache import KVCache, OnNew, build_cache
 from memopt.model import DecoderLayer, EncoderLayer, LanguageModel
+from memopt.strategies.base import KvPlan
 
 
 class BuiltinAdapter:
@@ -83,3 +93,18 @@ class BuiltinAdapter:
 
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.lm.logits(batch[0])
+
+    def make_cache(self, plan: KvPlan, batch: int, positions: int, on_new: OnNew) -> KVCache:
+        if self.lm.spec.arch != "decoder":
+            raise AdapterError("generation needs a causal decoder; this model is an encoder")
+        layers = self._layers()
+        layout = [(layer.attn.n_kv_heads, layer.attn.head_dim) for layer in layers if isinstance(layer, DecoderLayer)]
+        weight = self.lm.tok.weight
+        return build_cache(plan, layout, batch, positions, weight.dtype, weight.device, on_new)
+
+    def next_logits(self, tokens: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
+        assert cache is None or cache.length == start, (cache.length if cache else None, start)
+        return self.lm.next_logits(tokens, cache)
+
+    def skip_cache_to(self, cache: KVCache, length: int) -> None:
+        cache.skip_to(length)

@@ -9,6 +9,8 @@ transposed) become ``nn.Linear``s holding the same weights when a strategy asks 
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +27,8 @@ from memopt.adapters import (
     LossModule,
 )
 from memopt.adapters.module import ModuleAdapter
+from memopt.kv_cache import OnNew
+from memopt.strategies.base import KvPlan
 
 FFN_NAMES = ((("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj"), (("fc1",), "fc2"),
              (("up_proj",), "down_proj"))
@@ -73,6 +77,23 @@ def _conv1d_to_linear(conv: Any) -> nn.Linear:
     linear.weight.requires_grad_(conv.weight.requires_grad)
     linear.bias.requires_grad_(conv.bias.requires_grad)
     return linear
+
+
+def _reporting_growth(layer: Any, on_new: OnNew) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """DynamicLayer.update (concatenate, then let the old tensor go) that reports each grown tensor while the old
+    one is still alive: the moment growth costs both."""
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        keys = torch.cat([layer.keys, key_states], dim=-2)
+        on_new(keys)
+        layer.keys = keys
+        values = torch.cat([layer.values, value_states], dim=-2)
+        on_new(values)
+        layer.values = values
+        return keys, values
+    return update
 
 
 class HfAdapter(ModuleAdapter):
@@ -159,3 +180,53 @@ class HfAdapter(ModuleAdapter):
         head = self.head()
         assert head is not None
         return head[1](self.hidden_states(batch))
+
+    def make_cache(self, plan: KvPlan, batch: int, positions: int, on_new: OnNew) -> Any:
+        """transformers' own StaticCache or DynamicCache, its layers' tensors reported after each update."""
+        from transformers import DynamicCache, StaticCache
+        from transformers.cache_utils import DynamicLayer
+
+        if plan.layout not in ("static", "dynamic"):
+            raise AdapterError(f"the {plan.layout} KV cache is memopt's own (kv_quant, kv_window) and works on "
+                               "memopt's decoder; a Hugging Face model generates with transformers' static or "
+                               "dynamic cache")
+        cache: Any = (StaticCache(config=self.config, max_cache_len=positions) if plan.layout == "static"
+                      else DynamicCache(config=self.config))
+        update = cache.update
+
+        def reporting_update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                             **kwargs: Any) -> Any:
+            out = update(key_states, value_states, layer_idx, *args, **kwargs)
+            layer: Any = cache.layers[layer_idx]
+            on_new(layer.keys)
+            on_new(layer.values)
+            return out
+
+        cache.update = reporting_update
+        cache._memopt_on_new = on_new
+        for layer in cache.layers:
+            if type(layer) is DynamicLayer:
+                layer.update = _reporting_growth(layer, on_new)  # type: ignore[method-assign]
+        return cache
+
+    def next_logits(self, tokens: torch.Tensor, cache: Any | None, start: int) -> torch.Tensor:
+        from memopt._torch_private import is_fake
+        from memopt.hf import unpacked_positions
+
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with unpacked_positions() if is_fake(tokens) else contextlib.nullcontext():
+            out = self.model(input_ids=tokens, use_cache=cache is not None, logits_to_keep=1,
+                             cache_position=positions if cache is not None else None, **{cache_arg: cache})
+        return out.logits[:, -1]
+
+    def skip_cache_to(self, cache: Any, length: int) -> None:
+        """A dynamic cache grown to ``length`` positions (a static one is indexed by position already)."""
+        on_new = cache._memopt_on_new
+        for layer in cache.layers:
+            keys = getattr(layer, "keys", None)
+            if getattr(layer, "max_cache_len", None) is None and keys is not None and keys.shape[-2] < length:
+                layer.keys = keys.new_empty(*keys.shape[:-2], length, keys.shape[-1])
+                layer.values = layer.values.new_empty(*layer.values.shape[:-2], length, layer.values.shape[-1])
+                on_new(layer.keys)
+                on_new(layer.values)

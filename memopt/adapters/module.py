@@ -151,3 +151,12 @@ class ModuleAdapter:
 
     def logits(self, batch: Any) -> torch.Tensor:
         return output_logits(self._call(batch))
+
+    def make_cache(self, plan: Any, batch: int, positions: int, on_new: Any) -> Any:
+        raise AdapterError(f"memopt does not know how {type(self.model).__name__} caches keys and values")
+
+    def next_logits(self, tokens: torch.Tensor, cache: Any | None, start: int) -> torch.Tensor:
+        raise AdapterError(f"memopt does not know how {type(self.model).__name__} generates")
+
+    def skip_cache_to(self, cache: Any, length: int) -> None:
+        raise AdapterError(f"memopt does not know how {type(self.model).__name__} caches keys and values")

@@ -75,9 +75,12 @@ def strategy_spec(name: str, options: dict[str, Any] | None = None) -> StrategyS
     return spec
 
 
-def candidate_specs(name: str) -> tuple[StrategySpec, ...]:
-    """The strategy's typical settings (its class's ``candidates``; none: just the name), lightest first."""
-    return tuple(strategy_spec(name, options) for options in registry()[name].candidates or ({},))
+def candidate_specs(name: str, mode: str = "train") -> tuple[StrategySpec, ...]:
+    """The strategy's typical settings for run.mode ``mode`` (its class's ``candidates``, or
+    ``inference_candidates`` outside training; none: just the name), lightest first."""
+    cls = registry()[name]
+    settings = cls.inference_candidates if mode != "train" and cls.inference_candidates is not None else cls.candidates
+    return tuple(strategy_spec(name, options) for options in settings or ({},))
 
 
 def validate_options(name: str, options: dict[str, Any]) -> Options:
@@ -111,6 +114,11 @@ def build_strategies(spec: Any, device: str, saved: SavedTensors | None = None) 
         if device not in strategy.devices:
             raise StrategyError(f"{strategy.name}: works only on {', '.join(strategy.devices)}, "
                                 f"not on {device}")
+        mode = spec.run.mode
+        if mode not in strategy.modes:
+            where = ", ".join(f"--mode {m}" for m in strategy.modes)
+            raise StrategyError(f"{strategy.name}: applies to {where}, not to run.mode {mode}"
+                                + ("" if mode == "train" else " (nothing is trained or saved for backward)"))
         kind = getattr(spec.model, "kind", "builtin")
         if strategy.needs_to_know and kind == "python":
             raise StrategyError(f"{strategy.name}: needs to know the model's {strategy.needs_to_know}, which memopt "

@@ -22,6 +22,15 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+@dataclass(frozen=True)
+class KvPlan:
+    """Which KV cache a generation uses: the spec's layout (static/dynamic), or what a kv strategy made it."""
+
+    layout: str = "static"       # static | dynamic | quant | window
+    bits: int = 8                # quant
+    window: int = 0              # window
+
+
 @dataclass
 class StepPlan:
     """How the runner performs one training step; strategies adjust it in ``configure``.
@@ -30,12 +39,16 @@ class StepPlan:
     micro_batches: the global batch is split into this many, gradients accumulate.
     step_in_backward: the optimizer already stepped inside backward; the runner skips ``step()``.
     notes: what the report should tell the user about this step (e.g. a kernel that could not be used).
+    kv: the KV cache a generation uses (the spec's layout unless a kv strategy changes it).
+    prefill_chunk: the prefill runs this many prompt tokens at a time (None: all at once).
     """
 
     contexts: list[Callable[[], AbstractContextManager[Any]]] = field(default_factory=list)
     micro_batches: int = 1
     step_in_backward: bool = False
     notes: list[str] = field(default_factory=list)
+    kv: KvPlan = field(default_factory=KvPlan)
+    prefill_chunk: int | None = None
 
 
 class SavedTensors:
@@ -77,6 +90,7 @@ class Strategy(Generic[OptionsT]):
     # lossy in what training does (optimizer state), not in the weights: drift is taken after identical steps
     drift_shows_in_training: ClassVar[bool] = False
     order: ClassVar[int] = 50       # composition order: lower applies first
+    modes: ClassVar[tuple[str, ...]] = ("train",)  # the run modes it applies to (run.mode)
     refuses: ClassVar[dict[str, str]] = {}  # other strategy name -> why the pair cannot work
     # what of the model's structure it needs beyond blocks and Linears (e.g. "attention kernel"): refused up front on
     # models memopt only sees as an nn.Module (a Python factory's)
@@ -84,6 +98,7 @@ class Strategy(Generic[OptionsT]):
     # typical settings to try (estimate --fits, optimize), lightest first, most saving last: option mappings as
     # they would be written (the labels show them so), made StrategySpecs by candidate_specs; () = just the name
     candidates: ClassVar[tuple[dict[str, Any], ...]] = ()
+    inference_candidates: ClassVar[tuple[dict[str, Any], ...] | None] = None  # in infer/generate; None: candidates
 
     def __init__(self, options: OptionsT, spec: Spec, device: str, saved: SavedTensors | None = None):
         self.options: OptionsT = options

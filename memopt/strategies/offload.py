@@ -85,8 +85,10 @@ class Offload(Strategy[OffloadOptions]):
     name = "offload"
     Options = OffloadOptions
     summary = "move tensors saved for backward off the device: CUDA -> pinned CPU, CPU -> disk"
-    saves = "saved activations leave the device (kept: parameter views and tensors under min_bytes)"
+    saves = ("saved activations leave the device (kept: parameter views and tensors under min_bytes); in infer/"
+             "generate, where nothing is saved, the weights do, brought in layer by layer")
     order = 50
+    modes = ("train", "infer", "generate")
 
     def __init__(self, options: OffloadOptions, spec: Any, device: str, saved: SavedTensors | None = None):
         super().__init__(options, spec, device, saved)
@@ -94,18 +96,32 @@ class Offload(Strategy[OffloadOptions]):
         self.target = options.target if options.target != "auto" else auto
         self.moved_bytes = 0
         self.moved_tensors = 0
+        self.weights: Any = None  # inference: offload_states' weight streaming does the work
+        if spec.run.mode != "train":
+            from memopt.strategies.offload_states import OffloadStates, OffloadStatesOptions
+
+            self.weights = OffloadStates(OffloadStatesOptions(optimizer=False, params=True, target=options.target),
+                                         spec, device, saved)
 
     def check(self) -> None:
         if self.device == "cpu" and self.target == "cpu":
             raise StrategyError("offload.target: cpu on a CPU device moves nothing (the tensors are already "
                                 "there); use target: disk")
+        if self.weights is not None:
+            self.weights.check()
 
     def apply(self, model: ModelAdapter) -> None:
+        if self.weights is not None:
+            self.weights.apply(model)
+            return
         module = model.model
         self.trace_device = next(module.parameters()).device.type  # the CPU when tracing a CUDA estimate
         self._pinned = {storage_key(t) for t in (*module.parameters(), *module.buffers())}
 
     def configure(self, plan: StepPlan) -> None:
+        if self.weights is not None:
+            self.weights.configure(plan)
+            return
         plan.contexts.append(self.context)
 
     @contextlib.contextmanager
@@ -139,5 +155,11 @@ class Offload(Strategy[OffloadOptions]):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def report(self) -> dict[str, Any]:
+        if self.weights is not None:
+            return dict(self.weights.report())
         return {"target": self.target, "moved_off_device_bytes": self.moved_bytes,
                 "moved_tensors": self.moved_tensors}
+
+    def close(self) -> None:
+        if self.weights is not None:
+            self.weights.close()

@@ -253,6 +253,8 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
     order = 75
     refuses = {"optim8bit": "optim8bit keeps its 8-bit state on the device; offload_states moves AdamW's off it"}
     candidates = ({}, {"params": True})
+    modes = ("train", "infer", "generate")
+    inference_candidates = ({"params": True},)
 
     def __init__(self, options: OffloadStatesOptions, spec: Any, device: str, saved: SavedTensors | None = None):
         super().__init__(options, spec, device, saved)
@@ -264,11 +266,14 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
 
     def check(self) -> None:
         opts = self.options
+        if self.spec.run.mode != "train" and not opts.params:
+            raise StrategyError(f"offload_states.params: run.mode {self.spec.run.mode} has no optimizer state or "
+                                "gradients; only the weights can move (params: true)")
         if not opts.optimizer and not opts.params:
             raise StrategyError("offload_states: set optimizer and/or params to true, otherwise nothing moves")
         if self.device == "cpu" and self.target == "cpu":
             raise StrategyError("offload_states.target: cpu on a CPU device moves nothing; use target: disk")
-        if opts.optimizer and self.spec.train.optimizer == "none":
+        if opts.optimizer and self.spec.train.optimizer == "none" and self.spec.run.mode == "train":
             raise StrategyError("offload_states.optimizer: train.optimizer is none, so there is no state to move")
 
     def _make_tier(self) -> _Tier:

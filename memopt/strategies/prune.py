@@ -87,6 +87,7 @@ class Prune(Strategy[PruneOptions]):
     order = 1
     needs_to_know = "feed-forward and attention layout"
     candidates = ({"ffn": 0.25}, {"ffn": 0.5})
+    modes = ("train", "infer", "generate")
 
     def check(self) -> None:
         if self.options.ffn == 0 and self.options.heads == 0:

@@ -201,9 +201,14 @@ class Quant(Strategy[QuantOptions]):
     # that are multiples of 128; on narrower ones its padding costs more than the scales it saves)
     candidates = ({"bits": 8, "lora": 8}, {"bits": 4, "format": "nf4", "lora": 8}, {"bits": 4, "lora": 8},
                   {"bits": 4, "lora": 8, "group_size": 128})
+    modes = ("train", "infer", "generate")
+    inference_candidates = ({"bits": 8}, {"bits": 4, "format": "nf4"}, {"bits": 4})
 
     def check(self) -> None:
         opts = self.options
+        if opts.lora and self.spec.run.mode != "train":
+            raise StrategyError(f"quant.lora: adapters are for training; run.mode {self.spec.run.mode} runs the "
+                                "quantized weights alone (leave lora out)")
         if opts.backend != "bitsandbytes":
             return
         require("bitsandbytes", "quant.backend bitsandbytes")

@@ -20,6 +20,7 @@ class Sdpa(Strategy[SdpaOptions]):
     saves = "the b x heads x s x s score tensors: O(s^2) -> O(s) attention memory"
     order = 10
     needs_to_know = "attention kernel"
+    modes = ("train", "infer", "generate")
 
     def check(self) -> None:
         if self.spec.model.attention == "sdpa":  # the built-in and Hugging Face models say so in the spec
