@@ -53,6 +53,15 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", metavar="FILE", help="Batches from this text file (train.data): a Hugging Face checkpoint's tokenizer "
     "when it has one, else UTF-8 bytes. Default: seeded random token ids.", show_default=False)]
+ModeOpt = Annotated[Optional[str], typer.Option(
+    "--mode", help="train (a training step), infer (one forward pass under inference_mode) or generate (prefill + "
+    "greedy decode with a KV cache); run.mode.", show_default=False)]
+PromptLenOpt = Annotated[Optional[int], typer.Option("--prompt-len", help="--mode generate: prompt tokens per "
+                                                     "sequence (generate.prompt_len).", show_default=False)]
+NewTokensOpt = Annotated[Optional[int], typer.Option("--new-tokens", help="--mode generate: tokens generated per "
+                                                     "sequence (generate.new_tokens).", show_default=False)]
+CacheOpt = Annotated[Optional[str], typer.Option("--cache", help="--mode generate: static (preallocated) or dynamic "
+                                                 "(grows each step) KV cache (generate.cache).", show_default=False)]
 MarkdownOpt = Annotated[Optional[str], typer.Option("--markdown", metavar="FILE",
                                                     help="Also write the table as Markdown (for a PR comment).")]
 
@@ -182,6 +191,8 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
             hf: HfOpt = None, model: ModelOpt = None,
             data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
+            mode: ModeOpt = None, prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None,
+            cache: CacheOpt = None,
             timeline: Annotated[Optional[str], typer.Option(
                 "--timeline", metavar="FILE", help="Write live memory over the step: FILE.png or FILE.html.",
                 show_default=False)] = None) -> None:
@@ -190,12 +201,16 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
     Example: [bold]memopt profile configs/tiny.yaml -s ckpt+chunked_ce --json-out out.json[/bold]
 
     A Hugging Face model: [bold]memopt profile --hf path/to/config.json -s ckpt+chunked_ce[/bold]
+
+    Serving: [bold]memopt profile configs/tiny-decoder.yaml --mode generate --prompt-len 48 --new-tokens 16
+    -s kv_quant:bits=4[/bold]
     """
     from memopt import plot, report, runner
     from memopt.outputs import Outputs
 
     spec = _load(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
-                 steps=steps, hf=hf, python=model, data=data)
+                 steps=steps, hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len,
+                 new_tokens=new_tokens, cache=cache)
     limit = _size(device_memory, "--device-memory")
     outputs = Outputs({"spec": config}, json_out=json_out, timeline=timeline)
     if timeline is not None:
@@ -226,7 +241,8 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
             device: DeviceOpt = None, dtype: DtypeOpt = None,
             hf: HfOpt = None, model: ModelOpt = None,
             data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
-            steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None) -> None:
+            steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None,
+            prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None, cache: CacheOpt = None) -> None:
     """Run the baseline and each strategy set side by side, each in its own process.
 
     Example: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
@@ -239,7 +255,8 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
     from memopt.strategy_args import parse_sets
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                 hf=hf, python=model, data=data)
+                 hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
+                 cache=cache)
     limit = _size(device_memory, "--device-memory")
     device_name = resolve_device(spec.run.device)
     planned = planned_runs(spec, parse_sets(strategies), device_name)  # everything a run would refuse, now
@@ -294,7 +311,8 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
           json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
           device: DeviceOpt = None, dtype: DtypeOpt = None,
           hf: HfOpt = None, model: ModelOpt = None, data: DataOpt = None, strategies: StrategiesOpt = None,
-          device_memory: DeviceMemoryOpt = None) -> None:
+          device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None, prompt_len: PromptLenOpt = None,
+          new_tokens: NewTokensOpt = None, cache: CacheOpt = None) -> None:
     """CI memory-regression gate: exit 3 when the peak, a category or a phase grew past the tolerance.
 
     Example: [bold]memopt check configs/tiny.yaml --baseline tests/baselines/tiny.json --tolerance 1%[/bold]
@@ -307,7 +325,8 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
     from memopt.units import parse_percent
 
     tol = parse_percent(tolerance, "--tolerance")
-    spec = _load(config, strategies, device=device, dtype=dtype, hf=hf, python=model, data=data)
+    spec = _load(config, strategies, device=device, dtype=dtype, hf=hf, python=model, data=data, mode=mode,
+                 prompt_len=prompt_len, new_tokens=new_tokens, cache=cache)
     limit = _size(device_memory, "--device-memory")
     outputs = Outputs({"spec": config, "--baseline": None if update else baseline}, json_out=json_out,
                       markdown=markdown, baseline=baseline if update else None)
@@ -358,11 +377,16 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
              hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None,
              seq_len: SeqOpt = None, strategies: StrategiesOpt = None, fits: Annotated[Optional[str], typer.Option(
                  "--fits", metavar="SIZE", help="Answer whether it fits in SIZE (e.g. 24GiB); if not, which "
-                                                "single strategies would make it fit.", show_default=False)] = None
-             ) -> None:
+                 "single strategies would make it fit. With --mode generate also the largest batch and the longest "
+                 "context that fit.", show_default=False)] = None,
+             mode: ModeOpt = None, prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None,
+             cache: CacheOpt = None) -> None:
     """Predict the profile without allocating (fake tensors): for models larger than this machine.
 
     Example: [bold]memopt estimate llama-7b --batch-size 1 --seq-len 2048 --dtype bf16 --device cuda --fits 80GiB[/bold]
+
+    Serving: [bold]memopt estimate llama-7b --mode generate --prompt-len 3968 --new-tokens 128 --dtype fp16
+    --device cuda --fits 24GiB[/bold]
     """
     from memopt import report
     from memopt.estimate import analytic
@@ -371,16 +395,25 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
     from memopt.outputs import Outputs
 
     spec = _load(config, strategies, device=device or "cpu", dtype=dtype, batch_size=batch_size,
-                 seq_len=seq_len, hf=hf, python=model)
+                 seq_len=seq_len, hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
+                 cache=cache)
     budget = _size(fits, "--fits")
     outputs = Outputs({"spec": config}, json_out=json_out)
+    room = None
     with _progress() as say:
         result = run_estimate(spec, progress=say)
         assert result.memory is not None
         fit = check_fits(spec, result.memory.peak_bytes, budget, say) if budget is not None else None
+        if budget is not None and spec.run.mode == "generate":
+            from memopt.capacity import capacity, nothing_fits
+
+            room = capacity(spec, budget, say)
+            assert fit is not None
+            if room.batch is None and room.context is None and not fit.helpers:
+                raise nothing_fits(spec, room, fit.tried, str(fits))
     formulas = analytic(spec)
-    outputs.set_json(report.estimate_document(spec, result, formulas, fit))
-    _emit(outputs, json_stdout, lambda: report.print_estimate(spec, result, formulas, fit))
+    outputs.set_json(report.estimate_document(spec, result, formulas, fit, room))
+    _emit(outputs, json_stdout, lambda: report.print_estimate(spec, result, formulas, fit, room))
 
 
 @app.command()

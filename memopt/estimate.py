@@ -33,7 +33,8 @@ def estimate(spec: Spec, name: str = "baseline", progress: Callable[[str], None]
 
 
 def analytic(spec: Spec) -> dict[str, int | None]:
-    """The standard formulas, ignoring strategies: what calculators and papers would say.
+    """The standard formulas, ignoring strategies: what calculators and papers would say. Inference: parameters
+    x bytes and (generate) the KV cache 2 x layers x kv_heads x head_dim x positions x batch x bytes.
 
     params/grads/optimizer: count x bytes (AdamW: two moments). activations: Korthikanti et al. 2022,
     s*b*h*(34 + 5*a*s/h) bytes per layer for 16-bit activations with 1-byte dropout masks, scaled to
@@ -42,6 +43,11 @@ def analytic(spec: Spec) -> dict[str, int | None]:
     m, t = spec.model, spec.train
     dtype_bytes = DTYPE_BYTES[spec.run.dtype]
     n = parameter_total(m, spec.run.dtype)
+    if spec.run.mode != "train":  # weights + the KV formula: what serving calculators say
+        from memopt.capacity import kv_bytes_per_position
+
+        kv = kv_bytes_per_position(spec) * spec.generate.positions * t.batch_size if spec.run.mode == "generate" else 0
+        return {"params": n * dtype_bytes, "kv_cache": kv, "peak": n * dtype_bytes + kv}
     acts: int | None = None
     if not isinstance(m, PythonModelSpec):  # a user's module: no shape facts to put in the formula
         shape = m.facts if isinstance(m, HfModelSpec) else m.model_dump()

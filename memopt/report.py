@@ -66,12 +66,25 @@ def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = 
                         "tracemalloc: not tensors")
     if result.estimated:
         summary.add_row("Trace time", f"{result.step_time_s:.1f} s", "one step on fake tensors")
+    elif result.inference is not None:
+        what = "generation" if result.inference["mode"] == "generate" else "forward pass"
+        summary.add_row(f"Time per {what} (median)", f"{result.step_time_s * 1000:.1f} ms",
+                        f"of {len(result.step_times_s)}, after a warm-up")
     else:
         summary.add_row("Step time (median)", f"{result.step_time_s * 1000:.1f} ms",
                         f"of {len(result.step_times_s)}" + (", after a warm-up" if warmed_up else ""))
         summary.add_row("Loss", f"{result.loss:.4f}", "")
-    summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
-    if result.drift is not None:
+    if result.inference is not None:
+        for label, value, note in inference_rows(result.inference):
+            summary.add_row(label, value, note)
+        summary.add_row("Parameters", f"{result.params_total:,}", "inference: none trains")
+    else:
+        summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
+    if result.drift is not None and "tokens_differ" in result.drift:
+        summary.add_row("Accuracy drift", drift_text(result.drift),
+                        "greedy tokens that differ from the unchanged model's; logits' relative error up to "
+                        "the first different token")
+    elif result.drift is not None:
         summary.add_row("Accuracy drift", drift_text(result.drift),
                         f"logits vs unchanged model, {drift_when(result.drift)}; "
                         f"loss {result.drift['loss_delta']:+.4f}")
@@ -222,7 +235,7 @@ def compare_rows(runs: list[RunResult]) -> list[dict[str, str]]:
             "changed": _changed_categories(mem, base) if vs and base else "-",
             "time": f"{run.step_time_s * 1000:.0f} ms",
             "slowdown": f"{vs.slowdown:.2f}x" if vs else "-",
-            "loss": f"{vs.loss_delta:+.2e}" if vs else f"{run.loss:.4f}",
+            "loss": "-" if run.inference is not None else f"{vs.loss_delta:+.2e}" if vs else f"{run.loss:.4f}",
             "cosine": f"{vs.grad_cosine:.6f}" if vs and vs.grad_cosine is not None else "-",
             "drift": drift_text(run.drift),
             "status": "ok",
@@ -268,8 +281,15 @@ def compare_markdown(runs: list[RunResult], title: str) -> str:
 
 
 def spec_title(spec: Spec, device: str) -> str:
-    return (f"{spec.model.title()}, batch {spec.train.batch_size} x "
-            f"seq {spec.train.seq_len}, {spec.train.optimizer}, {spec.run.dtype}, {device}")
+    t, mode = spec.train, spec.run.mode
+    if mode == "generate":
+        g = spec.generate
+        shape = f"generate {t.batch_size} x ({g.prompt_len} + {g.new_tokens}), {g.cache} cache"
+    elif mode == "infer":
+        shape = f"infer, batch {t.batch_size} x seq {t.seq_len}"
+    else:
+        shape = f"batch {t.batch_size} x seq {t.seq_len}, {t.optimizer}"
+    return f"{spec.model.title()}, {shape}, {spec.run.dtype}, {device}"
 
 
 def runs_document(spec: Spec | dict[str, Any], runs: list[RunResult], device: str, **extra: Any) -> dict[str, Any]:
@@ -282,6 +302,30 @@ def runs_document(spec: Spec | dict[str, Any], runs: list[RunResult], device: st
             "runs": [r.to_json() for r in runs], **extra}
 
 
+def inference_rows(facts: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Summary rows of an infer/generate run: its shape, the KV cache, time to first token, throughput."""
+    if facts["mode"] == "infer":
+        rows = [("Forward pass", f"{facts['batch_size']} x {facts['seq_len']}", "batch x tokens, inference_mode")]
+        if "tokens_per_s" in facts:
+            rows.append(("Throughput", f"{facts['tokens_per_s']:,.0f} tok/s", ""))
+        return rows
+    rows = [("Generation", f"{facts['batch_size']} x ({facts['prompt_len']} + {facts['new_tokens']})",
+             "sequences x (prompt + new tokens), greedy"),
+            ("KV cache", format_bytes(facts["kv_cache_bytes"]),
+             f"{facts['cache']}, {facts['cache_positions']} positions" if facts["cache"] == "static"
+             else f"{facts['cache']}, as the generation leaves it")]
+    if facts["growth_bytes"]:
+        rows.append(("KV cache growth at its peak", format_bytes(facts["growth_bytes"]),
+                     "a layer's old and grown keys/values alive at once while concatenating"))
+    if "time_to_first_token_s" in facts:
+        rows.append(("Time to first token", f"{facts['time_to_first_token_s'] * 1000:.1f} ms", "the prefill"))
+        tps = facts.get("decode_tokens_per_s")
+        if tps:
+            rows.append(("Decode throughput", f"{tps:,.1f} tok/s",
+                         f"{tps / facts['batch_size']:,.1f} per sequence"))
+    return rows
+
+
 def drift_when(drift: dict[str, float]) -> str:
     steps = drift.get("after_steps", 0)
     return f"after {steps:g} identical training steps" if steps else "before training"
@@ -291,6 +335,8 @@ def drift_text(drift: dict[str, float] | None) -> str:
     """'0.37%': the logits' relative error against the unchanged model, or '-' for a lossless run."""
     if not drift:
         return "-"
+    if "tokens_differ" in drift:
+        return f"{100 * drift['tokens_differ']:.1f}% tokens, {100 * drift['logits_rel_error']:.2f}% logits"
     steps = drift.get("after_steps", 0)
     return f"{100 * drift['logits_rel_error']:.2f}%" + (f" @{steps:g}" if steps else "")
 
@@ -327,13 +373,19 @@ def estimate_table(result: RunResult, formulas: dict[str, int | None]) -> Table:
     """Traced estimate beside the standard formulas, with the formulas' error."""
     mem = result.memory
     assert mem is not None
-    table = Table(title="Estimate vs the standard formulas (which ignore strategies, embeddings and the loss)",
+    inference = result.inference is not None
+    table = Table(title="Estimate vs the standard formulas (which ignore strategies, " + (
+        "the prefill's working set and the logits)" if inference else "embeddings and the loss)"),
                   title_justify="left")
     for col in ("", "traced estimate", "formula", "formula is off by"):
         table.add_column(col, justify="left" if not col else "right")
-    traced = {"params": mem.state_bytes["params"], "grads": mem.state_bytes["grads"],
-              "optimizer": mem.state_bytes["optimizer"], "activations": mem.category_peak_bytes["activations"],
-              "peak": mem.peak_bytes}
+    if inference:
+        traced = {"params": mem.state_bytes["params"], "kv_cache": mem.category_peak_bytes["kv_cache"],
+                  "peak": mem.peak_bytes}
+    else:
+        traced = {"params": mem.state_bytes["params"], "grads": mem.state_bytes["grads"],
+                  "optimizer": mem.state_bytes["optimizer"], "activations": mem.category_peak_bytes["activations"],
+                  "peak": mem.peak_bytes}
     for key, value in traced.items():
         formula = formulas.get(key)
         off = f"{100 * (formula - value) / value:+.1f}%" if formula is not None and value else "-"
@@ -409,23 +461,50 @@ def print_check(found: list[Any], tolerance: float, peak: int, baseline_peak: in
                   f"nothing grew more than {100 * tolerance:g}%")
 
 
-def estimate_document(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any) -> dict[str, Any]:
+def estimate_document(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any,
+                      capacity: Any = None) -> dict[str, Any]:
     doc = to_json(spec, [result], result.device)
     doc["estimated"] = True
     doc["analytic"] = formulas
     if fit is not None:
         doc["fits"] = {"budget_bytes": fit.budget, "fits": fit.fits, "margin_bytes": fit.margin,
                        "single_strategies_that_fit": fit.helpers, "not_tried": fit.not_tried}
+    if capacity is not None:
+        doc["capacity"] = capacity.to_json()
     return doc
 
 
-def print_estimate(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any) -> None:
+def print_estimate(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any,
+                   capacity: Any = None) -> None:
     tables = profile_tables(spec, result)
     tables[0].title = str(tables[0].title).replace("memopt profile", "memopt estimate (traced, nothing allocated)")
     console = stdout_console()
-    print_tables([tables[0], tables[1], tables[2], estimate_table(result, formulas)], console)
+    extra = [capacity_table(spec, capacity)] if capacity is not None else []
+    print_tables([tables[0], tables[1], tables[2], estimate_table(result, formulas), *extra], console)
     for line in fit_lines(fit) if fit else []:
         console.print(line)
+
+
+def _apart(formula: int, traced: int) -> str:
+    return f"{100 * (formula - traced) / traced:+.1f}%" if traced else "-"
+
+
+def capacity_table(spec: Spec, cap: Any) -> Table:
+    """What fits in the budget, by estimates, beside the formula's answers."""
+    g, batch = spec.generate, spec.train.batch_size
+    table = Table(title=f"What fits in {format_bytes(cap.budget)} ({cap.estimates} estimates, {cap.seconds:.0f} s)",
+                  title_justify="left")
+    for col in ("question", "traced", "peak", "formula", "formula is off by"):
+        table.add_column(col, justify="left" if col == "question" else "right")
+    b = cap.batch[0] if cap.batch else 0
+    table.add_row(f"sequences of {g.prompt_len} + {g.new_tokens} tokens", f"{b:,}",
+                  format_bytes(cap.batch[1]) if cap.batch else "-", f"{cap.formula['max_batch']:,}",
+                  _apart(cap.formula["max_batch"], b))
+    c = cap.context[0] if cap.context else 0
+    limit = " (max_seq_len)" if c == cap.context_limit else ""
+    table.add_row(f"context at batch {batch} (tokens)", f"{c:,}{limit}", format_bytes(cap.context[1]) if cap.context
+                  else "-", f"{cap.formula['max_context']:,}", _apart(cap.formula["max_context"], c))
+    return table
 
 
 def winner_yaml(best: dict[str, Any], outcome: Any, budget: str) -> str:
