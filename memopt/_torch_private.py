@@ -119,3 +119,18 @@ def storage_key(x: torch.Tensor | torch.UntypedStorage) -> int:
     C pointer (``_cdata``), which views and aliases share and which PyTorch offers no public name for."""
     storage = x.untyped_storage() if isinstance(x, torch.Tensor) else x
     return int(storage._cdata)
+
+
+def decompose_composite(mode: TorchDispatchMode, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """Run a CompositeImplicitAutograd op (``aten.matmul``, ``aten.linear``, ...) as its decomposition with ``mode``
+    active, so the mode sees the allocations inside it; NotImplemented for any other op.
+
+    With autograd on, such ops are decomposed before they reach a dispatch mode; under ``torch.inference_mode``
+    they arrive whole, and the copies inside them (matmul's reshapes) would be invisible. FakeTensorMode
+    decomposes them the same way, which keeps real and traced runs alike.
+    """
+    if getattr(func, "namespace", None) != "aten" or not func.has_kernel_for_dispatch_key(
+            torch._C.DispatchKey.CompositeImplicitAutograd):
+        return NotImplemented
+    with mode:
+        return func.decompose(*args, **kwargs)

@@ -435,7 +435,8 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
              json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, device: DeviceOpt = None,
              dtype: DtypeOpt = None,
              hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
-             steps: StepsOpt = None) -> None:
+             steps: StepsOpt = None, mode: ModeOpt = None, prompt_len: PromptLenOpt = None,
+             new_tokens: NewTokensOpt = None, cache: CacheOpt = None) -> None:
     """Search strategy combinations; show the fastest that fits the budget and write it as a spec.
 
     Example: [bold]memopt optimize configs/seed.yaml --budget 1GiB --output best.yaml[/bold],
@@ -448,7 +449,7 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
     from memopt.units import parse_percent
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                 hf=hf, python=model)
+                 hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache)
     limit = _size(budget, "--budget")
     assert limit is not None
     cap = parse_percent(max_drift, "--max-drift") if max_drift is not None else None

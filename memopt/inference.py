@@ -147,10 +147,13 @@ def _reporting(session: Any, tracker: TensorTracker) -> Iterator[None]:
 def run_inference(spec: Spec, name: str, *, timeline: bool, device_memory: int | None, progress: Progress | None,
                   fake: bool) -> RunResult:
     """Profile one infer/generate spec: a warm-up pass, then ``train.steps`` measured ones."""
-    from memopt.runner import make_batch, prepare
+    from memopt.runner import limit_watch, prepare
 
     say = progress or (lambda _msg: None)
-    mode = spec.run.mode
+    if not fake:
+        from memopt.preflight import ensure_fits_here
+
+        ensure_fits_here(spec, device_memory, say)
     drift = None
     if not fake and any(s.lossy for s in _strategy_classes(spec)):
         say(f"{name}: measuring accuracy drift against the unchanged model")
@@ -158,24 +161,41 @@ def run_inference(spec: Spec, name: str, *, timeline: bool, device_memory: int |
 
         drift = inference_drift(spec)
     say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
-    with torch.inference_mode():
+    with torch.inference_mode(), limit_watch(spec, device_memory, fake, "model build") as watch_limit:
         session = prepare(spec, fake=fake)
-        total, _ = count_parameters(session.model)  # nothing trains
-        result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies],
-                           device=session.target_device, estimated=fake, params_total=total)
-        result.drift = drift
+    try:
+        return _measure(spec, name, session, drift, watch_limit, timeline, device_memory, say, fake)
+    finally:
+        for strategy in session.strategies:
+            strategy.close()  # temporary files of the weights' disk tier, also when the run fails
 
-        def one_pass(step: int, tracker: TensorTracker | None) -> Generation | None:
-            if mode == "generate":
-                return generate(session, prompt_batch(spec, session.device, step), tracker)
-            with _phase(tracker, "forward"):
-                logits = infer(session, make_batch(spec, session.device, step))
-                del logits
-            return None
 
+def _measure(spec: Spec, name: str, session: Any, drift: dict[str, float] | None, watch_limit: Any, timeline: bool,
+             device_memory: int | None, say: Progress, fake: bool) -> RunResult:
+    """Warm-up pass, then the measured ones under the tracker; the run's result."""
+    from memopt.runner import make_batch
+
+    mode = spec.run.mode
+    total, _ = count_parameters(session.model)  # nothing trains
+    result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies],
+                       device=session.target_device, estimated=fake, params_total=total)
+    result.drift = drift
+
+    def one_pass(step: int, tracker: TensorTracker | None) -> Generation | None:
+        if mode == "generate":
+            return generate(session, prompt_batch(spec, session.device, step), tracker)
+        with _phase(tracker, "forward"):
+            logits = infer(session, make_batch(spec, session.device, step))
+            del logits
+        return None
+
+    with torch.inference_mode():
         if not fake:
             say(f"{name}: warm-up {'generation' if mode == 'generate' else 'pass'}")
-            one_pass(0, None)
+            with watch_limit if watch_limit is not None else contextlib.nullcontext():
+                if watch_limit is not None:
+                    watch_limit.stage = f"warm-up {mode}"
+                one_pass(0, None)
             _sync(session.device)
         tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory, mode=mode,
                                 round_to=CUDA_BLOCK if session.target_device == "cuda" else 1)
@@ -208,7 +228,6 @@ def run_inference(spec: Spec, name: str, *, timeline: bool, device_memory: int |
         facts = strategy.report()
         if facts:
             result.strategy_facts[strategy.name] = facts
-        strategy.close()
     result.notes.extend(session.plan.notes)
     return result
 

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import torch
 
-from memopt._torch_private import TorchDispatchMode, observe_saved_tensors, storage_key
+from memopt._torch_private import TorchDispatchMode, decompose_composite, observe_saved_tensors, storage_key
 from memopt.results import HostPeaks, StepMemory
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
@@ -197,6 +197,9 @@ class TensorTracker(TorchDispatchMode):
 
     # -- the dispatch hook ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = decompose_composite(self, func, args, kwargs or {})  # under inference_mode they come whole
+        if out is not NotImplemented:
+            return out
         out = func(*args, **(kwargs or {}))
         for t in _tensors(out):
             try:
@@ -208,11 +211,13 @@ class TensorTracker(TorchDispatchMode):
         return out
 
     def __enter__(self) -> TensorTracker:
+        self._depth = getattr(self, "_depth", 0) + 1  # re-entered to see inside composite ops (inference_mode)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        # frees that happen after tracking ends (the model going away) must not extend the timeline
-        self._frozen_timeline, self.timeline = self.timeline, None
+        self._depth -= 1
+        if not self._depth:  # frees after tracking ends (the model going away) must not extend the timeline
+            self._frozen_timeline, self.timeline = self.timeline, None
         return super().__exit__(*exc)
 
     def saved(self, tensor: torch.Tensor) -> None:

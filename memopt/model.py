@@ -142,11 +142,12 @@ class Rope(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, causal: bool,
-           dropout: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+           dropout: float, mask: torch.Tensor | None = None, training: bool = True) -> torch.Tensor:
     """Scaled dot-product attention over (b, heads, s, hd) tensors; k, v may have fewer (grouped) heads.
 
     ``eager`` materialises the b*heads*s*s probabilities; ``sdpa`` calls F.scaled_dot_product_attention.
     ``mask`` (s_q, s_k, True = may attend) replaces ``causal`` where queries and keys are not aligned (a cache).
+    ``training`` false: no dropout call at all (as the model's eval mode, in inference).
     """
     grouped = k.shape[1] != q.shape[1]
     if kind == "sdpa":
@@ -161,7 +162,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, caus
     elif causal:
         s = q.shape[-2]
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return F.dropout(scores.softmax(-1), dropout) @ v                                     # b, h, s, hd
+    return F.dropout(scores.softmax(-1), dropout, training=training) @ v                  # b, h, s, hd
 
 
 def cached_mask(s_q: int, q_start: int, s_k: int, k_start: int, device: torch.device) -> torch.Tensor | None:
@@ -221,7 +222,7 @@ class SelfAttention(nn.Module):
                 mask = cached_mask(s, start, k.shape[-2], k_start, x.device)
                 causal = False    # one query (decoding) attends to every key, all in its past
         y = attend(q, k, v, kind=self.attention, causal=causal, dropout=self.dropout if self.training else 0.0,
-                   mask=mask)
+                   mask=mask, training=self.training)
         return self.o(y.transpose(1, 2).reshape(b, s, -1))
 
 

@@ -262,7 +262,7 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
     stage = "model build"
     tracker = None
     try:
-        with _limit_watch(spec, device_memory, fake, stage) as watch_limit:
+        with limit_watch(spec, device_memory, fake, stage) as watch_limit:
             say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
             session = prepare(spec, fake=fake)
             model = session.model
@@ -327,7 +327,7 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
 
 
 @contextlib.contextmanager
-def _limit_watch(spec: Spec, device_memory: int | None, fake: bool, stage: str) -> Iterator[TensorTracker | None]:
+def limit_watch(spec: Spec, device_memory: int | None, fake: bool, stage: str) -> Iterator[TensorTracker | None]:
     """With ``device_memory``, live tensors are held under it from the model's build on (build and warm-up;
     the measured steps have their own tracker), an overflow naming the ``stage`` the tracker is told."""
     if device_memory is None or fake:

@@ -418,3 +418,66 @@ def test_without_transformers_the_message_names_the_install_command(monkeypatch)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines() == [
         "error: --hf model.hf: llama: Hugging Face models need transformers: pip install 'memopt[hf]'"]
+
+
+# ---- inference and generation on Hugging Face models ---------------------------------------------------------
+
+PROMPT, NEW = 21, 7
+
+
+def hf_generate_spec(source: Path, cache: str = "static", strategies: tuple[str, ...] = ()) -> Spec:
+    return spec_from_data({"model": {"hf": str(source)}, "train": {"batch_size": 3, "steps": 1},
+                           "run": {"device": "cpu", "mode": "generate"},
+                           "generate": {"prompt_len": PROMPT, "new_tokens": NEW, "cache": cache}},
+                          strategies=list(strategies))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_hf_greedy_tokens_with_transformers_caches_equal_tokens_without(configs, name, cache):
+    import torch
+
+    from memopt.inference import generate, greedy_without_cache, prompt_batch
+
+    spec = hf_generate_spec(configs[name], cache)
+    with torch.inference_mode():
+        session = prepare(spec)
+        prompt = prompt_batch(spec, "cpu")
+        cached = generate(session, prompt).tokens
+        assert torch.equal(cached, greedy_without_cache(session, prompt, NEW))
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_hf_kv_cache_bytes_and_estimate_equals_profile(configs, cache):
+    spec = hf_generate_spec(configs["llama"], cache)
+    real, traced = run(spec), run(spec, fake=True)
+    assert real.inference is not None and real.memory is not None and traced.memory is not None
+    positions = PROMPT + NEW if cache == "static" else PROMPT + NEW - 1
+    layers, kv_heads, head_dim = SHAPE["num_hidden_layers"], SHAPE["num_key_value_heads"], 64 // 4
+    assert real.inference["kv_cache_bytes"] == 2 * layers * kv_heads * head_dim * positions * 3 * 4
+    if cache == "dynamic":  # transformers' DynamicLayer concatenates: one layer's keys copied at the peak
+        assert real.inference["growth_bytes"] == 3 * kv_heads * (positions - 1) * head_dim * 4
+    assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.01)
+
+
+@pytest.mark.parametrize("strategies", [(), ("quant:bits=4",), ("chunked_prefill:chunk=8",), ("offload",)],
+                         ids=lambda s: "+".join(s) or "baseline")
+def test_hf_generate_strategies_estimate_equals_profile(configs, strategies):
+    spec = hf_generate_spec(configs["llama"], "static", strategies)
+    real, traced = run(spec), run(spec, fake=True)
+    assert real.memory is not None and traced.memory is not None
+    assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.01)
+
+
+def test_hf_infer_estimate_equals_profile(configs):
+    spec = spec_from_data({"model": {"hf": str(configs["gpt2"])}, "train": {"batch_size": 2, "seq_len": 32, "steps": 1},
+                           "run": {"device": "cpu", "mode": "infer"}})
+    real, traced = run(spec), run(spec, fake=True)
+    assert real.memory is not None and traced.memory is not None
+    assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.01)
+
+
+def test_hf_refuses_memopt_kv_strategies(configs):
+    result = invoke(["profile", "--hf", configs["llama"], "--mode", "generate", "--prompt-len", "16", "--new-tokens",
+                     "4", "-s", "kv_quant"])
+    assert result.exit_code == 1 and "kv_quant: memopt's quantized cache works on memopt's decoder" in result.output
