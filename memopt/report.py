@@ -180,8 +180,8 @@ def strategy_rows(strategies: dict[str, Any]) -> list[dict[str, Any]]:
             options[field_name] = {"default": info.default, "type": _type_name(info.annotation),
                                    "help": info.description or ""}
         rows.append({"name": name, "order": cls.order, "summary": cls.summary, "saves": cls.saves,
-                     "devices": list(cls.devices), "lossy": cls.lossy, "options": options,
-                     "refuses": dict(cls.refuses)})
+                     "devices": list(cls.devices), "modes": list(cls.modes), "lossy": cls.lossy,
+                     "options": options, "refuses": dict(cls.refuses)})
     return rows
 
 
@@ -198,14 +198,14 @@ def strategies_table(rows: list[dict[str, Any]]) -> Table:
     table.add_column("name", no_wrap=True, style="bold")
     table.add_column("what it does / [dim]what it saves[/dim]", ratio=3)
     table.add_column("options = default", ratio=2)
-    table.add_column("devices", no_wrap=True)
+    table.add_column("devices / modes", no_wrap=True)
     for row in rows:
         opts = "\n".join(f"{k} = {v['default']}" + (f" [dim]({v['type']})[/dim]" if "|" in v["type"] else "")
                          for k, v in row["options"].items()) or "-"
         text = f"{row['summary']}\n[dim]{row['saves']}[/dim]" + ("\n[yellow]lossy[/yellow]" if row["lossy"] else "")
         for other in row["refuses"]:
             text += f"\n[red]refuses {other}[/red]"
-        table.add_row(row["name"], text, opts, ", ".join(row["devices"]))
+        table.add_row(row["name"], text, opts, ", ".join(row["devices"]) + "\n" + ", ".join(row["modes"]))
     return table
 
 

@@ -484,10 +484,26 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
         spec = Spec.model_validate(data)
     except ValidationError as exc:
         problems.extend(describe(err, Spec) for err in exc.errors())
+    if spec is not None:
+        problems += _unused_options(spec, overrides or {})
     if problems:
         raise SpecError(problems)
     assert spec is not None
     return spec.with_strategies(tuple(parsed))
+
+
+GENERATE_ONLY = ("prompt_len", "new_tokens", "cache")
+
+
+def _unused_options(spec: Spec, overrides: dict[str, Any]) -> list[str]:
+    """Command-line options the run mode would ignore: an error rather than silently nothing."""
+    given = [key for key, value in overrides.items() if value is not None]
+    mode = spec.run.mode
+    problems = [f"--{key.replace('_', '-')}: applies to --mode generate (run.mode is {mode})"
+                for key in given if key in GENERATE_ONLY and mode != "generate"]
+    if mode == "generate" and "seq_len" in given:
+        problems.append("--seq-len: --mode generate takes its lengths from --prompt-len and --new-tokens")
+    return problems
 
 
 def _model_section(model: Any, problems: list[str], overrides: dict[str, Any]) -> Any:

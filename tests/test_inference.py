@@ -240,6 +240,9 @@ def test_compare_and_check_in_generate_mode(tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["--mode", "generate", "--prompt-len", "60", "--new-tokens", "8"],
      "--new-tokens (generate.new_tokens): prompt_len 60 + new_tokens 8 = 68 exceeds model.max_seq_len 64"),
+    (["--prompt-len", "8"], "--prompt-len: applies to --mode generate (run.mode is train)"),
+    (["--mode", "infer", "--cache", "dynamic"], "--cache: applies to --mode generate (run.mode is infer)"),
+    (["--mode", "generate", "--prompt-len", "24", "--new-tokens", "4", "--seq-len", "8"], "--seq-len: --mode generate takes its lengths from --prompt-len"),
     (["--mode", "gen"], "--mode (run.mode): input should be 'train', 'infer' or 'generate'"),
     (["--mode", "generate", "--prompt-len", "0"], "--prompt-len (generate.prompt_len): input should be greater than 0"),
     (["--mode", "generate", "--cache", "paged"], "--cache (generate.cache): input should be 'static' or 'dynamic'"),
@@ -293,3 +296,28 @@ def test_timeline_and_optimize_in_generate_mode(tmp_path):
     result = invoke(["optimize", *args, "--budget", f"{int(base * 0.9)}B", "--allow-lossy", "--top", "1", "-o", out])
     assert result.exit_code == 0, result.output
     assert "mode: generate" in out.read_text()
+
+
+# ---- on a GPU (skipped without one) ---------------------------------------------------------------------------
+
+def cuda_spec(strategies: tuple[str, ...] = (), cache: str = "static") -> Spec:
+    data = gen_spec(strategies, cache=cache).to_dict()
+    data["run"]["device"] = "cuda"
+    return spec_from_data(data)
+
+
+@pytest.mark.parametrize("strategies,cache", [((), "static"), ((), "dynamic"), (("kv_quant:bits=4",), "static"),
+                                              (("chunked_prefill:chunk=8",), "static"), (("offload",), "static")])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generate_tokens_bytes_and_estimate(strategies, cache):
+    spec = cuda_spec(strategies, cache)
+    if not strategies or strategies[0].startswith(("chunked", "offload")):
+        with_cache, without = tokens(spec)
+        assert torch.equal(with_cache, without)
+    real, traced = run(spec), estimate(spec)
+    assert real.memory is not None and traced.memory is not None and real.inference is not None
+    if not strategies and cache == "static":
+        assert real.inference["kv_cache_bytes"] == kv_formula(PROMPT + NEW, 4)  # whole 512-byte blocks here
+    assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.01)
+    assert real.host.cuda is not None and real.host.cuda["max_allocated_bytes"] >= real.memory.peak_bytes * 0.9
