@@ -82,9 +82,11 @@ def generate(session: Any, prompt: torch.Tensor, tracker: TensorTracker | None =
         cache = adapter.make_cache(plan.kv, batch, gen.positions, on_new)
         chunk = plan.prefill_chunk or prompt_len
         starts = list(range(0, prompt_len, chunk))
+        previous = -chunk
         for start in _traced(starts, fake):
-            if start != starts[0]:
+            if start != previous + chunk:  # estimates jump ahead
                 adapter.skip_cache_to(cache, start)
+            previous = start
             logits = adapter.next_logits(prompt[:, start:start + chunk], cache, start)
         token = logits.argmax(-1)
         _sync(session.device)
@@ -95,7 +97,7 @@ def generate(session: Any, prompt: torch.Tensor, tracker: TensorTracker | None =
         began = time.perf_counter()
         positions = list(range(prompt_len, prompt_len + gen.new_tokens - 1))
         for position in _traced(positions, fake):
-            if position != positions[0]:
+            if position != prompt_len + len(tokens) - 1:  # estimates jump ahead
                 adapter.skip_cache_to(cache, position)
             logits = adapter.next_logits(token[:, None], cache, position)
             token = logits.argmax(-1)

@@ -432,7 +432,7 @@ def hf_generate_spec(source: Path, cache: str = "static", strategies: tuple[str,
                           strategies=list(strategies))
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2", "mistral"])  # mistral: a window shorter than the text
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_hf_greedy_tokens_with_transformers_caches_equal_tokens_without(configs, name, cache):
     import torch
@@ -460,10 +460,12 @@ def test_hf_kv_cache_bytes_and_estimate_equals_profile(configs, cache):
     assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.01)
 
 
-@pytest.mark.parametrize("strategies", [(), ("quant:bits=4",), ("chunked_prefill:chunk=8",), ("offload",)],
-                         ids=lambda s: "+".join(s) or "baseline")
-def test_hf_generate_strategies_estimate_equals_profile(configs, strategies):
-    spec = hf_generate_spec(configs["llama"], "static", strategies)
+@pytest.mark.parametrize("name,cache,strategies", [
+    ("llama", "static", ()), ("llama", "static", ("quant:bits=4",)), ("llama", "static", ("chunked_prefill:chunk=8",)),
+    ("llama", "static", ("offload",)), ("mistral", "static", ("chunked_prefill:chunk=6",)),
+    ("mistral", "dynamic", ("chunked_prefill:chunk=6",)), ("gpt2", "dynamic", ())])
+def test_hf_generate_strategies_estimate_equals_profile(configs, name, cache, strategies):
+    spec = hf_generate_spec(configs[name], cache, strategies)
     real, traced = run(spec), run(spec, fake=True)
     assert real.memory is not None and traced.memory is not None
     assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.01)

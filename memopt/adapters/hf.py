@@ -222,11 +222,21 @@ class HfAdapter(ModuleAdapter):
 
     def skip_cache_to(self, cache: Any, length: int) -> None:
         """A dynamic cache grown to ``length`` positions (a static one is indexed by position already)."""
+        from transformers.cache_utils import DynamicLayer
+
         on_new = cache._memopt_on_new
-        for layer in cache.layers:
+        for layer in cache.layers:  # a static layer is indexed by position, a sliding static one counts
+            if hasattr(layer, "cumulative_length_int"):
+                layer.cumulative_length_int = length
             keys = getattr(layer, "keys", None)
-            if getattr(layer, "max_cache_len", None) is None and keys is not None and keys.shape[-2] < length:
-                layer.keys = keys.new_empty(*keys.shape[:-2], length, keys.shape[-1])
-                layer.values = layer.values.new_empty(*layer.values.shape[:-2], length, layer.values.shape[-1])
+            if not isinstance(layer, DynamicLayer) or keys is None:
+                continue
+            window = getattr(layer, "sliding_window", None)  # a sliding layer keeps window - 1 positions
+            target = min(length, window - 1) if window else length
+            if keys.shape[-2] < target:
+                layer.keys = keys.new_empty(*keys.shape[:-2], target, keys.shape[-1])
+                layer.values = layer.values.new_empty(*layer.values.shape[:-2], target, layer.values.shape[-1])
                 on_new(layer.keys)
                 on_new(layer.values)
+            if window:
+                layer.cumulative_length = length
