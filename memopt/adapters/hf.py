@@ -234,8 +234,9 @@ class HfAdapter(ModuleAdapter):
             window = getattr(layer, "sliding_window", None)  # a sliding layer keeps window - 1 positions
             target = min(length, window - 1) if window else length
             if keys.shape[-2] < target:
+                values: Any = layer.values
                 layer.keys = keys.new_empty(*keys.shape[:-2], target, keys.shape[-1])
-                layer.values = layer.values.new_empty(*layer.values.shape[:-2], target, layer.values.shape[-1])
+                layer.values = values.new_empty(*values.shape[:-2], target, values.shape[-1])
                 on_new(layer.keys)
                 on_new(layer.values)
             if window:
