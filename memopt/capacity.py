@@ -131,12 +131,13 @@ def capacity(spec: Spec, budget: int, progress: Callable[[str], None] | None = N
     return out
 
 
-def nothing_fits(spec: Spec, cap: Capacity, tried: int, budget_text: str) -> MemoptError:
-    """The error for a --fits that nothing satisfies: what the smallest shapes need, against the budget."""
+def nothing_fits(spec: Spec, cap: Capacity, fit: Any, budget_text: str) -> MemoptError:
+    """The error for a --fits that nothing satisfies (every single strategy tried): what the smallest shapes
+    need, against the budget."""
     from memopt.units import format_bytes
 
     return MemoptError(f"--fits {budget_text}: nothing fits: even 1 sequence of {spec.generate.prompt_len} + "
                        f"{spec.generate.new_tokens} tokens (and {spec.train.batch_size} of 1 + "
                        f"{spec.generate.new_tokens}) needs more; the weights alone are "
-                       f"{format_bytes(cap.formula['weights_bytes'])}, and none of the {tried} single strategies "
-                       "tried brings it under")
+                       f"{format_bytes(cap.formula['weights_bytes'])}, and none of the {fit.tried} single strategies "
+                       "brings it under")

@@ -409,8 +409,8 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
 
             room = capacity(spec, budget, say)
             assert fit is not None
-            if room.batch is None and room.context is None and not fit.helpers:
-                raise nothing_fits(spec, room, fit.tried, str(fits))
+            if room.batch is None and room.context is None and not fit.helpers and not fit.not_tried:
+                raise nothing_fits(spec, room, fit, str(fits))
     formulas = analytic(spec)
     outputs.set_json(report.estimate_document(spec, result, formulas, fit, room))
     _emit(outputs, json_stdout, lambda: report.print_estimate(spec, result, formulas, fit, room))
