@@ -134,3 +134,118 @@ def decompose_composite(mode: TorchDispatchMode, func: Any, args: Any, kwargs: d
         return NotImplemented
     with mode:
         return func.decompose(*args, **kwargs)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: a DTensor's local shard (FSDP2's parameters, gradients and optimizer
+    state), any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) and type(t).__name__ == "DTensor" else t
+
+
+def device_mesh(device: str, world_size: int) -> Any:
+    """A 1-D DeviceMesh over the process group; made outside any FakeTensorMode (making one under it fails on
+    ``aten._local_scalar_dense``), which is what lets ``fully_shard`` shard fake tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with unset_fake_temporarily():
+        return init_device_mesh(device, (world_size,))
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int) -> Iterator[None]:
+    """A process group of ``world_size`` ranks in which this process is rank 0 and collectives do nothing
+    (torch.testing's fake backend): one rank traced as if the others were there."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def fsdp_memory_reporting(on_unshard_alloc: Callable[[torch.Tensor], None],
+                          on_unshard_free: Callable[[torch.Tensor], None],
+                          on_sharded_grad: Callable[[torch.Tensor], None],
+                          allocating_as_unshard: Callable[[], Any]) -> Iterator[None]:
+    """Tell a tracker what FSDP2 does to memory where no dispatched op shows it: its all-gather outputs are
+    grown and freed by resizing their storages (``alloc_storage``/``free_storage``), and the sharded gradients
+    are set after the reduce-scatter. Patches FSDPParam and FSDPParamGroup methods for the duration."""
+    import itertools
+
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    originals: dict[tuple[type, str], Any] = {
+        (FSDPParam, "alloc_all_gather_outputs"): FSDPParam.alloc_all_gather_outputs,
+        (FSDPParam, "free_unsharded_param"): FSDPParam.free_unsharded_param,
+        (FSDPParamGroup, "unshard"): FSDPParamGroup.unshard,
+        (FSDPParamGroup, "wait_for_unshard"): FSDPParamGroup.wait_for_unshard,
+        (FSDPParamGroup, "post_backward"): FSDPParamGroup.post_backward}
+
+    def alloc(self: Any) -> None:
+        originals[(FSDPParam, "alloc_all_gather_outputs")](self)
+        for t in self.all_gather_outputs:
+            on_unshard_alloc(t)
+
+    def free(self: Any) -> None:
+        originals[(FSDPParam, "free_unsharded_param")](self)
+        for t in itertools.chain(self.all_gather_outputs, self._unsharded_inner_tensors):
+            on_unshard_free(t)
+
+    def as_unshard(name: str) -> Callable[..., Any]:
+        def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with allocating_as_unshard():
+                return originals[(FSDPParamGroup, name)](self, *args, **kwargs)
+        return wrapped
+
+    def post_backward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = originals[(FSDPParamGroup, "post_backward")](self, *args, **kwargs)
+        for fsdp_param in self.fsdp_params:
+            grad = fsdp_param.sharded_param.grad
+            if grad is not None:
+                on_sharded_grad(local_tensor(grad))
+        return out
+
+    FSDPParam.alloc_all_gather_outputs = alloc  # type: ignore[method-assign]
+    FSDPParam.free_unsharded_param = free  # type: ignore[method-assign]
+    FSDPParamGroup.unshard = as_unshard("unshard")  # type: ignore[method-assign]
+    FSDPParamGroup.wait_for_unshard = as_unshard("wait_for_unshard")  # type: ignore[method-assign]
+    FSDPParamGroup.post_backward = post_backward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for (cls, name), fn in originals.items():
+            setattr(cls, name, fn)
+
+
+def replicate(module: torch.nn.Module) -> None:
+    """DDP on ``module`` in place (torch.distributed's composable ``replicate``): the module keeps its own forward,
+    gradients are all-reduced in buckets during backward."""
+    from torch.distributed._composable.replicate import replicate as replicate_module
+
+    replicate_module(module)
+
+
+def reduce_scatter_by_all_reduce(module: torch.nn.Module) -> None:
+    """Make ``module``'s FSDP2 reduce-scatter an in-place all-reduce of its input and a copy of this rank's
+    chunk: gloo's own reduce-scatter keeps a copy of its input that no dispatched op shows (and NCCL's native
+    one does not), so that the tensors a CPU rank allocates are the ones a CUDA rank does."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    class AllReduceScatter(ReduceScatter):
+        def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+            return torch.empty(*size, dtype=dtype, device=device)
+
+        def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
+                     async_op: bool = False) -> Any:
+            dist.all_reduce(input_tensor, op=op, group=group)
+            output_tensor.copy_(input_tensor.view(group.size(), -1)[group.rank()])
+            return None
+
+    module.set_custom_reduce_scatter(AllReduceScatter())  # type: ignore[operator]

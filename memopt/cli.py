@@ -53,6 +53,9 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", metavar="FILE", help="Batches from this text file (train.data): a Hugging Face checkpoint's tokenizer "
     "when it has one, else UTF-8 bytes. Default: seeded random token ids.", show_default=False)]
+WorldOpt = Annotated[Optional[int], typer.Option(
+    "--world-size", help="Run on N ranks (processes) with FSDP2 (the spec's fsdp/ddp strategy on N ranks, or fsdp "
+    "added): memopt launches them, or runs under torchrun's (torchrun ... -m memopt profile).", show_default=False)]
 ModeOpt = Annotated[Optional[str], typer.Option(
     "--mode", help="train (a training step), infer (one forward pass under inference_mode) or generate (prefill + "
     "greedy decode with a KV cache); run.mode.", show_default=False)]
@@ -192,7 +195,7 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
             data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
             mode: ModeOpt = None, prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None,
-            cache: CacheOpt = None,
+            cache: CacheOpt = None, world_size: WorldOpt = None,
             timeline: Annotated[Optional[str], typer.Option(
                 "--timeline", metavar="FILE", help="Write live memory over the step: FILE.png or FILE.html.",
                 show_default=False)] = None) -> None:
@@ -210,13 +213,15 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
 
     spec = _load(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                  steps=steps, hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len,
-                 new_tokens=new_tokens, cache=cache)
+                 new_tokens=new_tokens, cache=cache, world_size=world_size)
     limit = _size(device_memory, "--device-memory")
     outputs = Outputs({"spec": config}, json_out=json_out, timeline=timeline)
     if timeline is not None:
         plot.check_timeline_path(timeline)
     with _progress() as say:
         result = runner.run(spec, progress=say, timeline=timeline is not None, device_memory=limit)
+    if result.rank:  # under torchrun: rank 0 reports for every rank
+        return
     _warn(result.warnings)
     if timeline is not None:
         outputs.add("--timeline", plot.render_timeline(result, timeline, report.profile_title(spec, result)))
@@ -242,7 +247,8 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
             hf: HfOpt = None, model: ModelOpt = None,
             data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None,
-            prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None, cache: CacheOpt = None) -> None:
+            prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None, cache: CacheOpt = None,
+            world_size: WorldOpt = None) -> None:
     """Run the baseline and each strategy set side by side, each in its own process.
 
     Example: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
@@ -256,7 +262,7 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
                  hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
-                 cache=cache)
+                 cache=cache, world_size=world_size)
     limit = _size(device_memory, "--device-memory")
     device_name = resolve_device(spec.run.device)
     planned = planned_runs(spec, parse_sets(strategies), device_name)  # everything a run would refuse, now

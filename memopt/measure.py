@@ -25,7 +25,13 @@ from typing import Any
 import psutil
 import torch
 
-from memopt._torch_private import TorchDispatchMode, decompose_composite, observe_saved_tensors, storage_key
+from memopt._torch_private import (
+    TorchDispatchMode,
+    decompose_composite,
+    local_tensor,
+    observe_saved_tensors,
+    storage_key,
+)
 from memopt.results import HostPeaks, StepMemory
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
@@ -49,10 +55,13 @@ class TensorTracker(TorchDispatchMode):
     """Live tensor bytes by category, with the step's peak, its breakdown and per-phase peaks."""
 
     def __init__(self, device_type: str, *, timeline: bool = False, limit_bytes: int | None = None,
-                 round_to: int | None = None, mode: str = "train"):
+                 round_to: int | None = None, mode: str = "train", unshard: bool = False):
         super().__init__()
         self.device_type = device_type
         self.categories, self.phases = MODE_CATEGORIES[mode], MODE_PHASES[mode]
+        if unshard:  # FSDP: the all-gathered parameters of the units being computed
+            self.categories = (*self.categories, "unshard")
+        self.new_category = "temporaries"  # what a storage no one has claimed yet counts as
         self.round_to = round_to or (CUDA_BLOCK if device_type == "cuda" else 1)
         self.limit_bytes = limit_bytes
         self._live: dict[int, list[Any]] = {}  # storage key -> [weakref, category, nbytes]
@@ -155,8 +164,26 @@ class TensorTracker(TorchDispatchMode):
         self._live.pop(storage_key(storage))
         self._add(storage, entry[1])  # a growth is an allocation: peaks and the limit apply
 
+    @contextlib.contextmanager
+    def allocating_as(self, category: str) -> Iterator[None]:
+        """New storages count as ``category`` inside (FSDP's all-gather buffers as unshard)."""
+        before, self.new_category = self.new_category, category
+        try:
+            yield
+        finally:
+            self.new_category = before
+
+    def regrown(self, tensor: torch.Tensor, category: str) -> None:
+        """``tensor``'s storage was grown in place (``resize_``): counted again, or counted as ``category`` if new."""
+        storage = local_tensor(tensor).untyped_storage()
+        if storage_key(storage) in self._live:
+            self.resized(storage)
+        else:
+            self.mark(tensor, category)
+
     def mark(self, tensor: torch.Tensor, category: str, only_from: str | None = None) -> None:
-        """Put ``tensor``'s storage in ``category`` (tracking it if new)."""
+        """Put ``tensor``'s storage in ``category`` (tracking it if new); a DTensor's local shard."""
+        tensor = local_tensor(tensor)
         try:
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -207,7 +234,7 @@ class TensorTracker(TorchDispatchMode):
             except (RuntimeError, NotImplementedError):
                 continue
             if storage_key(storage) not in self._live and t.device.type == self.device_type:
-                self._add(storage, "temporaries")
+                self._add(storage, self.new_category)
         return out
 
     def __enter__(self) -> TensorTracker:

@@ -116,6 +116,9 @@ class RunResult:
     pid: int = field(default_factory=os.getpid)
     vs_baseline: VsBaseline | None = None  # only in a compare, only when this run and the baseline are ok
     inference: dict[str, Any] | None = None  # infer/generate runs: shapes, KV cache bytes, time to first token
+    world_size: int = 1                      # ranks of a distributed run (fsdp, ddp)
+    ranks: list[dict[str, Any]] | None = None  # each rank's own run dict; the run's fields are its highest rank's
+    rank: int = 0                            # which rank this process is (not serialised)
 
     @classmethod
     def failed(cls, name: str, strategies: list[dict[str, Any]], error: str, device: str = "") -> RunResult:
@@ -139,6 +142,10 @@ class RunResult:
             data["vs_baseline"] = self.vs_baseline.to_json()
         if self.inference is not None:
             data["inference"] = self.inference
+        if self.world_size > 1:
+            data["world_size"] = self.world_size
+            if self.ranks is not None:
+                data["ranks"] = self.ranks
         return data
 
     @classmethod
@@ -158,4 +165,5 @@ class RunResult:
                    strategy_facts=data.get("strategy_facts", {}), notes=data.get("notes", []),
                    warnings=data.get("warnings", []), pid=data.get("pid", 0),
                    vs_baseline=VsBaseline.from_json(vs) if vs is not None else None,
-                   inference=data.get("inference"))
+                   inference=data.get("inference"), world_size=data.get("world_size", 1),
+                   ranks=data.get("ranks"))

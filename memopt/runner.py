@@ -115,6 +115,15 @@ def make_batch(spec: Spec, device: str, step: int = 0) -> Any:
     return ids[:, :-1], ids[:, 1:]
 
 
+def rank_shard(spec: Spec, batch: Any) -> Any:
+    """This rank's rows of the global batch (all of it in a single process)."""
+    if spec.world_size == 1:
+        return batch
+    from memopt.distributed import rank
+
+    return split_batch(batch, spec.world_size)[rank()]
+
+
 def split_batch(batch: Any, k: int) -> list[Any]:
     """``k`` micro-batches: every tensor of the batch (a tensor, tuple, list or dict) chunked along dim 0."""
     if k == 1:
@@ -179,7 +188,7 @@ def train_step(session: Session, tracker: TensorTracker | None = None, watch: Mo
     """
     optimizer = session.optimizer
     with _phase(tracker, "forward"):
-        batch = make_batch(session.spec, session.device, step)
+        batch = rank_shard(session.spec, make_batch(session.spec, session.device, step))
     loss = forward_backward(session, batch, tracker)
     if before_step is not None:
         before_step(session)
@@ -236,6 +245,20 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_me
     ``grads_to``: save the warm-up step's gradients there (for gradient cosine between runs).
     ``fake``: trace the very same step under FakeTensorMode (no storage): an estimate, one measured step.
     """
+    if spec.world_size > 1:
+        from memopt import distributed
+
+        if not distributed.in_process_group():
+            if fake:  # one rank traced in a fake process group of world_size ranks
+                from memopt._torch_private import fake_process_group
+
+                with fake_process_group(spec.world_size):
+                    return run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
+                               fake=True)
+            if distributed.under_launcher():
+                return distributed.run_as_rank(spec, name, run, timeline=timeline, device_memory=device_memory,
+                                               progress=progress)
+            return distributed.launch(spec, name, device_memory=device_memory, progress=progress)
     if spec.run.mode != "train":
         from memopt.inference import run_inference
 
@@ -251,7 +274,7 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_me
 def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progress: Progress | None,
          grads_to: str | None, fake: bool) -> RunResult:
     say = progress or (lambda _msg: None)
-    if not fake:
+    if not fake and spec.world_size == 1:  # ranks: each rank's tracker holds --device-memory as it goes
         from memopt.preflight import ensure_fits_here
 
         ensure_fits_here(spec, device_memory, say)
@@ -274,15 +297,19 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
             stage = "warm-up step"
             if watch_limit is not None:
                 watch_limit.stage = stage
-            if fake:
+            if fake and spec.world_size == 1:
                 say(f"{name}: creating optimizer state")
                 _create_optimizer_state(session)  # what a warm-up step leaves behind, without tracing one
+            elif fake:  # FSDP/DDP keep buffers from one step into the next: trace a warm-up step as it runs
+                say(f"{name}: traced warm-up step")
+                train_step(session, step=0)
             else:
                 say(f"{name}: warm-up step")
                 train_step(session, step=0, before_step=save_gradients(grads_to) if grads_to else None)
                 _sync(session.device)
         tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory,
-                                round_to=CUDA_BLOCK if session.target_device == "cuda" else 1)
+                                round_to=CUDA_BLOCK if session.target_device == "cuda" else 1,
+                                unshard=any(s.name == "fsdp" for s in spec.strategies))
         with host_peaks(session.device, python_heap=not fake) as host:
             with tracker:
                 watch = ModelWatch(tracker, model, session.optimizer)

@@ -26,7 +26,7 @@ def candidate_settings(spec: Spec, device: str, *, allow_lossy: bool = True,
     """
     out: dict[str, list[StrategySpec]] = {}
     for name, cls in registry().items():
-        if name in exclude or (cls.lossy and not allow_lossy):
+        if name in exclude or (cls.lossy and not allow_lossy) or not cls.searched:
             continue
         accepted = []
         for setting in candidate_specs(name, spec.run.mode):

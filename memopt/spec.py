@@ -268,6 +268,12 @@ class Spec(_Frozen):
         data["strategies"] = [s.to_dict() for s in self.strategies]
         return data
 
+    @property
+    def world_size(self) -> int:
+        """Ranks the run takes: its fsdp or ddp strategy's world_size, else 1."""
+        return next((int(s.options.world_size) for s in self.strategies  # type: ignore[attr-defined]
+                     if s.name in DISTRIBUTED), 1)
+
     def with_strategies(self, strategies: Iterable[StrategySpec]) -> Spec:
         """The spec with these strategies (already validated StrategySpecs) instead of its own."""
         return self.model_copy(update={"strategies": tuple(strategies)})
@@ -287,12 +293,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                       vocab_size=32000, ffn_dim=28672, max_seq_len=4096),
 }
 
+DISTRIBUTED = ("fsdp", "ddp")  # the strategies that spread a run over ranks
 MODEL_OVERRIDES = {"hf": "--hf", "python": "--model"}  # override key -> option: replaces the spec's model
 OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
                   "steps": ("train", "steps"), "device": ("run", "device"), "dtype": ("run", "dtype"),
                   "optimizer": ("train", "optimizer"), "data": ("train", "data"), "mode": ("run", "mode"),
                   "prompt_len": ("generate", "prompt_len"), "new_tokens": ("generate", "new_tokens"),
-                  "cache": ("generate", "cache")}
+                  "cache": ("generate", "cache"), "world_size": ("strategies", "world_size")}
 
 
 SPEC_LIMIT_BYTES = 2**20     # a spec is a few hundred bytes; anything near this is not one
@@ -466,6 +473,8 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
         if key in MODEL_OVERRIDES:  # --hf PATH / --model pkg.mod:factory replace the spec's model
             data["model"] = {} if both else {key: value}  # both: neither is imported or read
             continue
+        if key == "world_size":  # a strategy option: set with the strategies below
+            continue
         section, field = OVERRIDE_PATHS[key]
         if not isinstance(data.get(section, {}), dict):
             continue  # reported by validation below
@@ -476,6 +485,9 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
     raw_strategies = data.pop("strategies", None) if strategies is None else strategies
     data.pop("strategies", None)
     parsed = _parse_strategies(raw_strategies, problems)
+    world = (overrides or {}).get("world_size")
+    if world is not None:
+        parsed = _with_world_size(parsed, world, problems)
     data["model"] = _model_section(data["model"], problems, overrides or {})
     if data["model"] is None:
         del data["model"]  # its problems are listed already
@@ -504,6 +516,25 @@ def _unused_options(spec: Spec, overrides: dict[str, Any]) -> list[str]:
     if mode == "generate" and "seq_len" in given:
         problems.append("--seq-len: --mode generate takes its lengths from --prompt-len and --new-tokens")
     return problems
+
+
+def _with_world_size(parsed: list[StrategySpec], world: Any, problems: list[str]) -> list[StrategySpec]:
+    """``--world-size N``: the spec's fsdp/ddp strategy on N ranks, or fsdp added when it has neither."""
+    if type(world) is not int or world < 1:
+        problems.append(f"--world-size: expected a whole number of ranks >= 1, got {world!r}")
+        return parsed
+    names = [s.name for s in parsed]
+    if not any(name in DISTRIBUTED for name in names):
+        return parsed + [strategy_spec("fsdp", {"world_size": world})] if world > 1 else parsed
+    out = []
+    for s in parsed:
+        if s.name in DISTRIBUTED:
+            try:
+                s = strategy_spec(s.name, {**s.options.model_dump(exclude_defaults=True), "world_size": world})
+            except SpecError as exc:
+                problems.extend(f"--world-size: {p}" for p in exc.problems)
+        out.append(s)
+    return out
 
 
 def _model_section(model: Any, problems: list[str], overrides: dict[str, Any]) -> Any:

@@ -99,6 +99,7 @@ class Strategy(Generic[OptionsT]):
     # they would be written (the labels show them so), made StrategySpecs by candidate_specs; () = just the name
     candidates: ClassVar[tuple[dict[str, Any], ...]] = ()
     inference_candidates: ClassVar[tuple[dict[str, Any], ...] | None] = None  # in infer/generate; None: candidates
+    searched: ClassVar[bool] = True  # tried by optimize and --fits (not the ones that change how many processes run)
 
     def __init__(self, options: OptionsT, spec: Spec, device: str, saved: SavedTensors | None = None):
         self.options: OptionsT = options

@@ -1,0 +1,166 @@
+"""fsdp and ddp: the model over N ranks of a process group (PyTorch's FSDP2 ``fully_shard``, or replicated).
+
+memopt launches the ranks itself (``--world-size N``: gloo on CPU, NCCL on CUDA) or runs under torchrun's
+process group; each rank steps on its own shard of the global batch. Under ``memopt estimate`` one rank is
+traced on fake tensors in a fake process group of N ranks (memopt._torch_private.fake_process_group).
+
+fsdp: ``fully_shard`` on each block of the model adapter, then on the root. Each rank keeps 1/N of every
+parameter (dim 0 padded to a multiple of N), of its gradient and of the optimizer state; a unit's parameters are
+all-gathered when it runs (the ``unshard`` category) and freed after its forward (``reshard_after_forward``)
+and after its backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from memopt.adapters import ModelAdapter
+from memopt.errors import StrategyError
+from memopt.strategies import register
+from memopt.strategies.base import Options, StepPlan, Strategy
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class FsdpOptions(Options):
+    world_size: int = Field(2, ge=1, le=2**16, description="ranks (processes) the model is sharded over")
+    reshard_after_forward: bool = Field(True, description="free a unit's gathered parameters after its forward "
+                                        "(gather again in backward); false keeps them until backward")
+    mixed_precision: Literal["bfloat16", "float16"] | None = Field(
+        None, description="FSDP's MixedPrecisionPolicy: gather and compute in this dtype, reduce gradients in "
+        "float32")
+    cpu_offload: bool = Field(False, description="FSDP's CPUOffloadPolicy: sharded parameters, gradients and "
+                              "optimizer state in CPU memory (CUDA only)")
+
+
+class DdpOptions(Options):
+    world_size: int = Field(2, ge=1, le=2**16, description="ranks (processes), each with the whole model")
+
+
+def _needs_ranks(strategy: Strategy[Any]) -> None:
+    """Refuse what cannot be split over the ranks: one rank, or a batch that does not divide."""
+    world, batch = strategy.options.world_size, strategy.spec.train.batch_size
+    if world < 2:
+        raise StrategyError(f"{strategy.name}.world_size: 1 rank shards nothing; give 2 or more")
+    if batch % world:
+        raise StrategyError(f"{strategy.name}.world_size: train.batch_size {batch} does not split over {world} "
+                            "ranks (each rank steps on its own shard of the global batch)")
+
+
+def _process_group(name: str, world: int) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise StrategyError(f"{name}: needs a process group of {world} ranks: memopt profile launches them itself, "
+                            "or run under torchrun")
+    if dist.get_world_size() != world:
+        raise StrategyError(f"{name}.world_size: {world}, but the process group has {dist.get_world_size()} ranks "
+                            "(under torchrun the world size is --nproc-per-node x --nnodes)")
+
+
+@register
+class Fsdp(Strategy[FsdpOptions]):
+    name = "fsdp"
+    Options = FsdpOptions
+    summary = ("FSDP2 fully_shard over N ranks (each block, then the root): parameters, gradients and optimizer "
+               "state sharded, a unit's parameters all-gathered while it runs")
+    saves = "model states / N per rank (+ padding); adds the gathered parameters of the running unit(s) (unshard)"
+    order = 95
+    searched = False
+    refuses = {"ddp": "a model is either sharded or replicated",
+               "optim8bit": "its 8-bit state is per parameter of the whole model, not of a shard",
+               "optim_in_bwd": "FSDP sets the sharded gradients after its reduce-scatter, outside autograd's hooks",
+               "offload_states": "use fsdp.cpu_offload (FSDP's own CPU offload of the sharded states)",
+               "quant": "FSDP shards floating-point parameters; packed integer weights are not",
+               "lora": "not measured with FSDP yet", "amp": "use fsdp.mixed_precision (FSDP's own policy)"}
+
+    def check(self) -> None:
+        _needs_ranks(self)
+        if self.options.cpu_offload and self.device != "cuda":
+            raise StrategyError("fsdp.cpu_offload: the states are in CPU memory already on a CPU device")
+        if self.options.mixed_precision and self.spec.run.dtype != "float32":
+            raise StrategyError(f"fsdp.mixed_precision: needs float32 parameters (run.dtype is {self.spec.run.dtype})")
+
+    def apply(self, model: ModelAdapter) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        from memopt._torch_private import device_mesh
+
+        world = self.options.world_size
+        _process_group(self.name, world)
+        mesh = device_mesh(next(model.model.parameters()).device.type, world)
+        kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.options.reshard_after_forward}
+        if self.options.mixed_precision:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[self.options.mixed_precision],
+                                                       reduce_dtype=torch.float32)
+        if self.options.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        units = [*model.blocks(), model.model]
+        for unit in units:
+            fully_shard(unit, **kwargs)
+        if mesh.device_type == "cpu":
+            from memopt._torch_private import reduce_scatter_by_all_reduce
+
+            for unit in units:
+                reduce_scatter_by_all_reduce(unit)
+
+    def configure(self, plan: StepPlan) -> None:
+        plan.contexts.append(self.context)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Around forward and backward: the tracker hears of FSDP's resized all-gather buffers and sharded grads."""
+        from memopt._torch_private import fsdp_memory_reporting
+
+        def tracker() -> Any:
+            return self.saved.tracker
+
+        def alloc(t: torch.Tensor) -> None:
+            if tracker() is not None:
+                tracker().regrown(t, "unshard")
+
+        def free(t: torch.Tensor) -> None:
+            if tracker() is not None:
+                tracker().resized(t.untyped_storage())
+
+        def grad(t: torch.Tensor) -> None:
+            if tracker() is not None:
+                tracker().mark(t, "grads")
+
+        def as_unshard() -> Any:
+            return tracker().allocating_as("unshard") if tracker() is not None else contextlib.nullcontext()
+
+        with fsdp_memory_reporting(alloc, free, grad, as_unshard):
+            yield
+
+    def report(self) -> dict[str, Any]:
+        return {"world_size": self.options.world_size}
+
+
+@register
+class Ddp(Strategy[DdpOptions]):
+    name = "ddp"
+    Options = DdpOptions
+    summary = "data parallel over N ranks: every rank holds the whole model, gradients all-reduced (the baseline)"
+    saves = "nothing: activations scale with the rank's shard of the batch; adds the gradient buckets"
+    order = 95
+    searched = False
+    refuses = {"offload_states": "its own gradient handling bypasses the all-reduce",
+               "optim_in_bwd": "the optimizer would step before the gradients are all-reduced"}
+
+    def check(self) -> None:
+        _needs_ranks(self)
+
+    def apply(self, model: ModelAdapter) -> None:
+        from memopt._torch_private import replicate
+
+        _process_group(self.name, self.options.world_size)
+        replicate(model.model)
+
+    def report(self) -> dict[str, Any]:
+        return {"world_size": self.options.world_size}

@@ -1,0 +1,159 @@
+"""fsdp / ddp on N ranks (gloo on CPU): per-rank bytes, the loss, failures that end every rank, torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from memopt.errors import MemoptError
+from memopt.estimate import estimate
+from memopt.model import build_model
+from memopt.runner import run
+from memopt.spec import Spec, spec_from_data
+
+from .helpers import ROOT, invoke
+
+# odd on purpose: vocab 301 and ffn 100 rows do not split evenly over 2 or 4 ranks, so FSDP pads
+MODEL = dict(arch="decoder", d_model=48, n_heads=4, n_kv_heads=2, n_layers=2, vocab_size=301, ffn_dim=100,
+             max_seq_len=32)
+
+
+def fsdp_spec(world: int, strategies: tuple[str, ...] = (), steps: int = 2) -> Spec:
+    return spec_from_data({"model": MODEL, "train": {"batch_size": 4, "seq_len": 16, "steps": steps},
+                           "run": {"device": "cpu"}},
+                          strategies=[*strategies, f"fsdp:world_size={world}"] if world > 1 else list(strategies))
+
+
+def memopt_ranks() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if "memopt.distributed" in cmd:
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(scope="module")
+def single():
+    return run(fsdp_spec(1))
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    return {world: run(fsdp_spec(world)) for world in (2, 4)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_per_rank_states_are_the_shards_with_fsdp_padding_exactly(single, sharded, world):
+    """FSDP2 keeps each parameter's dim 0 padded to a multiple of N (ceil(rows / N) rows on every rank) and
+    its reduce-scattered gradient in the same padded layout; AdamW's moments follow the unpadded local shard
+    (torch.chunk's sizes: the last ranks may hold fewer rows), plus one float32 step per parameter."""
+    params = list(build_model(fsdp_spec(1).model).parameters())
+    padded = sum(math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0]) * 4 for p in params)
+    result = sharded[world]
+    assert result.world_size == world and result.ranks is not None and len(result.ranks) == world
+    for r, rank in enumerate(result.ranks):
+        local = 0
+        for p in params:
+            chunk = math.ceil(p.shape[0] / world)
+            mine = max(0, min(chunk, p.shape[0] - r * chunk))
+            local += mine * (p.numel() // p.shape[0]) * 4
+        assert rank["state_bytes"]["params"] == padded
+        assert rank["category_peak_bytes"]["grads"] == padded
+        assert rank["state_bytes"]["optimizer"] == 2 * local + 4 * len(params)
+    total = sum(p.numel() for p in params) * 4
+    assert single.memory is not None and single.memory.state_bytes["params"] == total
+    assert padded - total // world < world * len(params) * max(p.numel() // p.shape[0] for p in params) * 4
+
+
+def test_ranks_compute_the_single_process_loss(single, sharded):
+    for result in sharded.values():
+        assert result.loss == pytest.approx(single.loss, rel=1e-5)
+
+
+def test_fsdp_shards_the_model_states_and_reports_the_unshard_buffers(single, sharded):
+    """(On a model this small the per-rank peak is FSDP's buffers and the step's temporaries: the states shrink.)"""
+    assert single.memory is not None
+    states = ("params", "grads", "optimizer")
+    for world, result in sharded.items():
+        assert result.memory is not None
+        assert sum(result.memory.state_bytes[c] for c in states) < sum(single.memory.state_bytes[c] for c in states)
+        assert result.memory.category_peak_bytes["unshard"] > 0
+        assert result.memory.peak_bytes == max(r["peak_bytes"] for r in result.ranks or [])
+        doc = result.to_json()
+        assert doc["world_size"] == world and [r["rank"] for r in doc["ranks"]] == list(range(world))
+
+
+def test_ckpt_composes_with_fsdp():
+    plain, ckpt = run(fsdp_spec(2)), run(fsdp_spec(2, ("ckpt",)))
+    assert plain.memory is not None and ckpt.memory is not None
+    assert ckpt.memory.category_peak_bytes["activations"] < plain.memory.category_peak_bytes["activations"]
+    assert ckpt.loss == pytest.approx(plain.loss, rel=1e-6)
+
+
+def test_a_failing_rank_ends_every_rank_and_is_named(tmp_path, monkeypatch):
+    (tmp_path / "failing_model.py").write_text(
+        "import torch\n"
+        "from memopt.model import build_model\n"
+        "from memopt.spec import ModelSpec\n"
+        "def factory():\n"
+        "    if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:\n"
+        "        raise RuntimeError('rank one cannot build its model')\n"
+        f"    return build_model(ModelSpec(**{MODEL!r}))\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    started = time.monotonic()
+    result = invoke(["profile", "--model", "failing_model:factory", "--batch-size", "4", "--seq-len", "16",
+                     "--world-size", "2", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "rank 1 of 2 failed" in text and "rank one cannot build its model" in text
+    assert "every rank was stopped" in text
+    assert time.monotonic() - started < 120
+    assert memopt_ranks() == []
+
+
+def test_out_of_memory_on_the_ranks_is_one_error_and_leaves_no_process():
+    result = invoke(["profile", "configs/tiny-decoder.yaml", "--world-size", "2", "--device-memory", "600KiB"])
+    assert result.exit_code == 1, result.output
+    assert "failed: out of memory" in " ".join(result.output.split())
+    assert memopt_ranks() == []
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--world-size", "3"], "fsdp.world_size: train.batch_size 4 does not split over 3 ranks"),
+    (["--world-size", "0"], "--world-size: expected a whole number of ranks >= 1"),
+    (["-s", "fsdp:world_size=1"], "fsdp.world_size: 1 rank shards nothing"),
+    (["-s", "fsdp+optim8bit"], "fsdp+optim8bit: refused"),
+    (["-s", "fsdp+ddp"], "fsdp+ddp: refused"),
+    (["-s", "fsdp:cpu_offload=true"], "fsdp.cpu_offload: the states are in CPU memory already"),
+])
+def test_bad_distributed_input_exits_1_naming_the_field(args, expected):
+    result = invoke(["profile", "configs/tiny-decoder.yaml", *args])
+    assert result.exit_code == 1, result.output
+    assert expected in " ".join(result.output.split())
+    assert memopt_ranks() == []
+
+
+def test_estimate_refuses_ranks_for_now():
+    with pytest.raises(MemoptError, match="is not estimated yet"):
+        estimate(fsdp_spec(2))
+
+
+def test_under_torchrun_rank_0_reports_every_rank(tmp_path):
+    out = tmp_path / "run.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "memopt", "profile", "configs/tiny-decoder.yaml", "--world-size", "2",
+                           "--json-out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    run_doc = doc["runs"][0]
+    assert run_doc["world_size"] == 2 and len(run_doc["ranks"]) == 2
+    assert proc.stdout.count("Peak tensor memory") == 1  # one report, from rank 0
