@@ -229,23 +229,3 @@ def replicate(module: torch.nn.Module) -> None:
     from torch.distributed._composable.replicate import replicate as replicate_module
 
     replicate_module(module)
-
-
-def reduce_scatter_by_all_reduce(module: torch.nn.Module) -> None:
-    """Make ``module``'s FSDP2 reduce-scatter an in-place all-reduce of its input and a copy of this rank's
-    chunk: gloo's own reduce-scatter keeps a copy of its input that no dispatched op shows (and NCCL's native
-    one does not), so that the tensors a CPU rank allocates are the ones a CUDA rank does."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
-
-    class AllReduceScatter(ReduceScatter):
-        def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-            return torch.empty(*size, dtype=dtype, device=device)
-
-        def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
-                     async_op: bool = False) -> Any:
-            dist.all_reduce(input_tensor, op=op, group=group)
-            output_tensor.copy_(input_tensor.view(group.size(), -1)[group.rank()])
-            return None
-
-    module.set_custom_reduce_scatter(AllReduceScatter())  # type: ignore[operator]

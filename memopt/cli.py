@@ -386,10 +386,13 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
                  "single strategies would make it fit. With --mode generate also the largest batch and the longest "
                  "context that fit.", show_default=False)] = None,
              mode: ModeOpt = None, prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None,
-             cache: CacheOpt = None) -> None:
+             cache: CacheOpt = None, world_size: WorldOpt = None) -> None:
     """Predict the profile without allocating (fake tensors): for models larger than this machine.
 
     Example: [bold]memopt estimate llama-7b --batch-size 1 --seq-len 2048 --dtype bf16 --device cuda --fits 80GiB[/bold]
+
+    On 64 ranks (FSDP2, one rank traced): [bold]memopt estimate llama-7b --batch-size 64 --world-size 64
+    --device cuda --dtype bf16[/bold]
 
     Serving: [bold]memopt estimate llama-7b --mode generate --prompt-len 3968 --new-tokens 128 --dtype fp16
     --device cuda --fits 24GiB[/bold]
@@ -402,7 +405,7 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
 
     spec = _load(config, strategies, device=device or "cpu", dtype=dtype, batch_size=batch_size,
                  seq_len=seq_len, hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
-                 cache=cache)
+                 cache=cache, world_size=world_size)
     budget = _size(fits, "--fits")
     outputs = Outputs({"spec": config}, json_out=json_out)
     room = None
@@ -442,7 +445,7 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
              dtype: DtypeOpt = None,
              hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
              steps: StepsOpt = None, mode: ModeOpt = None, prompt_len: PromptLenOpt = None,
-             new_tokens: NewTokensOpt = None, cache: CacheOpt = None) -> None:
+             new_tokens: NewTokensOpt = None, cache: CacheOpt = None, world_size: WorldOpt = None) -> None:
     """Search strategy combinations; show the fastest that fits the budget and write it as a spec.
 
     Example: [bold]memopt optimize configs/seed.yaml --budget 1GiB --output best.yaml[/bold],
@@ -455,7 +458,8 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
     from memopt.units import parse_percent
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                 hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache)
+                 hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,
+                 world_size=world_size)
     limit = _size(budget, "--budget")
     assert limit is not None
     cap = parse_percent(max_drift, "--max-drift") if max_drift is not None else None

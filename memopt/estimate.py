@@ -29,10 +29,6 @@ APPROXIMATIONS = ("CUDA estimates trace CPU kernels with 512-byte block rounding
 
 def estimate(spec: Spec, name: str = "baseline", progress: Callable[[str], None] | None = None) -> RunResult:
     """The profile of ``spec`` from a traced step on fake tensors (no real weights are allocated)."""
-    if spec.world_size > 1:
-        raise MemoptError(f"estimate: a run on {spec.world_size} ranks ({', '.join(s.name for s in spec.strategies)})"
-                          " is not estimated yet: one rank traced in a fake process group is still 20-30% under the "
-                          "measured per-rank peak here; measure it with memopt profile --world-size N")
     return run(spec, name, progress=progress, fake=True)
 
 
@@ -43,6 +39,8 @@ def analytic(spec: Spec) -> dict[str, int | None]:
     params/grads/optimizer: count x bytes (AdamW: two moments). activations: Korthikanti et al. 2022,
     s*b*h*(34 + 5*a*s/h) bytes per layer for 16-bit activations with 1-byte dropout masks, scaled to
     this dtype (x dtype_bytes/2); like the paper it leaves out the embedding and the output layer/loss.
+    On N ranks with fsdp, per rank: the model states / N (DeepSpeed's ZeRO-3 formula), activations of the rank's
+    batch.
     """
     m, t = spec.model, spec.train
     dtype_bytes = DTYPE_BYTES[spec.run.dtype]
@@ -52,14 +50,16 @@ def analytic(spec: Spec) -> dict[str, int | None]:
 
         kv = kv_bytes_per_position(spec) * spec.generate.positions * t.batch_size if spec.run.mode == "generate" else 0
         return {"params": n * dtype_bytes, "kv_cache": kv, "peak": n * dtype_bytes + kv}
+    world = spec.world_size
+    sharded = 1 if any(s.name == "ddp" for s in spec.strategies) else world  # ZeRO-3: model states / N per rank
     acts: int | None = None
     if not isinstance(m, PythonModelSpec):  # a user's module: no shape facts to put in the formula
         shape = m.facts if isinstance(m, HfModelSpec) else m.model_dump()
-        s, b, h, a = t.seq_len, t.batch_size, shape["d_model"], shape["n_heads"]
+        s, b, h, a = t.seq_len, t.batch_size // world, shape["d_model"], shape["n_heads"]  # a rank's batch
         per_layer = s * b * h * (34 + 5 * a * s / h)
         acts = int(shape["n_layers"] * per_layer * dtype_bytes / 2)
-    optimizer = {"adamw": 2 * n * dtype_bytes, "sgd": 0, "none": 0}.get(t.optimizer)
-    parts = {"params": n * dtype_bytes, "grads": n * dtype_bytes if t.optimizer != "none" else 0,
+    optimizer = {"adamw": 2 * n * dtype_bytes // sharded, "sgd": 0, "none": 0}.get(t.optimizer)
+    parts = {"params": n * dtype_bytes // sharded, "grads": n * dtype_bytes // sharded if t.optimizer != "none" else 0,
              "optimizer": optimizer, "activations": acts}
     parts["peak"] = None if optimizer is None or acts is None else sum(v for v in parts.values() if v is not None)
     return parts

@@ -229,6 +229,7 @@ class TensorTracker(TorchDispatchMode):
             return out
         out = func(*args, **(kwargs or {}))
         for t in _tensors(out):
+            t = local_tensor(t)  # a DTensor's own storage is a placeholder of the global size: its shard is real
             try:
                 storage = t.untyped_storage()
             except (RuntimeError, NotImplementedError):

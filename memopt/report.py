@@ -24,6 +24,7 @@ CATEGORY_HELP = {
     "optimizer": "e.g. Adam moments",
     "activations": "saved for bwd",
     "kv_cache": "keys and values",
+    "unshard": "gathered params",
     "temporaries": "all else",
 }
 
@@ -108,13 +109,40 @@ def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = 
                           format_bytes(state) if state is not None else "-", CATEGORY_HELP.get(c, ""))
     breakdown.add_row("total", format_bytes(mem.peak_bytes), "100%", "", "", "", style="bold")
 
+    tables = [summary, breakdown]
+    if result.ranks:
+        tables.append(ranks_table(result))
     phases = Table(title="Peak by phase", title_justify="left")
     phases.add_column("phase")
     phases.add_column("peak", justify="right")
     phases.add_column("of step peak", justify="right")
     for p in mem.phase_peak_bytes:
         phases.add_row(p, format_bytes(mem.phase_peak_bytes[p]), _pct(mem.phase_peak_bytes[p], mem.peak_bytes))
-    return [summary, breakdown, phases]
+    return [*tables, phases]
+
+
+RANK_COLUMNS = 8  # more ranks than this: min / max / the rank at the peak instead of a column each
+
+
+def ranks_table(result: RunResult) -> Table:
+    """Per rank: the peak and each category's bytes at it (min and max over the ranks when there are many)."""
+    ranks = result.ranks or []
+    categories = list(ranks[0]["peak_breakdown"]) if ranks else []
+    table = Table(title=f"Per rank ({len(ranks)} ranks; the run's numbers are its highest rank's)",
+                  title_justify="left")
+    table.add_column("")
+    if len(ranks) <= RANK_COLUMNS:
+        columns = [(f"rank {r['rank']}", [r]) for r in ranks]
+    else:
+        low = min(ranks, key=lambda r: r["peak_bytes"])
+        high = max(ranks, key=lambda r: r["peak_bytes"])
+        columns = [(f"min (rank {low['rank']})", [low]), (f"max (rank {high['rank']})", [high])]
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    table.add_row("peak", *(format_bytes(rs[0]["peak_bytes"]) for _, rs in columns), style="bold")
+    for c in categories:
+        table.add_row(f"{c} at peak", *(format_bytes(rs[0]["peak_breakdown"][c]) for _, rs in columns))
+    return table
 
 
 def stdout_console() -> Console:
@@ -289,7 +317,8 @@ def spec_title(spec: Spec, device: str) -> str:
         shape = f"infer, batch {t.batch_size} x seq {t.seq_len}"
     else:
         shape = f"batch {t.batch_size} x seq {t.seq_len}, {t.optimizer}"
-    return f"{spec.model.title()}, {shape}, {spec.run.dtype}, {device}"
+    ranks = f", {spec.world_size} ranks" if spec.world_size > 1 else ""
+    return f"{spec.model.title()}, {shape}, {spec.run.dtype}, {device}{ranks}"
 
 
 def runs_document(spec: Spec | dict[str, Any], runs: list[RunResult], device: str, **extra: Any) -> dict[str, Any]:
@@ -374,7 +403,8 @@ def estimate_table(result: RunResult, formulas: dict[str, int | None]) -> Table:
     mem = result.memory
     assert mem is not None
     inference = result.inference is not None
-    table = Table(title="Estimate vs the standard formulas (which ignore strategies, " + (
+    zero3 = " (model states: ZeRO-3, / N per rank)" if result.world_size > 1 else ""
+    table = Table(title="Estimate vs the standard formulas" + zero3 + " (which ignore strategies, " + (
         "the prefill's working set and the logits)" if inference else "embeddings and the loss)"),
                   title_justify="left")
     for col in ("", "traced estimate", "formula", "formula is off by"):
@@ -480,7 +510,7 @@ def print_estimate(spec: Spec, result: RunResult, formulas: dict[str, int | None
     tables[0].title = str(tables[0].title).replace("memopt profile", "memopt estimate (traced, nothing allocated)")
     console = stdout_console()
     extra = [capacity_table(spec, capacity)] if capacity is not None else []
-    print_tables([tables[0], tables[1], tables[2], estimate_table(result, formulas), *extra], console)
+    print_tables([*tables, estimate_table(result, formulas), *extra], console)
     for line in fit_lines(fit) if fit else []:
         console.print(line)
 

@@ -253,8 +253,10 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_me
                 from memopt._torch_private import fake_process_group
 
                 with fake_process_group(spec.world_size):
-                    return run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
-                               fake=True)
+                    traced = run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
+                                 fake=True)
+                traced.world_size = spec.world_size  # every rank alike: one traced stands for all
+                return traced
             if distributed.under_launcher():
                 return distributed.run_as_rank(spec, name, run, timeline=timeline, device_memory=device_memory,
                                                progress=progress)

@@ -142,9 +142,16 @@ def test_bad_distributed_input_exits_1_naming_the_field(args, expected):
     assert memopt_ranks() == []
 
 
-def test_estimate_refuses_ranks_for_now():
-    with pytest.raises(MemoptError, match="is not estimated yet"):
-        estimate(fsdp_spec(2))
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("strategies", [(), ("ckpt",)], ids=["baseline", "ckpt"])
+def test_estimate_of_one_rank_equals_the_measured_per_rank_peak(sharded, world, strategies):
+    """One rank traced on fake tensors in a fake process group of N ranks, against N real gloo ranks."""
+    spec = fsdp_spec(world, strategies)
+    real = sharded[world] if not strategies else run(spec)
+    traced = estimate(spec)
+    assert real.memory is not None and traced.memory is not None
+    assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.02)
+    assert traced.memory.state_bytes == real.memory.state_bytes
 
 
 def test_under_torchrun_rank_0_reports_every_rank(tmp_path):
@@ -157,3 +164,14 @@ def test_under_torchrun_rank_0_reports_every_rank(tmp_path):
     run_doc = doc["runs"][0]
     assert run_doc["world_size"] == 2 and len(run_doc["ranks"]) == 2
     assert proc.stdout.count("Peak tensor memory") == 1  # one report, from rank 0
+
+
+def test_ddp_replicates_the_states_and_gives_the_same_loss(single):
+    result = run(spec_from_data({"model": MODEL, "train": {"batch_size": 4, "seq_len": 16, "steps": 2},
+                                 "run": {"device": "cpu"}}, strategies=["ddp:world_size=2"]))
+    assert result.memory is not None and single.memory is not None and result.world_size == 2
+    assert result.memory.state_bytes["params"] == single.memory.state_bytes["params"]
+    assert result.memory.state_bytes["optimizer"] == single.memory.state_bytes["optimizer"]
+    assert result.loss == pytest.approx(single.loss, rel=1e-5)
+    with pytest.raises(MemoptError, match="ddp: cannot be estimated"):
+        estimate(fsdp_spec(1, ("ddp:world_size=2",)))

@@ -103,11 +103,7 @@ class Fsdp(Strategy[FsdpOptions]):
         units = [*model.blocks(), model.model]
         for unit in units:
             fully_shard(unit, **kwargs)
-        if mesh.device_type == "cpu":
-            from memopt._torch_private import reduce_scatter_by_all_reduce
 
-            for unit in units:
-                reduce_scatter_by_all_reduce(unit)
 
     def configure(self, plan: StepPlan) -> None:
         plan.contexts.append(self.context)
@@ -157,8 +153,11 @@ class Ddp(Strategy[DdpOptions]):
         _needs_ranks(self)
 
     def apply(self, model: ModelAdapter) -> None:
-        from memopt._torch_private import replicate
+        from memopt._torch_private import in_fake_mode, replicate
 
+        if in_fake_mode():
+            raise StrategyError("ddp: cannot be estimated (DDP's start-up checks read the weights, which fake tensors "
+                                "do not have); measure it with memopt profile, or estimate fsdp")
         _process_group(self.name, self.options.world_size)
         replicate(model.model)
 
