@@ -89,7 +89,7 @@ class Search:
         self.device = "cuda" if spec.run.device == "cuda" else "cpu"
 
     def spec_for(self, strategies: tuple[StrategySpec, ...], steps: int | None = None) -> Spec:
-        spec = self.spec.with_strategies(strategies)
+        spec = self.spec.with_strategies((*strategies, *ranks_of(self.spec)))
         if steps is not None and steps < spec.train.steps:
             spec = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": steps})})
         return spec
@@ -313,6 +313,13 @@ def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3
     return Outcome(budget, base, ranked, ranked[0], len(search.cache), measured_here, seconds, rejected)
 
 
+def ranks_of(spec: Spec) -> tuple[StrategySpec, ...]:
+    """The spec's fsdp/ddp strategy (``--world-size``): kept in every set the search tries."""
+    from memopt.spec import DISTRIBUTED
+
+    return tuple(s for s in spec.strategies if s.name in DISTRIBUTED)
+
+
 def winner_spec(spec: Spec, outcome: Outcome) -> dict[str, Any]:
     """The spec with the winning strategies: what ``--output`` writes and ``memopt profile`` reproduces."""
-    return spec.with_strategies(outcome.winner.strategies).to_dict()
+    return spec.with_strategies((*outcome.winner.strategies, *ranks_of(spec))).to_dict()

@@ -77,14 +77,16 @@ class Fsdp(Strategy[FsdpOptions]):
                "optim_in_bwd": "FSDP sets the sharded gradients after its reduce-scatter, outside autograd's hooks",
                "offload_states": "use fsdp.cpu_offload (FSDP's own CPU offload of the sharded states)",
                "quant": "FSDP shards floating-point parameters; packed integer weights are not",
-               "lora": "not measured with FSDP yet", "amp": "use fsdp.mixed_precision (FSDP's own policy)"}
+               "lora": "not measured with FSDP yet", "amp": "FSDP casts its gathered parameters itself; use run.dtype",
+               "prune": "the pruned model's embedding reaches FSDP's forward unsharded (fails on the ranks)"}
 
     def check(self) -> None:
         _needs_ranks(self)
         if self.options.cpu_offload and self.device != "cuda":
             raise StrategyError("fsdp.cpu_offload: the states are in CPU memory already on a CPU device")
-        if self.options.mixed_precision and self.spec.run.dtype != "float32":
-            raise StrategyError(f"fsdp.mixed_precision: needs float32 parameters (run.dtype is {self.spec.run.dtype})")
+        if self.options.mixed_precision:
+            raise StrategyError("fsdp.mixed_precision: not with memopt's models yet (their float32 RoPE tables meet "
+                                "the policy's bfloat16 activations); set run.dtype: bfloat16 instead")
 
     def apply(self, model: ModelAdapter) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
