@@ -114,6 +114,9 @@ def launch(spec: Spec, name: str, *, device_memory: int | None = None, progress:
            timeout: float | None = None) -> RunResult:
     """Run ``spec`` on ``spec.world_size`` ranks on this machine; the combined run, or MemoptError naming the
     rank that failed (every rank is stopped then)."""
+    from memopt.runner import resolve_device
+
+    resolve_device(spec.run.device)  # a device that is not here: one error, before any rank starts
     say = progress or (lambda _msg: None)
     world = spec.world_size
     request = json.dumps({"spec": spec.to_dict(), "name": name, "device_memory": device_memory})
