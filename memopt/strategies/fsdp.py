@@ -107,6 +107,7 @@ class Fsdp(Strategy[FsdpOptions]):
             fully_shard(unit, **kwargs)
 
 
+
     def configure(self, plan: StepPlan) -> None:
         plan.contexts.append(self.context)
 
@@ -152,14 +153,16 @@ class Ddp(Strategy[DdpOptions]):
                "optim_in_bwd": "the optimizer would step before the gradients are all-reduced"}
 
     def check(self) -> None:
+        from memopt._torch_private import in_fake_mode
+
         _needs_ranks(self)
-
-    def apply(self, model: ModelAdapter) -> None:
-        from memopt._torch_private import in_fake_mode, replicate
-
         if in_fake_mode():
             raise StrategyError("ddp: cannot be estimated (DDP's start-up checks read the weights, which fake tensors "
                                 "do not have); measure it with memopt profile, or estimate fsdp")
+
+    def apply(self, model: ModelAdapter) -> None:
+        from memopt._torch_private import replicate
+
         _process_group(self.name, self.options.world_size)
         replicate(model.model)
 
