@@ -129,18 +129,23 @@ def decompose_composite(mode: TorchDispatchMode, func: Any, args: Any, kwargs: d
     they arrive whole, and the copies inside them (matmul's reshapes) would be invisible. FakeTensorMode
     decomposes them the same way, which keeps real and traced runs alike.
     """
-    if getattr(func, "namespace", None) != "aten" or not func.has_kernel_for_dispatch_key(
-            torch._C.DispatchKey.CompositeImplicitAutograd):
+    composite = _COMPOSITE.get(func)
+    if composite is None:  # decided once per op: this runs on every op a tracker sees
+        composite = _COMPOSITE[func] = getattr(func, "namespace", None) == "aten" and \
+            func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd)
+    if not composite:
         return NotImplemented
     with mode:
         return func.decompose(*args, **kwargs)
 
 
+_COMPOSITE: dict[Any, bool] = {}
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The tensor this process holds: a DTensor's local shard (FSDP2's parameters, gradients and optimizer
     state), any other tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) and type(t).__name__ == "DTensor" else t
+    return t.to_local() if type(t).__name__ == "DTensor" else t  # type: ignore[attr-defined]
 
 
 def device_mesh(device: str, world_size: int) -> Any:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from memopt.errors import MemoptError
+from memopt.isolate import exit_reason, last_reply
 from memopt.results import RunResult
 from memopt.spec import Spec
 
@@ -37,12 +38,6 @@ def rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def in_process_group() -> bool:
@@ -110,8 +105,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(spec: Spec, name: str, *, device_memory: int | None = None, progress: Callable[[str], None] | None = None,
-           timeout: float | None = None) -> RunResult:
+def launch(spec: Spec, name: str, *, device_memory: int | None = None,
+           progress: Callable[[str], None] | None = None) -> RunResult:
     """Run ``spec`` on ``spec.world_size`` ranks on this machine; the combined run, or MemoptError naming the
     rank that failed (every rank is stopped then)."""
     from memopt.runner import resolve_device
@@ -139,7 +134,7 @@ def launch(spec: Spec, name: str, *, device_memory: int | None = None, progress:
                 proc.stdin.close()
                 procs.append(proc)
             say(f"{name}: {world} ranks running")
-            failed = _wait(procs, timeout)
+            failed = _wait(procs)
             if failed is not None:
                 _stop(procs)
                 raise MemoptError(f"rank {failed} of {world} failed: {_why(Path(folder), failed, procs[failed])}; "
@@ -150,9 +145,9 @@ def launch(spec: Spec, name: str, *, device_memory: int | None = None, progress:
     return combine(runs)
 
 
-def _wait(procs: list[subprocess.Popen[str]], timeout: float | None) -> int | None:
-    """Wait for every rank; the first that fails (or all of them, past ``timeout``), or None."""
-    started = time.monotonic()
+def _wait(procs: list[subprocess.Popen[str]]) -> int | None:
+    """Wait for every rank: the first that fails, or None. (A rank left waiting in a collective gives up after
+    COLLECTIVE_TIMEOUT_S and fails.)"""
     while True:
         codes = [p.poll() for p in procs]
         for r, code in enumerate(codes):
@@ -160,8 +155,6 @@ def _wait(procs: list[subprocess.Popen[str]], timeout: float | None) -> int | No
                 return r
         if all(code == 0 for code in codes):
             return None
-        if timeout is not None and time.monotonic() - started > timeout:
-            raise MemoptError(f"the {len(procs)} ranks did not finish in {timeout:.0f} s; every rank was stopped")
         time.sleep(0.05)
 
 
@@ -181,21 +174,15 @@ def _stop(procs: list[subprocess.Popen[str]]) -> None:
 
 
 def _why(folder: Path, r: int, proc: subprocess.Popen[str]) -> str:
-    lines = [ln for ln in (folder / f"{r}.out").read_text().splitlines() if ln.startswith("{")]
-    if lines:
-        reply = json.loads(lines[-1])
-        if "error" in reply:
-            return str(reply["error"])
-    if proc.returncode is not None and proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
-        return "killed by the OS, probably out of memory" if sig == "SIGKILL" else f"died with {sig}"
-    tail = (folder / f"{r}.err").read_text().strip().splitlines()
-    return f"exited with {proc.returncode}: {tail[-1] if tail else 'no output'}"
+    reply = last_reply((folder / f"{r}.out").read_text())
+    if reply is not None and "error" in reply:
+        return str(reply["error"])
+    return exit_reason(proc.returncode or 0, (folder / f"{r}.err").read_text())
 
 
 def _read_run(folder: Path, r: int) -> RunResult:
-    lines = [ln for ln in (folder / f"{r}.out").read_text().splitlines() if ln.startswith("{")]
-    reply = json.loads(lines[-1])
+    reply = last_reply((folder / f"{r}.out").read_text())
+    assert reply is not None  # the rank exited 0, having printed its run
     return RunResult.from_json(reply["run"], device=reply["device"])
 
 

@@ -13,10 +13,9 @@ ahead in between): memory only grows with the position, so the last step holds e
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from memopt._torch_private import in_fake_mode
 from memopt.measure import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
 from memopt.model import count_parameters
 from memopt.results import RunResult
+from memopt.runner import make_batch, phase, prepare, reporting_to, sync
 from memopt.spec import Spec
 
 Progress = Callable[[str], None]
@@ -39,7 +39,6 @@ class Generation:
     logits: list[torch.Tensor] = field(default_factory=list)  # per generated token (batch, vocab), if kept
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    cache_bytes: int = 0                    # what the cache held at the end
 
 
 def prompt_batch(spec: Spec, device: str, step: int = 0) -> torch.Tensor:
@@ -49,15 +48,6 @@ def prompt_batch(spec: Spec, device: str, step: int = 0) -> torch.Tensor:
     train = spec.train.model_copy(update={"seq_len": spec.generate.prompt_len})
     batch = make_batch(spec.model_copy(update={"train": train}), device, step)
     return batch[0]
-
-
-def _phase(tracker: TensorTracker | None, name: str) -> contextlib.AbstractContextManager[None]:
-    return tracker.in_phase(name) if tracker is not None else contextlib.nullcontext()
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _traced(steps: list[int], fake: bool) -> list[int]:
@@ -77,7 +67,7 @@ def generate(session: Any, prompt: torch.Tensor, tracker: TensorTracker | None =
     def on_new(t: torch.Tensor) -> None:
         session.saved.mark(t, "kv_cache")
 
-    with _phase(tracker, "prefill"):
+    with phase(tracker, "prefill"):
         began = time.perf_counter()
         cache = adapter.make_cache(plan.kv, batch, gen.positions, on_new)
         chunk = plan.prefill_chunk or prompt_len
@@ -89,11 +79,11 @@ def generate(session: Any, prompt: torch.Tensor, tracker: TensorTracker | None =
             previous = start
             logits = adapter.next_logits(prompt[:, start:start + chunk], cache, start)
         token = logits.argmax(-1)
-        _sync(session.device)
+        sync(session.device)
         out.prefill_s = time.perf_counter() - began
     tokens, kept = [token], [logits.float()] if keep_logits else []
     del logits
-    with _phase(tracker, "decode"):
+    with phase(tracker, "decode"):
         began = time.perf_counter()
         positions = list(range(prompt_len, prompt_len + gen.new_tokens - 1))
         for position in _traced(positions, fake):
@@ -105,21 +95,12 @@ def generate(session: Any, prompt: torch.Tensor, tracker: TensorTracker | None =
             if keep_logits:
                 kept.append(logits.float())
             del logits
-        _sync(session.device)
+        sync(session.device)
         out.decode_s = time.perf_counter() - began
     if tracker is not None:
         tracker.record_state()  # the cache as the generation leaves it
-    out.cache_bytes = _cache_bytes(cache)
     out.tokens, out.logits = torch.stack(tokens, dim=1), kept
     return out
-
-
-def _cache_bytes(cache: Any) -> int:
-    """Bytes the cache holds (memopt's caches; transformers' through their layers' keys and values)."""
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes)
-    return sum(t.untyped_storage().nbytes() for layer in cache.layers
-               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
 
 
 def greedy_without_cache(session: Any, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -132,78 +113,65 @@ def greedy_without_cache(session: Any, prompt: torch.Tensor, new_tokens: int) ->
     return sequence[:, prompt.shape[1]:]
 
 
-def infer(session: Any, batch: Any) -> torch.Tensor:
-    """One forward pass: the logits of every position."""
-    return session.adapter.logits(batch)
-
-
-@contextlib.contextmanager
-def _reporting(session: Any, tracker: TensorTracker) -> Iterator[None]:
-    session.saved.tracker = tracker
-    try:
-        yield
-    finally:
-        session.saved.tracker = None
-
-
 def run_inference(spec: Spec, name: str, *, timeline: bool, device_memory: int | None, progress: Progress | None,
                   fake: bool) -> RunResult:
     """Profile one infer/generate spec: a warm-up pass, then ``train.steps`` measured ones."""
-    from memopt.runner import limit_watch, prepare
+    from memopt.runner import limit_watch
+    from memopt.strategies import registry
 
     say = progress or (lambda _msg: None)
+    drift = None
     if not fake:
         from memopt.preflight import ensure_fits_here
 
         ensure_fits_here(spec, device_memory, say)
-    drift = None
-    if not fake and any(s.lossy for s in _strategy_classes(spec)):
-        say(f"{name}: measuring accuracy drift against the unchanged model")
-        from memopt.drift import inference_drift
+        if any(registry()[s.name].lossy for s in spec.strategies):
+            from memopt.drift import inference_drift
 
-        drift = inference_drift(spec)
-    say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
-    with torch.inference_mode(), limit_watch(spec, device_memory, fake, "model build") as watch_limit:
-        session = prepare(spec, fake=fake)
+            say(f"{name}: measuring accuracy drift against the unchanged model")
+            drift = inference_drift(spec)
+    session = None
     try:
-        return _measure(spec, name, session, drift, watch_limit, timeline, device_memory, say, fake)
+        with torch.inference_mode(), limit_watch(spec, device_memory, fake, "model build") as watch_limit:
+            say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
+            session = prepare(spec, fake=fake)
+            if not fake:
+                say(f"{name}: warm-up {'generation' if spec.run.mode == 'generate' else 'pass'}")
+                if watch_limit is not None:
+                    watch_limit.stage = f"warm-up {spec.run.mode}"
+                _one_pass(session, None)
+                sync(session.device)
+        return _measure(spec, name, session, drift, timeline, device_memory, say, fake)
     finally:
-        for strategy in session.strategies:
+        for strategy in session.strategies if session is not None else ():
             strategy.close()  # temporary files of the weights' disk tier, also when the run fails
 
 
-def _measure(spec: Spec, name: str, session: Any, drift: dict[str, float] | None, watch_limit: Any, timeline: bool,
-             device_memory: int | None, say: Progress, fake: bool) -> RunResult:
-    """Warm-up pass, then the measured ones under the tracker; the run's result."""
-    from memopt.runner import make_batch
+def _one_pass(session: Any, tracker: TensorTracker | None) -> Generation | None:
+    """One generation (generate) or one forward pass (infer) of the spec's batch."""
+    spec = session.spec
+    if spec.run.mode == "generate":
+        return generate(session, prompt_batch(spec, session.device), tracker)
+    with phase(tracker, "forward"):
+        session.adapter.logits(make_batch(spec, session.device))  # every position's logits, let go at once
+    return None
 
+
+def _measure(spec: Spec, name: str, session: Any, drift: dict[str, float] | None, timeline: bool,
+             device_memory: int | None, say: Progress, fake: bool) -> RunResult:
+    """The measured passes under the tracker; the run's result."""
     mode = spec.run.mode
     total, _ = count_parameters(session.model)  # nothing trains
     result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies],
                        device=session.target_device, estimated=fake, params_total=total)
     result.drift = drift
-
-    def one_pass(step: int, tracker: TensorTracker | None) -> Generation | None:
-        if mode == "generate":
-            return generate(session, prompt_batch(spec, session.device, step), tracker)
-        with _phase(tracker, "forward"):
-            logits = infer(session, make_batch(spec, session.device, step))
-            del logits
-        return None
-
     with torch.inference_mode():
-        if not fake:
-            say(f"{name}: warm-up {'generation' if mode == 'generate' else 'pass'}")
-            with watch_limit if watch_limit is not None else contextlib.nullcontext():
-                if watch_limit is not None:
-                    watch_limit.stage = f"warm-up {mode}"
-                one_pass(0, None)
-            _sync(session.device)
         tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory, mode=mode,
                                 round_to=CUDA_BLOCK if session.target_device == "cuda" else 1)
         runs: list[Generation] = []
         try:
-            with host_peaks(session.device, python_heap=not fake) as host, tracker, _reporting(session, tracker):
+            reporting = reporting_to(session.saved, tracker)
+            with host_peaks(session.device, python_heap=not fake) as host, tracker, reporting:
                 watch = ModelWatch(tracker, session.model, None)
                 try:
                     steps = 1 if fake else spec.train.steps
@@ -211,8 +179,8 @@ def _measure(spec: Spec, name: str, session: Any, drift: dict[str, float] | None
                         say(f"{name}: {'traced' if fake else 'measured'} {mode} {i + 1}/{steps}")
                         tracker.begin_step()
                         began = time.perf_counter()
-                        generation = one_pass(0, tracker)
-                        _sync(session.device)
+                        generation = _one_pass(session, tracker)
+                        sync(session.device)
                         result.step_times_s.append(time.perf_counter() - began)
                         if generation is not None:
                             runs.append(generation)
@@ -232,13 +200,6 @@ def _measure(spec: Spec, name: str, session: Any, drift: dict[str, float] | None
             result.strategy_facts[strategy.name] = facts
     result.notes.extend(session.plan.notes)
     return result
-
-
-def _strategy_classes(spec: Spec) -> list[Any]:
-    from memopt.strategies import registry
-
-    known = registry()
-    return [known[s.name] for s in spec.strategies]
 
 
 def _facts(spec: Spec, result: RunResult, runs: list[Generation], fake: bool) -> dict[str, Any]:

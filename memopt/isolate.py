@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 from memopt.results import RunResult
 from memopt.spec import Spec
@@ -27,16 +28,25 @@ def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, tim
                               text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return _failed(spec, name, f"timed out after {timeout:.0f} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if lines:
-        reply = json.loads(lines[-1])
+    reply = last_reply(proc.stdout)
+    if reply is not None:
         return RunResult.from_json(reply["run"], device=reply["device"])
-    if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
-        why = "killed by the OS, probably out of memory" if sig == "SIGKILL" else f"died with {sig}"
-        return _failed(spec, name, why)
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return _failed(spec, name, f"exited with {proc.returncode}: {tail}")
+    return _failed(spec, name, exit_reason(proc.returncode, proc.stderr))
+
+
+def last_reply(stdout: str) -> dict[str, Any] | None:
+    """The last JSON object a child printed on its own line, or None."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def exit_reason(returncode: int, stderr: str) -> str:
+    """Why a child that printed no reply ended: the signal that killed it, or its exit code and last line."""
+    if returncode < 0:
+        sig = signal.Signals(-returncode).name
+        return "killed by the OS, probably out of memory" if sig == "SIGKILL" else f"died with {sig}"
+    tail = (stderr.strip().splitlines() or ["no output"])[-1]
+    return f"exited with {returncode}: {tail}"
 
 
 def _failed(spec: Spec, name: str, error: str) -> RunResult:

@@ -51,10 +51,6 @@ class KVCache:
     def tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in self.tensors())
-
 
 class StaticCache(KVCache):
     def __init__(self, layout: Layout, batch: int, positions: int, dtype: torch.dtype, device: str | torch.device,

@@ -62,6 +62,7 @@ class TensorTracker(TorchDispatchMode):
         if unshard:  # FSDP: the all-gathered parameters of the units being computed
             self.categories = (*self.categories, "unshard")
         self.new_category = "temporaries"  # what a storage no one has claimed yet counts as
+        self._depth = 0  # entered how many times: re-entered to see inside composite ops (inference_mode)
         self.round_to = round_to or (CUDA_BLOCK if device_type == "cuda" else 1)
         self.limit_bytes = limit_bytes
         self._live: dict[int, list[Any]] = {}  # storage key -> [weakref, category, nbytes]
@@ -239,7 +240,7 @@ class TensorTracker(TorchDispatchMode):
         return out
 
     def __enter__(self) -> TensorTracker:
-        self._depth = getattr(self, "_depth", 0) + 1  # re-entered to see inside composite ops (inference_mode)
+        self._depth += 1
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:

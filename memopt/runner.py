@@ -143,7 +143,7 @@ def split_batch(batch: Any, k: int) -> list[Any]:
     return [batch] * k
 
 
-def _phase(tracker: TensorTracker | None, name: str) -> contextlib.AbstractContextManager[None]:
+def phase(tracker: TensorTracker | None, name: str) -> contextlib.AbstractContextManager[None]:
     return tracker.in_phase(name) if tracker is not None else contextlib.nullcontext()
 
 
@@ -158,13 +158,13 @@ def forward_backward(session: Session, batch: Any, tracker: TensorTracker | None
         with contextlib.ExitStack() as stack:
             if tracker is not None:
                 stack.enter_context(tracker.saved_tensors())  # outermost: strategies' hooks take precedence
-                stack.enter_context(_reporting_to(session.saved, tracker))
+                stack.enter_context(reporting_to(session.saved, tracker))
             for make_context in session.plan.contexts:
                 stack.enter_context(make_context())
-            with _phase(tracker, "forward"):
+            with phase(tracker, "forward"):
                 loss = session.adapter.loss(piece)
                 scaled = loss / k if k > 1 else loss
-            with _phase(tracker, "backward"):
+            with phase(tracker, "backward"):
                 scaled.backward()
         losses.append(float("nan") if is_fake(loss) else loss.detach().float().item())
         del loss, scaled
@@ -172,7 +172,7 @@ def forward_backward(session: Session, batch: Any, tracker: TensorTracker | None
 
 
 @contextlib.contextmanager
-def _reporting_to(saved: SavedTensors, tracker: TensorTracker) -> Iterator[None]:
+def reporting_to(saved: SavedTensors, tracker: TensorTracker) -> Iterator[None]:
     saved.observer, saved.tracker = tracker.saved, tracker
     try:
         yield
@@ -187,12 +187,12 @@ def train_step(session: Session, tracker: TensorTracker | None = None, watch: Mo
     ``before_step`` sees the session between backward and the optimizer step (gradients complete).
     """
     optimizer = session.optimizer
-    with _phase(tracker, "forward"):
+    with phase(tracker, "forward"):
         batch = rank_shard(session.spec, make_batch(session.spec, session.device, step))
     loss = forward_backward(session, batch, tracker)
     if before_step is not None:
         before_step(session)
-    with _phase(tracker, "optimizer"), _reporting_to(session.saved, tracker) if tracker else contextlib.nullcontext():
+    with phase(tracker, "optimizer"), reporting_to(session.saved, tracker) if tracker else contextlib.nullcontext():
         if optimizer is not None and not session.plan.step_in_backward:
             optimizer.step()
         if watch is not None:
@@ -206,7 +206,7 @@ def train_step(session: Session, tracker: TensorTracker | None = None, watch: Mo
     return loss
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -308,7 +308,7 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
             else:
                 say(f"{name}: warm-up step")
                 train_step(session, step=0, before_step=save_gradients(grads_to) if grads_to else None)
-                _sync(session.device)
+                sync(session.device)
         tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory,
                                 round_to=CUDA_BLOCK if session.target_device == "cuda" else 1,
                                 unshard=any(s.name == "fsdp" for s in spec.strategies))
@@ -327,7 +327,7 @@ def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progr
                         if flops is not None:  # fake: scale to all micro-batches (only the first two were traced)
                             k = session.plan.micro_batches
                             result.flops = flops.get_total_flops() * k // min(k, TRACED_MICRO_BATCHES)
-                        _sync(session.device)
+                        sync(session.device)
                         result.step_times_s.append(time.perf_counter() - start)
                 finally:
                     watch.close()

@@ -208,7 +208,6 @@ class TrainSpec(_Frozen):
 
 
 Mode = Literal["train", "infer", "generate"]
-MODES = ("train", "infer", "generate")
 
 
 class RunSpec(_Frozen):
@@ -299,7 +298,7 @@ OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "s
                   "steps": ("train", "steps"), "device": ("run", "device"), "dtype": ("run", "dtype"),
                   "optimizer": ("train", "optimizer"), "data": ("train", "data"), "mode": ("run", "mode"),
                   "prompt_len": ("generate", "prompt_len"), "new_tokens": ("generate", "new_tokens"),
-                  "cache": ("generate", "cache"), "world_size": ("strategies", "world_size")}
+                  "cache": ("generate", "cache")}
 
 
 SPEC_LIMIT_BYTES = 2**20     # a spec is a few hundred bytes; anything near this is not one
@@ -473,7 +472,7 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
         if key in MODEL_OVERRIDES:  # --hf PATH / --model pkg.mod:factory replace the spec's model
             data["model"] = {} if both else {key: value}  # both: neither is imported or read
             continue
-        if key == "world_size":  # a strategy option: set with the strategies below
+        if key == "world_size":  # a strategy option (not in OVERRIDE_PATHS): set with the strategies below
             continue
         section, field = OVERRIDE_PATHS[key]
         if not isinstance(data.get(section, {}), dict):

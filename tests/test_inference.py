@@ -322,3 +322,20 @@ def test_cuda_generate_tokens_bytes_and_estimate(strategies, cache):
         assert real.inference["kv_cache_bytes"] == kv_formula(PROMPT + NEW, 4)  # whole 512-byte blocks here
     assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.01)
     assert real.host.cuda is not None and real.host.cuda["max_allocated_bytes"] >= real.memory.peak_bytes * 0.9
+
+
+def test_chunked_prefill_and_weight_offload_save_what_they_say():
+    """chunked_prefill bounds the prefill's working set (its phase peak falls, the decode's does not move);
+    offload in inference keeps at most 1 + prefetch units of weights on the device."""
+    base = run(gen_spec())
+    chunked = run(gen_spec(["chunked_prefill:chunk=8"]))
+    offloaded = run(gen_spec(["offload"]))
+    assert base.memory is not None and chunked.memory is not None and offloaded.memory is not None
+    assert chunked.memory.phase_peak_bytes["prefill"] < base.memory.phase_peak_bytes["prefill"]
+    assert chunked.memory.phase_peak_bytes["decode"] == base.memory.phase_peak_bytes["decode"]
+    assert chunked.memory.state_bytes["kv_cache"] == base.memory.state_bytes["kv_cache"]
+    # units: embedding, 2 blocks, norm, head; two consecutive ones resident at most: here the two blocks
+    d, f, kv = MODEL["d_model"], MODEL["ffn_dim"], KV_HEADS * HEAD_DIM
+    block = (2 * d * d + 2 * kv * d + 3 * f * d + 2 * d) * 4  # q, o, k, v, SwiGLU, two RMSNorms
+    assert offloaded.memory.category_peak_bytes["params"] == 2 * block
+    assert offloaded.strategy_facts["offload"]["moved_to_device_bytes"] > base.memory.state_bytes["params"]

@@ -102,39 +102,26 @@ class Fsdp(Strategy[FsdpOptions]):
                                                        reduce_dtype=torch.float32)
         if self.options.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        units = [*model.blocks(), model.model]
-        for unit in units:
+        for unit in [*model.blocks(), model.model]:
             fully_shard(unit, **kwargs)
-
-
 
     def configure(self, plan: StepPlan) -> None:
         plan.contexts.append(self.context)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
-        """Around forward and backward: the tracker hears of FSDP's resized all-gather buffers and sharded grads."""
+        """Around forward and backward: the tracker (pointed at before the plan's contexts are entered) hears of
+        FSDP's resized all-gather buffers and sharded grads; unmeasured steps need nothing."""
         from memopt._torch_private import fsdp_memory_reporting
 
-        def tracker() -> Any:
-            return self.saved.tracker
-
-        def alloc(t: torch.Tensor) -> None:
-            if tracker() is not None:
-                tracker().regrown(t, "unshard")
-
-        def free(t: torch.Tensor) -> None:
-            if tracker() is not None:
-                tracker().resized(t.untyped_storage())
-
-        def grad(t: torch.Tensor) -> None:
-            if tracker() is not None:
-                tracker().mark(t, "grads")
-
-        def as_unshard() -> Any:
-            return tracker().allocating_as("unshard") if tracker() is not None else contextlib.nullcontext()
-
-        with fsdp_memory_reporting(alloc, free, grad, as_unshard):
+        tracker = self.saved.tracker
+        if tracker is None:
+            yield
+            return
+        with fsdp_memory_reporting(lambda t: tracker.regrown(t, "unshard"),
+                                   lambda t: tracker.resized(t.untyped_storage()),
+                                   lambda t: tracker.mark(t, "grads"),
+                                   lambda: tracker.allocating_as("unshard")):
             yield
 
     def report(self) -> dict[str, Any]:
