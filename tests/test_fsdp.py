@@ -164,7 +164,7 @@ def test_estimate_of_one_rank_equals_the_measured_per_rank_peak(sharded, world, 
     for attempt in range(3):
         real = sharded[world] if not strategies and attempt == 0 else run(spec)
         assert real.memory is not None
-        assert traced.memory.state_bytes == real.memory.state_bytes
+        assert traced.memory.state_bytes == (real.ranks or [])[0]["state_bytes"]  # the traced rank is rank 0
         offs.append(abs(traced.memory.peak_bytes - real.memory.peak_bytes) / real.memory.peak_bytes)
         if offs[-1] <= 0.02:
             break
@@ -200,7 +200,7 @@ def test_fsdp_composes_and_its_estimate_holds(single, strategies):
     real, traced = run(spec), estimate(spec)
     assert real.memory is not None and traced.memory is not None
     assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.10)  # gloo's timing: see above
-    assert traced.memory.state_bytes == real.memory.state_bytes
+    assert traced.memory.state_bytes == (real.ranks or [])[0]["state_bytes"]  # the traced rank is rank 0
     assert real.loss == pytest.approx(single.loss, rel=1e-5)
 
 
