@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import memopt.strategies  # noqa: F401 - provides the strategy catalog to the spec layer below it (no torch)
+
 if TYPE_CHECKING:
     import torch
 
-    from memopt.track import Tracking
+    from memopt.app.track import Tracking
 
 __version__ = "0.1.0"
 
 
 def track(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Tracking:
-    """``with memopt.track(model, optimizer) as t:`` measures your own training loop (see memopt.track).
+    """``with memopt.track(model, optimizer) as t:`` measures your own training loop (see memopt.app.track).
 
     Imports torch only when called: ``import memopt`` stays cheap."""
-    from memopt.track import track as track_
+    from memopt.app.track import track as track_
 
     return track_(model, optimizer)

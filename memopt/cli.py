@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from memopt.results import RunResult  # plain dataclasses: no torch
+from memopt.core.results import RunResult  # plain dataclasses: no torch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Memory profiler and optimizer for Transformer language models.\n\n"
@@ -102,7 +102,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     Ctrl-C -> exit 130 with nothing written."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from memopt.errors import MemoptError
+        from memopt.core.errors import MemoptError
 
         _Interrupted.flag = False
         try:
@@ -149,7 +149,7 @@ def _progress() -> Iterator[Callable[[str], None]]:
 
 def _load(config: str | None, strategies: list[str] | None = None, **overrides: Any) -> Any:
     from memopt.spec import config_note, load_spec
-    from memopt.strategy_args import one_set
+    from memopt.spec.strategy_args import one_set
 
     note = config_note(config)
     if note:
@@ -158,7 +158,7 @@ def _load(config: str | None, strategies: list[str] | None = None, **overrides: 
 
 
 def _size(text: str | None, option: str) -> int | None:
-    from memopt.units import parse_size
+    from memopt.core.units import parse_size
 
     return None if text is None else parse_size(text, option)
 
@@ -208,8 +208,9 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
     Serving: [bold]memopt profile configs/tiny-decoder.yaml --mode generate --prompt-len 48 --new-tokens 16
     -s kv_quant:bits=4[/bold]
     """
-    from memopt import plot, report, runner
-    from memopt.outputs import Outputs
+    from memopt.engine import step as runner
+    from memopt.render import plot, report
+    from memopt.render.outputs import Outputs
 
     spec = _load(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                  steps=steps, hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len,
@@ -253,12 +254,12 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
 
     Example: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
     """
-    from memopt import report
-    from memopt.compare import compare as run_compare
-    from memopt.compare import planned_runs
-    from memopt.outputs import Outputs
-    from memopt.runner import resolve_device
-    from memopt.strategy_args import parse_sets
+    from memopt.analysis.compare import compare as run_compare
+    from memopt.analysis.compare import planned_runs
+    from memopt.engine.step import resolve_device
+    from memopt.render import report
+    from memopt.render.outputs import Outputs
+    from memopt.spec.strategy_args import parse_sets
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
                  hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
@@ -268,7 +269,7 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
     planned = planned_runs(spec, parse_sets(strategies), device_name)  # everything a run would refuse, now
     outputs = Outputs({"spec": config}, json_out=json_out, markdown=markdown, plot=plot)
     if plot is not None:
-        from memopt.plot import check_png_path
+        from memopt.render.plot import check_png_path
 
         check_png_path(plot, "--plot")
     runs = _compare_with_progress(run_compare, planned, limit)
@@ -281,7 +282,7 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
     if markdown is not None:
         outputs.add("--markdown", report.compare_markdown(runs, title))
     if plot is not None:
-        from memopt.plot import render_compare_png
+        from memopt.render.plot import render_compare_png
 
         outputs.add("--plot", render_compare_png(runs, title))
     _emit(outputs, json_stdout, lambda: report.print_tables([report.compare_table(runs, title)]))
@@ -325,10 +326,11 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
     """
     from pathlib import Path
 
-    from memopt import report, runner
-    from memopt.check import baseline_memory, ensure_comparable, growths, load_baseline
-    from memopt.outputs import Outputs
-    from memopt.units import parse_percent
+    from memopt.analysis.check import baseline_memory, ensure_comparable, growths, load_baseline
+    from memopt.core.units import parse_percent
+    from memopt.engine import step as runner
+    from memopt.render import report
+    from memopt.render.outputs import Outputs
 
     tol = parse_percent(tolerance, "--tolerance")
     spec = _load(config, strategies, device=device, dtype=dtype, hf=hf, python=model, data=data, mode=mode,
@@ -366,8 +368,8 @@ def strategies(*, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> 
 
     Example: [bold]memopt strategies[/bold], then [bold]memopt profile -s ckpt:policy=selective+chunked_ce[/bold]
     """
-    from memopt import report
-    from memopt.outputs import Outputs
+    from memopt.render import report
+    from memopt.render.outputs import Outputs
     from memopt.strategies import registry
 
     outputs = Outputs({}, json_out=json_out)
@@ -397,11 +399,11 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
     Serving: [bold]memopt estimate llama-7b --mode generate --prompt-len 3968 --new-tokens 128 --dtype fp16
     --device cuda --fits 24GiB[/bold]
     """
-    from memopt import report
-    from memopt.estimate import analytic
-    from memopt.estimate import estimate as run_estimate
-    from memopt.estimate import fits as check_fits
-    from memopt.outputs import Outputs
+    from memopt.analysis.estimate import analytic
+    from memopt.analysis.estimate import estimate as run_estimate
+    from memopt.analysis.estimate import fits as check_fits
+    from memopt.render import report
+    from memopt.render.outputs import Outputs
 
     spec = _load(config, strategies, device=device or "cpu", dtype=dtype, batch_size=batch_size,
                  seq_len=seq_len, hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
@@ -414,7 +416,7 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
         assert result.memory is not None
         fit = check_fits(spec, result.memory.peak_bytes, budget, say) if budget is not None else None
         if budget is not None and spec.run.mode == "generate":
-            from memopt.capacity import capacity, nothing_fits
+            from memopt.analysis.capacity import capacity, nothing_fits
 
             room = capacity(spec, budget, say)
             assert fit is not None
@@ -451,11 +453,11 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
     Example: [bold]memopt optimize configs/seed.yaml --budget 1GiB --output best.yaml[/bold],
     then [bold]memopt profile best.yaml[/bold]
     """
-    from memopt import report
-    from memopt.optimize import optimize as run_optimize
-    from memopt.optimize import winner_spec
-    from memopt.outputs import Outputs
-    from memopt.units import parse_percent
+    from memopt.analysis.optimize import optimize as run_optimize
+    from memopt.analysis.optimize import winner_spec
+    from memopt.core.units import parse_percent
+    from memopt.render import report
+    from memopt.render.outputs import Outputs
 
     spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
                  hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,

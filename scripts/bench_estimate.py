@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 
-from memopt.isolate import run_isolated
+from memopt.app.isolate import run_isolated
+from memopt.core.units import format_bytes
 from memopt.spec import load_spec
-from memopt.units import format_bytes
 
 STRATEGIES = [[], ["ckpt"], ["ckpt:policy=selective"], ["sdpa"], ["chunked_ce"], ["amp"], ["accum:micro_batches=4"],
               ["offload"], ["optim_in_bwd"], ["quant:bits=4,lora=8"], ["optim8bit"], ["prune:ffn=0.5"],
@@ -23,7 +23,7 @@ STRATEGIES = [[], ["ckpt"], ["ckpt:policy=selective"], ["sdpa"], ["chunked_ce"],
 
 CHILD = """
 import json, resource, sys, time
-from memopt.estimate import estimate
+from memopt.analysis.estimate import estimate
 from memopt.spec import load_spec
 start = time.perf_counter()
 spec = load_spec(sys.argv[1], json.loads(sys.argv[2]), strategies=json.loads(sys.argv[3]))

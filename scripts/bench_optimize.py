@@ -13,11 +13,11 @@ import argparse
 import sys
 import time
 
-from memopt.isolate import run_isolated
-from memopt.optimize import optimize, winner_spec
-from memopt.report import drift_text
+from memopt.analysis.optimize import optimize, winner_spec
+from memopt.app.isolate import run_isolated
+from memopt.core.units import format_bytes
+from memopt.render.report import drift_text
 from memopt.spec import load_spec, spec_from_data
-from memopt.units import format_bytes
 
 
 def main() -> None:

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from memopt.measure import ModelWatch, TensorTracker, host_peaks
-from memopt.runner import prepare, train_step
+from memopt.core.units import format_bytes
+from memopt.engine.step import prepare, train_step
+from memopt.measure.tracker import ModelWatch, TensorTracker, host_peaks
 from memopt.spec import load_spec
-from memopt.units import format_bytes
 
 
 def main() -> None:

@@ -26,11 +26,11 @@ import sys
 import time
 from typing import Any
 
-from memopt.isolate import run_isolated
-from memopt.report import drift_text
+from memopt.analysis.theory import expected_saving, one_layer_spec
+from memopt.app.isolate import run_isolated
+from memopt.core.units import format_bytes
+from memopt.render.report import drift_text
 from memopt.spec import Spec, load_spec, spec_from_data
-from memopt.theory import expected_saving, one_layer_spec
-from memopt.units import format_bytes
 
 RUNS = ["ckpt", "ckpt:policy=every,every=2", "ckpt:policy=selective", "sdpa", "chunked_ce", "amp",
         "accum:micro_batches=4", "offload", "optim_in_bwd", "ckpt+chunked_ce+optim_in_bwd",

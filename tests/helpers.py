@@ -27,7 +27,7 @@ def memtracker_peak(spec: Spec) -> int:
     """PyTorch's own MemTracker peak for one steady-state step of ``spec`` (an independent reference)."""
     import torch
 
-    from memopt.runner import prepare, train_step
+    from memopt.engine.step import prepare, train_step
 
     mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
     session = prepare(spec)

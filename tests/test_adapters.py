@@ -9,8 +9,8 @@ import pytest
 
 from memopt.adapters import AdapterError, adapter_for
 from memopt.adapters.builtin import BuiltinAdapter
-from memopt.model import build_model
-from memopt.runner import make_batch, prepare
+from memopt.engine.step import make_batch, prepare
+from memopt.model.transformer import build_model
 from memopt.spec import load_spec
 from memopt.strategies import build_strategies
 
@@ -35,7 +35,7 @@ def _imports(tree: ast.AST) -> set[str]:
 @pytest.mark.parametrize("path", STRATEGY_FILES, ids=[p.name for p in STRATEGY_FILES])
 def test_no_strategy_knows_memopts_model_classes(path: Path):
     tree = ast.parse(path.read_text())
-    assert "memopt.model" not in _imports(tree)
+    assert "memopt.model.transformer" not in _imports(tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
             assert not (MODEL_CLASSES & {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)})
@@ -95,7 +95,7 @@ def test_strategies_get_their_device_at_construction_and_check_only_checks():
 
 def test_ckpt_reports_recomputed_tensors_through_the_session_observer(tiny):
     """Recomputation saves tensors through checkpoint's own hooks: they reach the tracker via the observer."""
-    from memopt.runner import run
+    from memopt.engine.step import run
 
     spec = tiny.with_strategies(load_spec(CONFIGS / "tiny.yaml", strategies=["ckpt"]).strategies)
     session = prepare(spec)

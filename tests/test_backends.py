@@ -14,11 +14,11 @@ from unittest import mock
 import pytest
 import torch
 
-from memopt.drift import strategy_drift
-from memopt.errors import StrategyError
-from memopt.estimate import estimate
-from memopt.results import RunResult
-from memopt.runner import make_batch, prepare, run, train_step
+from memopt.analysis.drift import strategy_drift
+from memopt.analysis.estimate import estimate
+from memopt.core.errors import StrategyError
+from memopt.core.results import RunResult
+from memopt.engine.step import make_batch, prepare, run, train_step
 from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.strategies import build_strategies
 
@@ -52,12 +52,12 @@ _PROFILES: dict[str, RunResult] = {}
 
 
 def profile(spec: Spec) -> RunResult:
-    """``memopt.runner.run`` without the accuracy-drift measurement (its own models and training steps: these
+    """``memopt.engine.step.run`` without the accuracy-drift measurement (its own models and training steps: these
     tests are about bytes; test_lora_drift_is_taken_after_identical_training_steps covers drift), each spec
     profiled once for the whole module."""
     key = json.dumps(spec.to_dict(), sort_keys=True)
     if key not in _PROFILES:
-        with mock.patch("memopt.runner.strategy_drift", lambda spec: None):
+        with mock.patch("memopt.engine.step.strategy_drift", lambda spec: None):
             _PROFILES[key] = run(spec)
     return _PROFILES[key]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from memopt.check import growths, load_baseline
-from memopt.errors import MemoptError
-from memopt.measure import CATEGORIES, PHASES
-from memopt.results import StepMemory
+from memopt.analysis.check import growths, load_baseline
+from memopt.core.errors import MemoptError
+from memopt.core.results import StepMemory
+from memopt.measure.tracker import CATEGORIES, PHASES
 
 from .helpers import CONFIGS, ROOT, invoke
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from memopt.estimate import estimate
-from memopt.model import count_parameters
-from memopt.quantize import QuantLinear
-from memopt.runner import prepare, run, train_step
+from memopt.analysis.estimate import estimate
+from memopt.engine.step import prepare, run, train_step
+from memopt.model.quantize import QuantLinear
+from memopt.model.transformer import count_parameters
 from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.strategies.optim8bit import AdamW8bit
 from memopt.strategies.quant import Quant
@@ -123,7 +123,7 @@ def test_lora_gets_gradients_and_quantized_base_stays_bit_identical():
     session = prepare(tiny("quant:bits=4,lora=8"))
     quantized = [m for m in session.model.modules() if isinstance(m, QuantLinear)]
     before = [(m.codes.clone(), m.scales.clone()) for m in quantized]
-    from memopt.runner import forward_backward, make_batch
+    from memopt.engine.step import forward_backward, make_batch
 
     forward_backward(session, make_batch(session.spec, "cpu"))
     for m in quantized:
@@ -187,7 +187,7 @@ def test_adafactor_optimizer_keeps_factored_state():
 def test_optim8bit_drift_is_taken_after_identical_training_steps():
     """Its cost shows only once the optimizer steps (before a step it read 0 whatever the error): drift is
     taken after 3 identical steps; weight strategies are still taken before any step; lossless ones have none."""
-    from memopt.drift import DRIFT_STEPS, strategy_drift
+    from memopt.analysis.drift import DRIFT_STEPS, strategy_drift
 
     drift = strategy_drift(tiny("optim8bit"))
     assert drift is not None and drift["after_steps"] == DRIFT_STEPS == 3

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from memopt.errors import MemoptError
-from memopt.estimate import estimate
-from memopt.runner import make_batch, run
+from memopt.analysis.estimate import estimate
+from memopt.core.errors import MemoptError
+from memopt.engine.step import make_batch, run
 from memopt.spec import load_spec
 
 from .helpers import CONFIGS, invoke

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memopt.build import build_adapter, parameter_total, vocab_size
-from memopt.estimate import estimate
-from memopt.runner import make_batch, prepare, run
+from memopt.adapters.build import build_adapter, parameter_total, vocab_size
+from memopt.analysis.estimate import estimate
+from memopt.engine.step import make_batch, prepare, run
 from memopt.spec import Spec, spec_from_data
 
 from .helpers import invoke

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from memopt.estimate import analytic, estimate
-from memopt.runner import run
+from memopt.analysis.estimate import analytic, estimate
+from memopt.engine.step import run
 from memopt.spec import load_spec
 
 from .helpers import CONFIGS, invoke
@@ -44,7 +44,7 @@ def test_cuda_estimate_rounds_to_allocator_blocks():
 
 def test_llama_70b_fp32_estimates_in_little_memory():
     """Its weights alone would be 257 GiB; the estimate must stay under 1.5 GiB of RSS."""
-    code = ("import json, resource; from memopt.estimate import estimate; from memopt.spec import load_spec; "
+    code = ("import json, resource; from memopt.analysis.estimate import estimate; from memopt.spec import load_spec; "
             "r = estimate(load_spec('llama-70b', {'batch_size': 1, 'seq_len': 256})); "
             "print(json.dumps([r.memory.state_bytes['params'], r.params_total, "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))")

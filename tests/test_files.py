@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from memopt import files
-from memopt.errors import MemoptError, SpecError
-from memopt.files import read_input, refuse_overwriting_inputs, write_output
-from memopt.outputs import json_text
+from memopt.core import files
+from memopt.core.errors import MemoptError, SpecError
+from memopt.core.files import read_input, refuse_overwriting_inputs, write_output
+from memopt.render.outputs import json_text
 from memopt.spec import load_spec, read_yaml
 
 from .helpers import CONFIGS, ROOT, invoke
@@ -81,7 +81,7 @@ def test_dev_full_is_one_clear_error(tmp_path):
 def test_dev_stdout_writes_to_this_process_stdout(tmp_path):
     _real_devices_are_safe(tmp_path)
     out = tmp_path / "out.txt"
-    code = ("from memopt.files import write_output; print('before', flush=True); "
+    code = ("from memopt.core.files import write_output; print('before', flush=True); "
             "write_output('/dev/stdout', 'JSON\\n'); print('after')")
     with out.open("wb") as fh:  # stdout redirected to a regular file: written at its place, not truncated
         subprocess.run([sys.executable, "-c", code], stdout=fh, check=True, timeout=60)

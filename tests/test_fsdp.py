@@ -12,10 +12,10 @@ import time
 import psutil
 import pytest
 
-from memopt.errors import MemoptError
-from memopt.estimate import estimate
-from memopt.model import build_model
-from memopt.runner import run
+from memopt.analysis.estimate import estimate
+from memopt.core.errors import MemoptError
+from memopt.engine.step import run
+from memopt.model.transformer import build_model
 from memopt.spec import Spec, load_spec, spec_from_data
 
 from .helpers import ROOT, invoke
@@ -35,7 +35,7 @@ def memopt_ranks() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if "memopt.distributed" in cmd:
+        if "memopt.engine.ranks" in cmd:
             found.append(proc)
     return found
 
@@ -101,7 +101,7 @@ def test_ckpt_composes_with_fsdp():
 def test_a_failing_rank_ends_every_rank_and_is_named(tmp_path, monkeypatch):
     (tmp_path / "failing_model.py").write_text(
         "import torch\n"
-        "from memopt.model import build_model\n"
+        "from memopt.model.transformer import build_model\n"
         "from memopt.spec import ModelSpec\n"
         "def factory():\n"
         "    if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:\n"

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from memopt.build import parameter_total
-from memopt.errors import MemoptError
-from memopt.estimate import estimate
-from memopt.hf import load_config
-from memopt.results import RunResult
-from memopt.runner import prepare, run
+from memopt.adapters.build import parameter_total
+from memopt.analysis.estimate import estimate
+from memopt.core.errors import MemoptError
+from memopt.core.results import RunResult
+from memopt.engine.step import prepare, run
+from memopt.model.hf import load_config
 from memopt.spec import Spec, spec_from_data
 
 from .helpers import invoke, memtracker_peak
@@ -175,7 +175,7 @@ def test_ckpt_wraps_the_decoder_layers_and_changes_neither_loss_nor_gradients(co
 # ---- GPT-2: Conv1D layers become nn.Linears for quant, LoRA and pruning; its packed c_attn refuses head pruning --
 
 def test_gpt2_conv1d_becomes_linear_with_the_same_outputs(configs):
-    from memopt.build import build_adapter
+    from memopt.adapters.build import build_adapter
 
     torch.manual_seed(0)
     adapter = build_adapter(hf_spec(configs["gpt2"]), "cpu")
@@ -238,7 +238,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 
 def test_checkpoint_weights_are_loaded_and_drift_is_measured_on_them(checkpoint):
-    from memopt.build import build_adapter
+    from memopt.adapters.build import build_adapter
 
     folder, saved = checkpoint
     loaded = build_adapter(hf_spec(folder), "cpu").model
@@ -275,7 +275,7 @@ def test_checkpoint_missing_weights_is_refused(checkpoint, tmp_path):
     """transformers would fill them in at random (with a warning): the drift would no longer be of real weights."""
     from safetensors.torch import load_file, save_file
 
-    from memopt.build import build_adapter
+    from memopt.adapters.build import build_adapter
 
     folder, _ = checkpoint
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
@@ -405,16 +405,16 @@ def test_what_gemma2_cannot_do_is_refused_with_the_reason(tmp_path):
 
 
 def test_without_transformers_the_message_names_the_install_command(monkeypatch):
-    import memopt.hf
+    import memopt.model.hf
 
-    memopt.hf._load_config.cache_clear()
+    memopt.model.hf._load_config.cache_clear()
     monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when not installed
     try:
         result = invoke(["estimate", "--hf", "llama", "--batch-size", 1, "--seq-len", 8])
         with pytest.raises(MemoptError, match=r"pip install 'memopt\[hf\]'"):
-            memopt.hf.transformers_module()
+            memopt.model.hf.transformers_module()
     finally:
-        memopt.hf._load_config.cache_clear()
+        memopt.model.hf._load_config.cache_clear()
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines() == [
         "error: --hf model.hf: llama: Hugging Face models need transformers: pip install 'memopt[hf]'"]
@@ -437,7 +437,7 @@ def hf_generate_spec(source: Path, cache: str = "static", strategies: tuple[str,
 def test_hf_greedy_tokens_with_transformers_caches_equal_tokens_without(configs, name, cache):
     import torch
 
-    from memopt.inference import generate, greedy_without_cache, prompt_batch
+    from memopt.engine.inference import generate, greedy_without_cache, prompt_batch
 
     spec = hf_generate_spec(configs[name], cache)
     with torch.inference_mode():

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from memopt.capacity import capacity, largest_fitting
-from memopt.errors import MemoptError, StrategyError
-from memopt.estimate import estimate
-from memopt.inference import generate, greedy_without_cache, prompt_batch
-from memopt.results import RunResult
-from memopt.runner import prepare, run
+from memopt.analysis.capacity import capacity, largest_fitting
+from memopt.analysis.estimate import estimate
+from memopt.core.errors import MemoptError, StrategyError
+from memopt.core.results import RunResult
+from memopt.engine.inference import generate, greedy_without_cache, prompt_batch
+from memopt.engine.step import prepare, run
 from memopt.spec import Spec, load_spec, spec_from_data
 
 from .helpers import CONFIGS, invoke

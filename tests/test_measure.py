@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from memopt._torch_private import saved_tensors_by_node
-from memopt.measure import ModelWatch, TensorTracker, host_peaks
-from memopt.model import parameter_count
-from memopt.runner import make_batch, prepare, run, train_step
+from memopt.core._torch_private import saved_tensors_by_node
+from memopt.engine.step import make_batch, prepare, run, train_step
+from memopt.measure.tracker import ModelWatch, TensorTracker, host_peaks
+from memopt.model.transformer import parameter_count
 from memopt.spec import load_spec, spec_from_data
 
 from .helpers import CONFIGS, ROOT, memtracker_peak
@@ -113,7 +113,7 @@ def test_tracemalloc_does_not_see_tensors_but_the_tracker_does():
 
 
 def test_device_memory_limit_raises_naming_the_phase(tiny):
-    from memopt.errors import OutOfMemory
+    from memopt.core.errors import OutOfMemory
 
     with pytest.raises(OutOfMemory, match="during (forward|backward|optimizer)"):
         run(tiny, device_memory=4 * 2**20)

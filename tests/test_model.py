@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memopt.model import build_model, parameter_count
+from memopt.model.transformer import build_model, parameter_count
 from memopt.spec import load_spec, spec_from_data
 
 from .helpers import CONFIGS

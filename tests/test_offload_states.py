@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from memopt.errors import StrategyError
-from memopt.estimate import estimate
-from memopt.runner import make_batch, prepare, run, train_step
+from memopt.analysis.estimate import estimate
+from memopt.core.errors import StrategyError
+from memopt.engine.step import make_batch, prepare, run, train_step
 from memopt.spec import Spec, load_spec
 from memopt.strategies.offload_states import CHUNK_ELEMENTS
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from memopt.optimize import (
+from memopt.analysis.optimize import (
     MICRO_BATCH_OVERHEAD,
     NOMINAL_FLOPS,
     OFFLOAD_BANDWIDTH,
@@ -18,7 +18,7 @@ from memopt.optimize import (
     search_options,
     within_drift,
 )
-from memopt.runner import run
+from memopt.engine.step import run
 from memopt.spec import load_spec
 from memopt.strategies import candidate_specs, strategy_spec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from memopt.outputs import json_text
+from memopt.render.outputs import json_text
 
 
 def test_json_is_strict_nan_and_infinity_become_null():

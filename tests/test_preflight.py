@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from memopt.errors import OutOfMemory
-from memopt.runner import run
+from memopt.core.errors import OutOfMemory
+from memopt.engine.step import run
 from memopt.spec import load_spec
 
 from .helpers import CONFIGS, invoke
@@ -37,9 +37,9 @@ def test_device_memory_refuses_an_estimate_over_it_naming_the_phase():
 
 def test_device_memory_holds_from_the_build_on(monkeypatch):
     """Even when the estimate is skipped, the build and the warm-up step are watched, not only measured steps."""
-    import memopt.preflight
+    import memopt.analysis.preflight
 
-    monkeypatch.setattr(memopt.preflight, "ensure_fits_here", lambda *a, **k: None)
+    monkeypatch.setattr(memopt.analysis.preflight, "ensure_fits_here", lambda *a, **k: None)
     with pytest.raises(OutOfMemory, match="in the model build"):
         run(load_spec(CONFIGS / "tiny.yaml"), device_memory=2**19)  # the parameters alone are 0.89 MiB
     with pytest.raises(OutOfMemory, match="in the warm-up step"):
@@ -47,7 +47,7 @@ def test_device_memory_holds_from_the_build_on(monkeypatch):
 
 
 def test_estimate_fits_is_bounded_in_time(tmp_path):
-    from memopt.estimate import fits
+    from memopt.analysis.estimate import fits
 
     spec = load_spec(CONFIGS / "tiny.yaml")
     started = time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memopt.quantize import QuantLinear, dequantize
+from memopt.model.quantize import QuantLinear, dequantize
 
 from .helpers import packed_bytes
 

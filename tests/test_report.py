@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from memopt import report
-from memopt.measure import CATEGORIES
-from memopt.results import RunResult, StepMemory, VsBaseline
+from memopt.core.results import RunResult, StepMemory, VsBaseline
+from memopt.measure.tracker import CATEGORIES
+from memopt.render import report
 
 LONG = "accum:micro_batches=8+quant:bits=4,format=nf4,lora=8,group_size=128+chunked_ce+sdpa+optim_in_bwd"
 

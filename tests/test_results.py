@@ -1,4 +1,4 @@
-"""memopt.results without a model: every run type round-trips through schema-1 JSON unchanged."""
+"""memopt.core.results without a model: every run type round-trips through schema-1 JSON unchanged."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import subprocess
 import sys
 
-from memopt.outputs import json_text
-from memopt.results import HostPeaks, RunResult, StepMemory, VsBaseline
+from memopt.core.results import HostPeaks, RunResult, StepMemory, VsBaseline
+from memopt.render.outputs import json_text
 
 from .helpers import ROOT
 
@@ -91,9 +91,6 @@ def test_memory_of_a_baseline_that_holds_only_what_check_compares():
     assert memory.peak_breakdown == {} and memory.state_bytes == {} and memory.peak_module is None
 
 
-def test_results_imports_no_torch_and_the_old_homes_still_name_the_types():
-    code = "import sys, memopt.results; assert 'torch' not in sys.modules"
+def test_results_imports_no_torch():
+    code = "import sys, memopt.core.results; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-    from memopt import measure, runner
-
-    assert (measure.StepMemory, measure.HostPeaks, runner.RunResult) == (StepMemory, HostPeaks, RunResult)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memopt.errors import MemoptError, StrategyError
-from memopt.estimate import estimate
-from memopt.runner import run
+from memopt.analysis.estimate import estimate
+from memopt.core.errors import MemoptError, StrategyError
+from memopt.engine.step import run
 from memopt.spec import DISTRIBUTED, Spec, spec_from_data
 from memopt.strategies import build_strategies, candidate_specs, registry
 

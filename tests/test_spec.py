@@ -9,8 +9,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memopt.errors import SpecError
-from memopt.model import parameter_count
+from memopt.core.errors import SpecError
+from memopt.model.transformer import parameter_count
 from memopt.spec import load_spec, read_yaml, spec_from_data
 
 from .helpers import CONFIGS

@@ -7,10 +7,10 @@ import tempfile
 import pytest
 import torch
 
-from memopt.errors import SpecError, StrategyError
-from memopt.runner import forward_backward, make_batch, prepare, run, train_step
+from memopt.analysis.theory import amp_saving, expected_saving, layer_input_bytes, one_layer_spec
+from memopt.core.errors import SpecError, StrategyError
+from memopt.engine.step import forward_backward, make_batch, prepare, run, train_step
 from memopt.spec import Spec, load_spec, spec_from_data
-from memopt.theory import amp_saving, expected_saving, layer_input_bytes, one_layer_spec
 
 from .helpers import CONFIGS, invoke, memtracker_peak
 

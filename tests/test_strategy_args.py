@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from memopt.errors import MemoptError
-from memopt.strategy_args import one_set, parse_sets, set_label
+from memopt.core.errors import MemoptError
+from memopt.spec.strategy_args import one_set, parse_sets, set_label
 
 CASES = [
     ("ckpt", [[{"ckpt": {}}]]),

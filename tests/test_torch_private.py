@@ -2,7 +2,7 @@
 
 import torch
 
-from memopt._torch_private import (
+from memopt.core._torch_private import (
     TorchDispatchMode,
     current_saved_tensors_hooks,
     observe_saved_tensors,

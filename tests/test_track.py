@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 import memopt
-from memopt.check import load_baseline
-from memopt.errors import MemoptError
-from memopt.measure import CATEGORIES, CUDA_BLOCK, PHASES
-from memopt.outputs import json_text
-from memopt.results import RunResult
-from memopt.runner import make_batch, prepare, run, train_step
+from memopt.analysis.check import load_baseline
+from memopt.app.track import Tracking
+from memopt.core.errors import MemoptError
+from memopt.core.results import RunResult
+from memopt.engine.step import make_batch, prepare, run, train_step
+from memopt.measure.tracker import CATEGORIES, CUDA_BLOCK, PHASES
+from memopt.render.outputs import json_text
 from memopt.spec import load_spec
-from memopt.track import Tracking
 
 from .helpers import CONFIGS
 
@@ -28,7 +28,7 @@ ADAMW_STEP_BYTES = 4  # AdamW's per-parameter `step`: a float32 scalar tensor on
 
 
 def _one_step(session, optimizer, delete_loss: bool) -> RunResult:
-    """One step of a plain training loop on the runner's session, inside memopt.track."""
+    """One step of a plain training loop on the runner's session, inside memopt.app.track."""
     with memopt.track(session.model, optimizer) as t:
         tokens, targets = make_batch(session.spec, session.device, 0)  # the runner makes the batch in the step
         loss = session.adapter.loss((tokens, targets))
@@ -137,7 +137,7 @@ def test_a_shared_block_agrees_with_pytorchs_memtracker_on_one_step():
 
 def test_the_model_called_twice_in_one_step_where_memtracker_raises():
     """Two micro-batches per optimizer step (gradient accumulation): PyTorch's MemTracker refuses the second
-    call of the model ("multiple iterative calls"); memopt.track measures it, phase by phase."""
+    call of the model ("multiple iterative calls"); memopt.app.track measures it, phase by phase."""
     mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
     torch.manual_seed(0)
     model = TwiceBlock()
@@ -224,7 +224,7 @@ def test_to_json_is_a_valid_strict_schema_1_document(tiny, tmp_path):
     doc = t.to_json()
     json.dumps(doc, allow_nan=False)
     assert doc["schema"] == 1 and doc["device"] == "cpu" and len(doc["runs"]) == 1
-    assert doc["spec"] == {"model": {"python": "memopt.model.LanguageModel"},
+    assert doc["spec"] == {"model": {"python": "memopt.model.transformer.LanguageModel"},
                            "train": {"optimizer": {"python": "torch.optim.adamw.AdamW"}, "steps": 1},
                            "run": {"device": "cpu", "dtype": "float32"}, "strategies": []}
     path = tmp_path / "baseline.json"
@@ -323,12 +323,12 @@ def test_misuse_is_a_clear_error():
 
 
 def test_memopt_track_stays_callable_once_the_submodule_is_imported():
-    import memopt.track as module  # Python binds the submodule to memopt.track
+    import memopt.app.track as module  # Python binds the submodule to memopt.app.track
 
     assert isinstance(memopt.track(nn.Linear(2, 2)), Tracking)
     assert isinstance(module(nn.Linear(2, 2)), Tracking)
 
 
 def test_import_memopt_does_not_import_torch():
-    code = "import sys, memopt; assert callable(memopt.track); assert 'torch' not in sys.modules"
+    code = "import sys, memopt; assert callable(memopt.app.track); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

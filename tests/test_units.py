@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from memopt.errors import MemoptError
-from memopt.units import format_bytes, parse_percent, parse_size
+from memopt.core.errors import MemoptError
+from memopt.core.units import format_bytes, parse_percent, parse_size
 
 
 @pytest.mark.parametrize(("text", "expected"), [("8GiB", 8 * 2**30), ("512 MiB", 512 * 2**20), ("24GB", 24 * 10**9),

@@ -17,9 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from memopt.errors import StrategyError
-from memopt.kv_cache import OnNew
-from memopt.strategies.base import KvPlan
+from memopt.core.errors import StrategyError
+from memopt.model.kv_cache import KvPlan, OnNew
 
 Batch = tuple[torch.Tensor, torch.Tensor]            # (tokens, next-token targets), (batch, seq) each
 LinearFilter = Callable[[nn.Module, str], bool]       # (module, fqn) -> keep it, as torchao's filter_fn
@@ -143,7 +142,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of any model: memopt's own, a transformers causal LM (a ``config`` and output embeddings),
     or any other nn.Module."""
     from memopt.adapters.builtin import BuiltinAdapter
-    from memopt.model import LanguageModel
+    from memopt.model.transformer import LanguageModel
 
     if isinstance(model, LanguageModel):
         return BuiltinAdapter(model)

@@ -16,13 +16,12 @@ from memopt.adapters import (
     LossFromHidden,
     LossModule,
 )
-from memopt.kv_cache import KVCache, OnNew, build_cache
-from memopt.model import DecoderLayer, EncoderLayer, LanguageModel
-from memopt.strategies.base import KvPlan
+from memopt.model.kv_cache import KVCache, KvPlan, OnNew, build_cache
+from memopt.model.transformer import DecoderLayer, EncoderLayer, LanguageModel
 
 
 class BuiltinAdapter:
-    """``ModelAdapter`` for ``memopt.model.LanguageModel``."""
+    """``ModelAdapter`` for ``memopt.model.transformer.LanguageModel``."""
 
     def __init__(self, model: nn.Module):
         assert isinstance(model, LanguageModel)

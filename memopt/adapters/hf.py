@@ -27,8 +27,7 @@ from memopt.adapters import (
     LossModule,
 )
 from memopt.adapters.module import ModuleAdapter
-from memopt.kv_cache import OnNew
-from memopt.strategies.base import KvPlan
+from memopt.model.kv_cache import KvPlan, OnNew
 
 FFN_NAMES = ((("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj"), (("fc1",), "fc2"),
              (("up_proj",), "down_proj"))
@@ -154,8 +153,8 @@ class HfAdapter(ModuleAdapter):
         return out
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
-        from memopt._torch_private import is_fake
-        from memopt.hf import unpacked_positions
+        from memopt.core._torch_private import is_fake
+        from memopt.model.hf import unpacked_positions
 
         base = self.model.base_model
         with unpacked_positions() if is_fake(batch[0]) else contextlib.nullcontext():
@@ -210,8 +209,8 @@ class HfAdapter(ModuleAdapter):
         return cache
 
     def next_logits(self, tokens: torch.Tensor, cache: Any | None, start: int) -> torch.Tensor:
-        from memopt._torch_private import is_fake
-        from memopt.hf import unpacked_positions
+        from memopt.core._torch_private import is_fake
+        from memopt.model.hf import unpacked_positions
 
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"

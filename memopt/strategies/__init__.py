@@ -1,25 +1,26 @@
-"""The strategy registry: name -> Strategy class. Adding a strategy means adding a module here.
+"""The strategy registry: name -> Strategy class. Adding a strategy means adding a module to this package.
 
-Also the one parsed form of a strategy, ``StrategySpec(name, options)``: spec files, ``-s`` and the search's
-candidates all become StrategySpecs here (``strategy_spec``, ``candidate_specs``). Importing this package
-imports neither torch (the strategy modules load on the first ``registry()``) nor memopt.spec.
+Importing it does not import torch (the strategy modules load on the first ``registry()``). A name registered
+twice is refused. The registry is the spec's strategy catalog (memopt.spec.strategy_spec.provide_catalog).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, SerializeAsAny, ValidationError
-
-from memopt.errors import SpecError, StrategyError
-from memopt.strategies.base import Options, SavedTensors, StepPlan, Strategy
-from memopt.strategy_args import StrategyEntry, strategy_text
-from memopt.wording import describe, suggest
+from memopt.core.errors import StrategyError
+from memopt.spec.strategy_spec import Catalog, Options, StrategySpec, provide_catalog, strategy_spec
+from memopt.strategies.base import SavedTensors, StepPlan, Strategy
 
 REGISTRY: dict[str, type[Strategy[Any]]] = {}
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: add a strategy under its ``name``; a name taken by another class is refused."""
+    known = REGISTRY.get(cls.name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise StrategyError(f"strategy {cls.name!r} is registered twice: by {known.__module__}.{known.__qualname__} "
+                            f"and by {cls.__module__}.{cls.__qualname__}")
     REGISTRY[cls.name] = cls
     return cls
 
@@ -33,72 +34,12 @@ def registry() -> dict[str, type[Strategy]]:
     return dict(sorted(REGISTRY.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 
-class StrategySpec(BaseModel):
-    """One strategy with its validated options (the strategy's own Options model): one entry of a spec's
-    ``strategies``, of a ``-s`` set, or a search candidate. Made by ``strategy_spec``; serialised as
-    ``{name: options.model_dump()}``. ``label`` shows the options as they were given (``quant:bits=4,lora=8``);
-    equality looks at the name and the validated options only."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    name: str
-    options: SerializeAsAny[Options]
-    _given: dict[str, Any] | None = PrivateAttr(default=None)  # the options as written, for the label
-
-    def to_dict(self) -> dict[str, Any]:
-        return {self.name: self.options.model_dump()}
-
-    @property
-    def entry(self) -> StrategyEntry:
-        """``{name: options as given}`` (the non-default ones when it was made from an Options model)."""
-        given = self._given if self._given is not None else self.options.model_dump(exclude_defaults=True)
-        return {self.name: dict(given)}
-
-    @property
-    def label(self) -> str:
-        return strategy_text(self.entry)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, StrategySpec):
-            return NotImplemented
-        return (self.name, self.options) == (other.name, other.options)
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.options.model_dump_json()))
-
-
-def strategy_spec(name: str, options: dict[str, Any] | None = None) -> StrategySpec:
-    """``{name: options}`` -> a StrategySpec, validated once; SpecError with ``name.key`` paths otherwise."""
-    given = {} if options is None else dict(options)
-    spec = StrategySpec(name=name, options=validate_options(name, given))
-    spec._given = given
-    return spec
-
-
 def candidate_specs(name: str, mode: str = "train") -> tuple[StrategySpec, ...]:
     """The strategy's typical settings for run.mode ``mode`` (its class's ``candidates``, or
     ``inference_candidates`` outside training; none: just the name), lightest first."""
     cls = registry()[name]
     settings = cls.inference_candidates if mode != "train" and cls.inference_candidates is not None else cls.candidates
     return tuple(strategy_spec(name, options) for options in settings or ({},))
-
-
-def validate_options(name: str, options: dict[str, Any]) -> Options:
-    """Validate one strategy's options; SpecError with ``name.key`` paths otherwise."""
-    known = registry()
-    if name not in known:
-        raise SpecError([f"{name}: unknown strategy{suggest(name, known)}; known: {', '.join(known)}"])
-    cls = known[name]
-    try:
-        return cls.Options.model_validate(options)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            text = describe(err)
-            if err["type"] == "extra_forbidden":
-                text = f"{err['loc'][-1]}: unknown option{suggest(str(err['loc'][-1]), cls.Options.model_fields)}"
-            problems.append(f"{name}.{text}")
-        raise SpecError(problems) from None
 
 
 def build_strategies(spec: Any, device: str, saved: SavedTensors | None = None) -> list[Strategy[Any]]:
@@ -127,5 +68,11 @@ def build_strategies(spec: Any, device: str, saved: SavedTensors | None = None) 
     return sorted(chosen, key=lambda s: s.order)
 
 
+def _options_models() -> dict[str, type[Options]]:
+    return {name: cls.Options for name, cls in registry().items()}
+
+
+provide_catalog(Catalog(options=_options_models, on_ranks="fsdp"))
+
 __all__ = ["REGISTRY", "Options", "StepPlan", "Strategy", "StrategySpec", "build_strategies", "candidate_specs",
-           "register", "registry", "strategy_spec", "validate_options"]
+           "register", "registry", "strategy_spec"]

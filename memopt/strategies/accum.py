@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from memopt.errors import StrategyError
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 

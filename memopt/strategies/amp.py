@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from memopt.errors import StrategyError
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 

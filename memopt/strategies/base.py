@@ -7,28 +7,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from memopt.model.kv_plan import KvPlan
+from memopt.spec.strategy_spec import Options
 
 if TYPE_CHECKING:
     import torch
 
     from memopt.adapters import ModelAdapter
     from memopt.spec import Spec
-
-
-class Options(BaseModel):
-    """Base of every strategy's options: frozen, strict, unknown keys refused."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-@dataclass(frozen=True)
-class KvPlan:
-    """Which KV cache a generation uses: the spec's layout (static/dynamic), or what a kv strategy made it."""
-
-    layout: str = "static"       # static | dynamic | quant | window
-    bits: int = 8                # quant
-    window: int = 0              # window
 
 
 @dataclass
@@ -59,7 +45,7 @@ class SavedTensors:
 
     def __init__(self) -> None:
         self.observer: Callable[[torch.Tensor], None] | None = None
-        self.tracker: Any | None = None  # memopt.measure.TensorTracker while measuring
+        self.tracker: Any | None = None  # memopt.measure.tracker.TensorTracker while measuring
 
     def __call__(self, tensor: torch.Tensor) -> None:
         if self.observer is not None:

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from memopt.adapters import AdapterError, ModelAdapter
-from memopt.errors import StrategyError
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
 

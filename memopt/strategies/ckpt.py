@@ -17,8 +17,8 @@ from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from memopt._torch_private import TorchDispatchMode, observe_saved_tensors
 from memopt.adapters import ModelAdapter
+from memopt.core._torch_private import TorchDispatchMode, observe_saved_tensors
 from memopt.strategies import register
 from memopt.strategies.base import Options, SavedTensors, Strategy
 

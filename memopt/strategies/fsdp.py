@@ -2,7 +2,7 @@
 
 memopt launches the ranks itself (``--world-size N``: gloo on CPU, NCCL on CUDA) or runs under torchrun's
 process group; each rank steps on its own shard of the global batch. Under ``memopt estimate`` one rank is
-traced on fake tensors in a fake process group of N ranks (memopt._torch_private.fake_process_group).
+traced on fake tensors in a fake process group of N ranks (memopt.core._torch_private.fake_process_group).
 
 fsdp: ``fully_shard`` on each block of the model adapter, then on the root. Each rank keeps 1/N of every
 parameter (dim 0 padded to a multiple of N), of its gradient and of the optimizer state; a unit's parameters are
@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from memopt.adapters import ModelAdapter
-from memopt.errors import StrategyError
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 
@@ -91,7 +91,7 @@ class Fsdp(Strategy[FsdpOptions]):
     def apply(self, model: ModelAdapter) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        from memopt._torch_private import device_mesh
+        from memopt.core._torch_private import device_mesh
 
         world = self.options.world_size
         _process_group(self.name, world)
@@ -112,7 +112,7 @@ class Fsdp(Strategy[FsdpOptions]):
     def context(self) -> Iterator[None]:
         """Around forward and backward: the tracker (pointed at before the plan's contexts are entered) hears of
         FSDP's resized all-gather buffers and sharded grads; unmeasured steps need nothing."""
-        from memopt._torch_private import fsdp_memory_reporting
+        from memopt.core._torch_private import fsdp_memory_reporting
 
         tracker = self.saved.tracker
         if tracker is None:
@@ -140,7 +140,7 @@ class Ddp(Strategy[DdpOptions]):
                "optim_in_bwd": "the optimizer would step before the gradients are all-reduced"}
 
     def check(self) -> None:
-        from memopt._torch_private import in_fake_mode
+        from memopt.core._torch_private import in_fake_mode
 
         _needs_ranks(self)
         if in_fake_mode():
@@ -148,7 +148,7 @@ class Ddp(Strategy[DdpOptions]):
                                 "do not have); measure it with memopt profile, or estimate fsdp")
 
     def apply(self, model: ModelAdapter) -> None:
-        from memopt._torch_private import replicate
+        from memopt.core._torch_private import replicate
 
         _process_group(self.name, self.options.world_size)
         replicate(model.model)

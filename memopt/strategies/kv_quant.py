@@ -6,9 +6,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from memopt.errors import StrategyError
+from memopt.core.errors import StrategyError
+from memopt.model.kv_plan import KvPlan
 from memopt.strategies import register
-from memopt.strategies.base import KvPlan, Options, StepPlan, Strategy
+from memopt.strategies.base import Options, StepPlan, Strategy
 
 
 class KvQuantOptions(Options):

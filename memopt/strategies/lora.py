@@ -4,7 +4,7 @@ Each targeted Linear y = W x (+ b) becomes y = W x (+ b) + (x A^T) B^T * alpha/r
 kaiming-uniform) and B (out x rank, zeros) the only parameters that train: gradients and optimizer state
 exist for them alone. Embedding, norms, biases and the output head are frozen too.
 
-Backends: ``memopt`` (default) wraps each Linear in ``memopt.quantize.LoraLinear``; ``peft`` injects
+Backends: ``memopt`` (default) wraps each Linear in ``memopt.model.quantize.LoraLinear``; ``peft`` injects
 peft's own LoRA layers in place (``peft.inject_adapter_in_model``, no PeftModel wrapper), with the same
 A/B shapes and initialisation. After ``quant`` (applied first) the adapters go on the quantized layers:
 memopt's backend calls ``QuantLinear.add_lora`` on memopt's packed layers and wraps bitsandbytes' layers;
@@ -22,10 +22,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from memopt._torch_private import in_fake_mode
 from memopt.adapters import ModelAdapter
-from memopt.errors import StrategyError
-from memopt.quantize import LoraLinear, QuantLinear
+from memopt.core._torch_private import in_fake_mode
+from memopt.core.errors import StrategyError
+from memopt.model.quantize import LoraLinear, QuantLinear
 from memopt.strategies import register
 from memopt.strategies.base import Strategy
 from memopt.strategies.quant import LoraOptions, float_dtype, require

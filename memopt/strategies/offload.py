@@ -18,9 +18,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from memopt._torch_private import is_fake, storage_key
 from memopt.adapters import ModelAdapter
-from memopt.errors import StrategyError
+from memopt.core._torch_private import is_fake, storage_key
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, SavedTensors, StepPlan, Strategy
 

@@ -32,9 +32,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from memopt._torch_private import current_saved_tensors_hooks, in_fake_mode, storage_key
 from memopt.adapters import ModelAdapter
-from memopt.errors import MemoptError, StrategyError
+from memopt.core._torch_private import current_saved_tensors_hooks, in_fake_mode, storage_key
+from memopt.core.errors import MemoptError, StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, SavedTensors, StepPlan, Strategy
 

@@ -20,9 +20,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from memopt._torch_private import in_fake_mode
 from memopt.adapters import ModelAdapter
-from memopt.errors import StrategyError
+from memopt.core._torch_private import in_fake_mode
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Strategy
 from memopt.strategies.quant import BackendOptions, require

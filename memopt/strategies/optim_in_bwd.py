@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from memopt.adapters import ModelAdapter
-from memopt.errors import StrategyError
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 

@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from memopt.adapters import AttentionProjections, ModelAdapter
-from memopt.errors import StrategyError
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
 

@@ -14,7 +14,7 @@ double-quantized to 8 bits as in QLoRA), 8 bits -> ``bnb.nn.Linear8bitLt`` (LLM.
 output row, so no groups). bitsandbytes keeps the quantization statistics beside the weight, outside the
 module's parameters; they are registered on the layer as frozen parameters (``bnb_absmax``, ...) so that
 the tracker counts them with the weights, as it counts memopt's scales. The ``lora`` option wraps each
-bitsandbytes layer in memopt's LoRA (``memopt.quantize.LoraLinear``, the same adapters as with the memopt
+bitsandbytes layer in memopt's LoRA (``memopt.model.quantize.LoraLinear``, the same adapters as with the memopt
 backend); peft's own QLoRA layers are the ``lora`` strategy with ``backend: peft``. bitsandbytes'
 parameters cannot wrap fake tensors, so this backend is profiled, never estimated.
 """
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from torch import nn
 
-from memopt._torch_private import in_fake_mode
 from memopt.adapters import ModelAdapter
-from memopt.errors import StrategyError
-from memopt.quantize import LoraLinear, QuantLinear, dequantize, packed_parameters
+from memopt.core._torch_private import in_fake_mode
+from memopt.core.errors import StrategyError
+from memopt.model.quantize import LoraLinear, QuantLinear, dequantize, packed_parameters
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from memopt.adapters import ModelAdapter
-from memopt.errors import StrategyError
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 

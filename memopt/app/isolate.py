@@ -1,0 +1,74 @@
+"""Run one profile in its own Python process, so that peaks, caches and crashes never leak between runs.
+
+The parent sends the resolved spec as JSON on stdin; the child (``python -m memopt.app.isolate``) runs it
+and prints one JSON object on stdout: ``{"device": ..., "run": <schema-1 run dict, or the failed run>}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from memopt.core.results import RunResult
+from memopt.spec import Spec
+
+
+def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, timeout: float | None = None,
+                 grads_to: str | None = None) -> RunResult:
+    """The run, read back from the child's JSON; a run that dies comes back failed (``ok`` false) with why."""
+    request = json.dumps({"spec": spec.to_dict(), "name": name, "device_memory": device_memory,
+                          "grads_to": grads_to})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "memopt.app.isolate"], input=request, capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return _failed(spec, name, f"timed out after {timeout:.0f} s")
+    reply = last_reply(proc.stdout)
+    if reply is not None:
+        return RunResult.from_json(reply["run"], device=reply["device"])
+    return _failed(spec, name, exit_reason(proc.returncode, proc.stderr))
+
+
+def last_reply(stdout: str) -> dict[str, Any] | None:
+    """The last JSON object a child printed on its own line, or None."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def exit_reason(returncode: int, stderr: str) -> str:
+    """Why a child that printed no reply ended: the signal that killed it, or its exit code and last line."""
+    if returncode < 0:
+        sig = signal.Signals(-returncode).name
+        return "killed by the OS, probably out of memory" if sig == "SIGKILL" else f"died with {sig}"
+    tail = (stderr.strip().splitlines() or ["no output"])[-1]
+    return f"exited with {returncode}: {tail}"
+
+
+def _failed(spec: Spec, name: str, error: str) -> RunResult:
+    return RunResult.failed(name, [s.to_dict() for s in spec.strategies], error, device=spec.run.device)
+
+
+def _child() -> None:
+    from memopt.core.errors import MemoptError
+    from memopt.engine.step import run
+    from memopt.spec import spec_from_data
+
+    request = json.loads(sys.stdin.read())
+    spec = spec_from_data(request["spec"])
+    try:
+        result = run(spec, request["name"], device_memory=request.get("device_memory"),
+                     grads_to=request.get("grads_to"))
+    except MemoptError as exc:
+        result = _failed(spec, request["name"], str(exc))
+    except MemoryError:
+        result = _failed(spec, request["name"], "out of memory (MemoryError)")
+    print(json.dumps({"device": result.device, "run": result.to_json()}), flush=True)
+
+
+if __name__ == "__main__":
+    _child()

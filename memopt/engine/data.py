@@ -1,0 +1,51 @@
+"""Batches from a text file (``train.data``): its tokens in windows of seq_len + 1, cycled.
+
+Tokenized with a Hugging Face checkpoint folder's tokenizer when the model has one, else as UTF-8 bytes (ids
+0-255, which needs a vocabulary of at least 256). Without ``train.data`` batches are seeded random token ids.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from memopt.core.errors import MemoptError
+from memopt.core.files import read_input
+from memopt.spec import HfModelSpec, Spec
+
+DATA_LIMIT_BYTES = 256 * 2**20
+
+
+def text_batch(spec: Spec, device: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``step * batch .. (step + 1) * batch`` of the file's windows (wrapping around): inputs and next-token
+    targets, (batch, seq) each."""
+    assert spec.train.data is not None
+    ids = _tokens(spec.train.data, spec.model.hf if isinstance(spec.model, HfModelSpec) else None)
+    b, s = spec.train.batch_size, spec.train.seq_len
+    if len(ids) < s + 1:
+        raise MemoptError(f"train.data: {spec.train.data} has {len(ids)} tokens, fewer than seq_len + 1 = {s + 1}")
+    from memopt.adapters.build import vocab_size
+
+    vocab = vocab_size(spec.model)
+    if max(ids) >= vocab:
+        raise MemoptError(f"train.data: token id {max(ids)} is outside the model's vocabulary of {vocab}"
+                          + ("" if isinstance(spec.model, HfModelSpec) else " (bytes need vocab_size >= 256)"))
+    windows = (len(ids) - 1) // s
+    starts = [((step * b + row) % windows) * s for row in range(b)]
+    # the corpus stays Python data: a view of a corpus tensor would make the tracker count the whole corpus
+    rows = torch.tensor([ids[start:start + s + 1] for start in starts], dtype=torch.long).to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokens(path: str, hf_source: str | None) -> tuple[int, ...]:
+    text = read_input(path, "train.data", DATA_LIMIT_BYTES)
+    tokenizer = None
+    if hf_source is not None:
+        from memopt.model.hf import tokenizer_for
+
+        tokenizer = tokenizer_for(hf_source)
+    if tokenizer is not None:
+        return tuple(tokenizer(text)["input_ids"])
+    return tuple(text.encode("utf-8"))

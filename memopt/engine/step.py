@@ -1,0 +1,370 @@
+"""Build -> apply strategies -> warm-up step -> measured steps -> RunResult. Never prints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.adapters import ModelAdapter
+from memopt.adapters.build import build_adapter, vocab_size
+from memopt.analysis.drift import strategy_drift
+from memopt.core._torch_private import fake_tensor_mode, flop_counter, in_fake_mode, is_fake
+from memopt.core.errors import MemoptError, OutOfMemory
+from memopt.core.results import RunResult
+from memopt.measure.tracker import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
+from memopt.model.kv_plan import KvPlan
+from memopt.model.transformer import count_parameters
+from memopt.spec import PythonModelSpec, Spec
+from memopt.strategies import StepPlan, Strategy, build_strategies, registry
+from memopt.strategies.base import SavedTensors
+
+Progress = Callable[[str], None]
+TRACED_MICRO_BATCHES = 2  # under fake tensors: the first micro-batch (no grads yet) and a steady-state one
+
+
+@dataclass
+class Session:
+    """A built, strategy-applied model ready to step; what ``run`` measures and tests inspect."""
+
+    spec: Spec
+    device: str          # where tensors live (the CPU when tracing fake tensors for a CUDA estimate)
+    target_device: str   # the device the run stands for
+    adapter: ModelAdapter
+    optimizer: Any | None
+    plan: StepPlan
+    strategies: list[Strategy[Any]]
+    saved: SavedTensors  # where strategies report tensors they keep for backward; the tracker while measuring
+
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter.model
+
+
+def resolve_device(requested: str, estimate: bool = False) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is a clear error (unless estimating)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available() and not estimate:
+        raise MemoptError("run.device: cuda was requested but no CUDA device is available here "
+                          "(use --device cpu, or memopt estimate --device cuda)")
+    return requested
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> Any | None:
+    """The spec's optimizer over the trainable parameters (None for ``none`` or nothing to train)."""
+    if name == "none" or not params:
+        return None
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def prepare(spec: Spec, fake: bool = False) -> Session:
+    """Build the model, apply the strategies in order and build the optimizer; nothing is stepped.
+
+    ``fake``: called under FakeTensorMode; tensors are traced on the CPU whatever device they stand for
+    (this PyTorch build may have no CUDA), strategies are still checked against the target device.
+    """
+    target = resolve_device(spec.run.device, estimate=fake)
+    device = "cpu" if fake else target
+    saved = SavedTensors()
+    strategies = build_strategies(spec, target, saved)
+    torch.manual_seed(spec.run.seed)
+    adapter = build_adapter(spec, device)
+    for strategy in strategies:
+        strategy.apply(adapter)
+    optimizer = None
+    if spec.run.mode == "train":
+        trainable = [p for p in adapter.model.parameters() if p.requires_grad]
+        for strategy in strategies:
+            optimizer = strategy.attach_optimizer(adapter, make_optimizer) or optimizer
+        if optimizer is None:
+            optimizer = make_optimizer(spec.train.optimizer, trainable, spec.train.lr)
+    else:
+        adapter.model.eval()  # inference: dropout off
+    plan = StepPlan(kv=KvPlan(spec.generate.cache))
+    for strategy in strategies:
+        strategy.configure(plan)
+    return Session(spec, device, target, adapter, optimizer, plan, strategies, saved)
+
+
+def make_batch(spec: Spec, device: str, step: int = 0) -> Any:
+    """Seeded random token ids: inputs and next-token targets, (batch, seq) each; or, for a model with its own
+    ``model.batch``, what that function returns for (batch_size, seq_len, device) under the same seed."""
+    seed = spec.run.seed * 1_000_003 + step
+    if isinstance(spec.model, PythonModelSpec) and spec.model.batch is not None:
+        from memopt.adapters.build import user_batch
+
+        return user_batch(spec.model.batch, spec.train.batch_size, spec.train.seq_len, device, seed)
+    if spec.train.data is not None and not in_fake_mode():  # an estimate needs the shapes only
+        from memopt.engine.data import text_batch
+
+        return text_batch(spec, device, step)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(vocab_size(spec.model), (spec.train.batch_size, spec.train.seq_len + 1), generator=gen)
+    ids = ids.to(device)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def rank_shard(spec: Spec, batch: Any) -> Any:
+    """This rank's rows of the global batch (all of it in a single process)."""
+    if spec.world_size == 1:
+        return batch
+    from memopt.engine.ranks import rank
+
+    return split_batch(batch, spec.world_size)[rank()]
+
+
+def split_batch(batch: Any, k: int) -> list[Any]:
+    """``k`` micro-batches: every tensor of the batch (a tensor, tuple, list or dict) chunked along dim 0."""
+    if k == 1:
+        return [batch]
+    if isinstance(batch, torch.Tensor):
+        parts = batch.chunk(k)
+        if len(parts) != k:
+            raise MemoptError(f"accum: a batch tensor of {batch.shape[0]} rows does not split into {k} micro-batches")
+        return list(parts)
+    if isinstance(batch, dict):
+        split = {key: split_batch(value, k) for key, value in batch.items()}
+        return [{key: parts[i] for key, parts in split.items()} for i in range(k)]
+    if isinstance(batch, (tuple, list)):
+        columns = [split_batch(item, k) for item in batch]
+        return [type(batch)(column[i] for column in columns) if isinstance(batch, tuple) else
+                [column[i] for column in columns] for i in range(k)]
+    return [batch] * k
+
+
+def phase(tracker: TensorTracker | None, name: str) -> contextlib.AbstractContextManager[None]:
+    return tracker.in_phase(name) if tracker is not None else contextlib.nullcontext()
+
+
+def forward_backward(session: Session, batch: Any, tracker: TensorTracker | None = None) -> float:
+    """Forward and backward over the plan's micro-batches, inside the strategies' contexts; mean loss."""
+    k = session.plan.micro_batches
+    micro = split_batch(batch, k)
+    if in_fake_mode():
+        micro = micro[:TRACED_MICRO_BATCHES]  # micro-batches 3..k repeat the 2nd exactly: same shapes, same grads
+    losses = []
+    for piece in micro:
+        with contextlib.ExitStack() as stack:
+            if tracker is not None:
+                stack.enter_context(tracker.saved_tensors())  # outermost: strategies' hooks take precedence
+                stack.enter_context(reporting_to(session.saved, tracker))
+            for make_context in session.plan.contexts:
+                stack.enter_context(make_context())
+            with phase(tracker, "forward"):
+                loss = session.adapter.loss(piece)
+                scaled = loss / k if k > 1 else loss
+            with phase(tracker, "backward"):
+                scaled.backward()
+        losses.append(float("nan") if is_fake(loss) else loss.detach().float().item())
+        del loss, scaled
+    return sum(losses) / len(losses)
+
+
+@contextlib.contextmanager
+def reporting_to(saved: SavedTensors, tracker: TensorTracker) -> Iterator[None]:
+    saved.observer, saved.tracker = tracker.saved, tracker
+    try:
+        yield
+    finally:
+        saved.observer = saved.tracker = None
+
+
+def train_step(session: Session, tracker: TensorTracker | None = None, watch: ModelWatch | None = None,
+               step: int = 0, before_step: Callable[[Session], None] | None = None) -> float:
+    """One training step (forward, backward, optimizer) as the plan says; returns the mean loss.
+
+    ``before_step`` sees the session between backward and the optimizer step (gradients complete).
+    """
+    optimizer = session.optimizer
+    with phase(tracker, "forward"):
+        batch = rank_shard(session.spec, make_batch(session.spec, session.device, step))
+    loss = forward_backward(session, batch, tracker)
+    if before_step is not None:
+        before_step(session)
+    with phase(tracker, "optimizer"), reporting_to(session.saved, tracker) if tracker else contextlib.nullcontext():
+        if optimizer is not None and not session.plan.step_in_backward:
+            optimizer.step()
+        if watch is not None:
+            watch.rescan_optimizer()
+        if tracker is not None:
+            tracker.record_state()
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            session.model.zero_grad(set_to_none=True)
+    return loss
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _create_optimizer_state(session: Session) -> None:
+    """Step the optimizer once on zero gradients: its lazily created state then exists, as after a warm-up.
+
+    Used under fake tensors, where the zeros cost nothing and a traced warm-up step would double the time
+    (tests hold estimates made this way equal to real profiles, for every strategy).
+    """
+    optimizer = session.optimizer
+    if optimizer is None:
+        return
+    params = [p for p in session.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for opt in getattr(optimizer, "optimizers", {}).values() or [optimizer]:
+        opt.step()
+    for p in params:
+        p.grad = None
+
+
+def save_gradients(path: str) -> Callable[[Session], None]:
+    """A ``before_step`` that writes the trainable parameters' gradients (float32, CPU) to ``path``."""
+    def save(session: Session) -> None:
+        grads = [p.grad.detach().float().cpu() if p.grad is not None else None
+                 for p in session.model.parameters() if p.requires_grad]
+        torch.save(grads, path)
+    return save
+
+
+def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
+        progress: Progress | None = None, grads_to: str | None = None, fake: bool = False) -> RunResult:
+    """Profile one spec: a warm-up step, then ``train.steps`` tracked steps. Raises MemoptError.
+
+    ``grads_to``: save the warm-up step's gradients there (for gradient cosine between runs).
+    ``fake``: trace the very same step under FakeTensorMode (no storage): an estimate, one measured step.
+    """
+    if spec.world_size > 1:
+        from memopt.engine import ranks as distributed
+
+        if not distributed.in_process_group():
+            if fake:  # one rank traced in a fake process group of world_size ranks
+                from memopt.core._torch_private import fake_process_group
+
+                with fake_process_group(spec.world_size):
+                    traced = run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
+                                 fake=True)
+                traced.world_size = spec.world_size  # every rank alike: one traced stands for all
+                return traced
+            if distributed.under_launcher():
+                return distributed.run_as_rank(spec, name, run, timeline=timeline, device_memory=device_memory,
+                                               progress=progress)
+            return distributed.launch(spec, name, device_memory=device_memory, progress=progress)
+    if spec.run.mode != "train":
+        from memopt.engine.inference import run_inference
+
+        with fake_tensor_mode() if fake else contextlib.nullcontext():
+            return run_inference(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
+                                 fake=fake)
+    if fake:
+        with fake_tensor_mode():
+            return _run(spec, name, timeline, device_memory, progress, None, fake=True)
+    return _run(spec, name, timeline, device_memory, progress, grads_to, fake=False)
+
+
+def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progress: Progress | None,
+         grads_to: str | None, fake: bool) -> RunResult:
+    say = progress or (lambda _msg: None)
+    if not fake and spec.world_size == 1:  # ranks: each rank's tracker holds --device-memory as it goes
+        from memopt.analysis.preflight import ensure_fits_here
+
+        ensure_fits_here(spec, device_memory, say)
+    drift = None
+    if not fake and any(registry()[s.name].lossy for s in spec.strategies):
+        say(f"{name}: measuring accuracy drift against the unchanged model")
+        drift = strategy_drift(spec)
+    stage = "model build"
+    tracker = None
+    try:
+        with limit_watch(spec, device_memory, fake, stage) as watch_limit:
+            say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
+            session = prepare(spec, fake=fake)
+            model = session.model
+            total, trainable = count_parameters(model)
+            result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies],
+                               device=session.target_device, estimated=fake, params_total=total,
+                               params_trainable=trainable)
+            result.drift = drift
+            stage = "warm-up step"
+            if watch_limit is not None:
+                watch_limit.stage = stage
+            if fake and spec.world_size == 1:
+                say(f"{name}: creating optimizer state")
+                _create_optimizer_state(session)  # what a warm-up step leaves behind, without tracing one
+            elif fake:  # FSDP/DDP keep buffers from one step into the next: trace a warm-up step as it runs
+                say(f"{name}: traced warm-up step")
+                train_step(session, step=0)
+            else:
+                say(f"{name}: warm-up step")
+                train_step(session, step=0, before_step=save_gradients(grads_to) if grads_to else None)
+                sync(session.device)
+        tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory,
+                                round_to=CUDA_BLOCK if session.target_device == "cuda" else 1,
+                                unshard=any(s.name == "fsdp" for s in spec.strategies))
+        with host_peaks(session.device, python_heap=not fake) as host:
+            with tracker:
+                watch = ModelWatch(tracker, model, session.optimizer)
+                try:
+                    steps = 1 if fake else spec.train.steps  # a traced step is the same every time
+                    for i in range(steps):
+                        say(f"{name}: {'traced' if fake else 'measured'} step {i + 1}/{steps}")
+                        tracker.begin_step()
+                        stage = "measured step"
+                        start = time.perf_counter()
+                        with flop_counter() if fake else contextlib.nullcontext() as flops:
+                            result.loss = train_step(session, tracker, watch, step=0)
+                        if flops is not None:  # fake: scale to all micro-batches (only the first two were traced)
+                            k = session.plan.micro_batches
+                            result.flops = flops.get_total_flops() * k // min(k, TRACED_MICRO_BATCHES)
+                        sync(session.device)
+                        result.step_times_s.append(time.perf_counter() - start)
+                finally:
+                    watch.close()
+        result.host = host
+        result.memory = tracker.result()
+    except OutOfMemory:
+        raise
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and not (
+                "can't allocate memory" in str(exc) or "out of memory" in str(exc)):
+            raise
+        where = f"{stage}, {tracker.phase}" if tracker is not None and stage == "measured step" else stage
+        raise OutOfMemory(f"out of memory during the {where}: {str(exc).splitlines()[0]}") from exc
+    result.step_time_s = statistics.median(result.step_times_s)
+    for strategy in session.strategies:
+        facts = strategy.report()
+        if facts:
+            result.strategy_facts[strategy.name] = facts
+        strategy.close()
+    result.notes.extend(session.plan.notes)
+    if not fake and not math.isfinite(result.loss):
+        result.warnings.append(f"the loss is {result.loss} (not finite): the numbers are of a diverged step"
+                               + (" (float16 overflows on CPU; use bfloat16 or float32)"
+                                  if spec.run.dtype == "float16" else ""))
+    return result
+
+
+@contextlib.contextmanager
+def limit_watch(spec: Spec, device_memory: int | None, fake: bool, stage: str) -> Iterator[TensorTracker | None]:
+    """With ``device_memory``, live tensors are held under it from the model's build on (build and warm-up;
+    the measured steps have their own tracker), an overflow naming the ``stage`` the tracker is told."""
+    if device_memory is None or fake:
+        yield None
+        return
+    device = resolve_device(spec.run.device)
+    with TensorTracker(device, limit_bytes=device_memory,
+                       round_to=CUDA_BLOCK if device == "cuda" else 1) as tracker:
+        tracker.stage = stage
+        yield tracker

@@ -1,0 +1,376 @@
+"""Tensor memory measured at the allocation level, plus the host views (RSS, Python heap, CUDA stats).
+
+``TensorTracker`` is a TorchDispatchMode that sees every op's outputs, follows each new tensor storage
+until it is freed (a weakref callback on the storage), and keeps live bytes per category:
+
+  params, buffers      registered from the model
+  grads                the gradient a trainable parameter receives (hooks on the parameter)
+  optimizer            tensors in ``optimizer.state``
+  activations          storages autograd saves for backward (saved-tensor hooks), parameters excluded
+  temporaries          everything else the step allocates
+
+It works the same for CPU, CUDA and fake tensors. ``tracemalloc`` is *not* tensor memory (a 64 MiB
+CPU tensor leaves it at 0): it is reported separately as the Python heap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import tracemalloc
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import psutil
+import torch
+
+from memopt.core._torch_private import (
+    TorchDispatchMode,
+    decompose_composite,
+    local_tensor,
+    observe_saved_tensors,
+    storage_key,
+)
+from memopt.core.results import HostPeaks, StepMemory
+
+CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
+STATE_CATEGORIES = ("params", "buffers", "grads", "optimizer", "kv_cache")
+PHASES = ("forward", "backward", "optimizer")
+# inference: nothing is saved for backward; generation keeps the keys and values of the tokens seen so far
+MODE_CATEGORIES = {"train": CATEGORIES, "infer": ("params", "buffers", "kv_cache", "temporaries"),
+                   "generate": ("params", "buffers", "kv_cache", "temporaries")}
+MODE_PHASES = {"train": PHASES, "infer": ("forward",), "generate": ("prefill", "decode")}
+CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 bytes
+
+def _tensors(out: Any) -> Iterator[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+
+
+class TensorTracker(TorchDispatchMode):
+    """Live tensor bytes by category, with the step's peak, its breakdown and per-phase peaks."""
+
+    def __init__(self, device_type: str, *, timeline: bool = False, limit_bytes: int | None = None,
+                 round_to: int | None = None, mode: str = "train", unshard: bool = False):
+        super().__init__()
+        self.device_type = device_type
+        self.categories, self.phases = MODE_CATEGORIES[mode], MODE_PHASES[mode]
+        if unshard:  # FSDP: the all-gathered parameters of the units being computed
+            self.categories = (*self.categories, "unshard")
+        self.new_category = "temporaries"  # what a storage no one has claimed yet counts as
+        self._depth = 0  # entered how many times: re-entered to see inside composite ops (inference_mode)
+        self.round_to = round_to or (CUDA_BLOCK if device_type == "cuda" else 1)
+        self.limit_bytes = limit_bytes
+        self._live: dict[int, list[Any]] = {}  # storage key -> [weakref, category, nbytes]
+        self.bytes = dict.fromkeys(self.categories, 0)
+        self.total = 0
+        self.phase = self.phases[0]
+        self.module: str | None = None  # the module running now (set by ModelWatch)
+        self.stage: str | None = None   # named in an out-of-memory message instead of the phase (e.g. "model build")
+        self._record_timeline = timeline
+        self._frozen_timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = None
+        self.begin_step()
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Start a new measurement window from what is live now."""
+        self.phase = self.phases[0]
+        self.peak = self.total
+        self.peak_breakdown = dict(self.bytes)
+        self.peak_phase = self.phase
+        self.peak_module = self.module
+        self._at_peak = True
+        self.category_peak = dict(self.bytes)
+        self.phase_peak = dict.fromkeys(self.phases, 0)
+        self.record_state()
+        self.timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = [] if self._record_timeline else None
+        self._tick()
+
+    def result(self) -> StepMemory:
+        timeline = self.timeline if self.timeline is not None else self._frozen_timeline
+        timeline = list(timeline) if timeline is not None else None
+        return StepMemory(self.peak, dict(self.peak_breakdown), dict(self.category_peak),
+                          dict(self.phase_peak), dict(self.state_bytes), self.peak_phase, self.peak_module, timeline)
+
+    def _nbytes(self, storage: Any) -> int:
+        n = storage.nbytes()
+        return -(-n // self.round_to) * self.round_to
+
+    def _add(self, storage: Any, category: str) -> None:
+        key = storage_key(storage)
+        n = self._nbytes(storage)
+        ref = weakref.ref(storage, lambda _ref, k=key: self._free(k))  # type: ignore[misc]
+        self._live[key] = [ref, category, n]
+        self.bytes[category] += n
+        self.total += n
+        if self.bytes[category] > self.category_peak[category]:
+            self.category_peak[category] = self.bytes[category]
+        if self.total > self.phase_peak[self.phase]:
+            self.phase_peak[self.phase] = self.total
+        if self.total > self.peak:
+            self.peak = self.total
+            self.peak_breakdown = dict(self.bytes)
+            self.peak_phase = self.phase
+            self.peak_module = self.module
+            self._at_peak = True
+        else:
+            self._at_peak = False
+        self._tick()
+        if self.limit_bytes is not None and self.total > self.limit_bytes:
+            self._over_limit()
+
+    def _free(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is None:
+            return
+        self.bytes[entry[1]] -= entry[2]
+        self.total -= entry[2]
+        self._at_peak = False
+        self._tick()
+
+    def _tick(self) -> None:
+        if self.timeline is not None:
+            self.timeline.append((self.phase, self.module, tuple(self.bytes.values())))
+
+    def _over_limit(self) -> None:
+        from memopt.core.errors import OutOfMemory
+        from memopt.core.units import format_bytes
+
+        limit = self.limit_bytes
+        self.limit_bytes = None  # do not raise again while the step unwinds
+        where = f" in {self.module}" if self.module else ""
+        when = f"in the {self.stage}" if self.stage else f"during {self.phase}{where}"
+        raise OutOfMemory(f"out of memory: live tensors reached {format_bytes(self.total)} {when}, over the "
+                          f"device's {format_bytes(limit or 0)}")
+
+    def resized(self, storage: Any) -> None:
+        """A tracked storage changed size in place (``resize_``: a parameter released or brought back)."""
+        entry = self._live.get(storage_key(storage))
+        if entry is None:
+            return
+        n = self._nbytes(storage)
+        if n < entry[2]:
+            self.bytes[entry[1]] -= entry[2] - n
+            self.total -= entry[2] - n
+            entry[2] = n
+            self._at_peak = False
+            self._tick()
+            return
+        self.bytes[entry[1]] -= entry[2]
+        self.total -= entry[2]
+        self._live.pop(storage_key(storage))
+        self._add(storage, entry[1])  # a growth is an allocation: peaks and the limit apply
+
+    @contextlib.contextmanager
+    def allocating_as(self, category: str) -> Iterator[None]:
+        """New storages count as ``category`` inside (FSDP's all-gather buffers as unshard)."""
+        before, self.new_category = self.new_category, category
+        try:
+            yield
+        finally:
+            self.new_category = before
+
+    def regrown(self, tensor: torch.Tensor, category: str) -> None:
+        """``tensor``'s storage was grown in place (``resize_``): counted again, or counted as ``category`` if new."""
+        storage = local_tensor(tensor).untyped_storage()
+        if storage_key(storage) in self._live:
+            self.resized(storage)
+        else:
+            self.mark(tensor, category)
+
+    def mark(self, tensor: torch.Tensor, category: str, only_from: str | None = None) -> None:
+        """Put ``tensor``'s storage in ``category`` (tracking it if new); a DTensor's local shard."""
+        tensor = local_tensor(tensor)
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        entry = self._live.get(storage_key(storage))
+        if entry is None:
+            if only_from is None and tensor.device.type == self.device_type:
+                self._add(storage, category)
+            return
+        old = entry[1]
+        if old == category or (only_from is not None and old != only_from):
+            return
+        self.bytes[old] -= entry[2]
+        self.bytes[category] += entry[2]
+        entry[1] = category
+        if self.bytes[category] > self.category_peak[category]:
+            self.category_peak[category] = self.bytes[category]
+        if self._at_peak:
+            self.peak_breakdown = dict(self.bytes)
+
+    def mark_all(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+        for t in tensors:
+            self.mark(t, category)
+
+    # -- phases and state --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        if phase != self.phase:
+            self.module = None  # module hooks name it again inside the new phase
+        self.phase = phase
+        if self.total > self.phase_peak[phase]:
+            self.phase_peak[phase] = self.total
+        yield
+
+    def record_state(self) -> None:
+        """Remember the state categories' bytes now (params/buffers/grads/optimizer after the optimizer step)."""
+        self.state_bytes = {c: self.bytes[c] for c in self.categories if c in STATE_CATEGORIES}
+
+    # -- the dispatch hook ---------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = decompose_composite(self, func, args, kwargs or {})  # under inference_mode they come whole
+        if out is not NotImplemented:
+            return out
+        out = func(*args, **(kwargs or {}))
+        for t in _tensors(out):
+            t = local_tensor(t)  # a DTensor's own storage is a placeholder of the global size: its shard is real
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if storage_key(storage) not in self._live and t.device.type == self.device_type:
+                self._add(storage, self.new_category)
+        return out
+
+    def __enter__(self) -> TensorTracker:
+        self._depth += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if not self._depth:  # frees after tracking ends (the model going away) must not extend the timeline
+            self._frozen_timeline, self.timeline = self.timeline, None
+        return super().__exit__(*exc)
+
+    def saved(self, tensor: torch.Tensor) -> None:
+        """``tensor`` is kept for backward: an activation (strategies with own hooks report through this)."""
+        self.mark(tensor, "activations", only_from="temporaries")
+
+    def saved_tensors(self) -> contextlib.AbstractContextManager[None]:
+        """Around forward+backward: storages autograd saves become activations."""
+        return observe_saved_tensors(self.saved)
+
+
+class ModelWatch:
+    """Registers a model's and optimizer's tensors with a tracker and keeps gradients classified."""
+
+    def __init__(self, tracker: TensorTracker, model: torch.nn.Module, optimizer: Any | None):
+        self.tracker, self.model, self.optimizer = tracker, model, optimizer
+        self._handles: list[Any] = []
+        self._stack: list[str | None] = []
+        for name, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._entering(name or "model")))
+            self._handles.append(module.register_forward_hook(self._leaving(name or "model")))
+        tracker.mark_all(model.parameters(), "params")
+        tracker.mark_all(model.buffers(), "buffers")
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is not None:
+                    tracker.mark(p.grad, "grads")
+                self._handles.append(p.register_hook(self._on_grad))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
+        self.rescan_optimizer()
+
+    def _entering(self, name: str) -> Any:
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            self._stack.append(self.tracker.module)
+            self.tracker.module = name
+        return hook
+
+    def _leaving(self, name: str) -> Any:
+        """Pop the module; its backward starts when the gradient of its output arrives."""
+        def on_output_grad(grad: torch.Tensor) -> None:
+            self.tracker.module = name
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self.tracker.module = self._stack.pop() if self._stack else None
+            if isinstance(output, torch.Tensor) and output.requires_grad and not hasattr(output, "_memopt_module"):
+                output._memopt_module = name  # type: ignore[attr-defined]  # the innermost module producing this tensor names its backward
+                output.register_hook(on_output_grad)
+        return hook
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        self.tracker.mark(grad, "grads")
+
+    def _on_accumulated(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self.tracker.mark(param.grad, "grads")
+
+    def rescan_optimizer(self) -> None:
+        """Classify tensors in ``optimizer.state`` (created lazily by the first step)."""
+        if self.optimizer is None:
+            return
+        for state in getattr(self.optimizer, "state", {}).values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    self.tracker.mark(value, "optimizer")
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class RssSampler:
+    """Peak resident set size of this process, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+@contextlib.contextmanager
+def host_peaks(device_type: str, python_heap: bool = True) -> Iterator[HostPeaks]:
+    """RSS peak, Python-heap peak (tracemalloc, unless ``python_heap`` is off) and CUDA allocator peaks."""
+    peaks = HostPeaks()
+    cuda = device_type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if not python_heap:
+        with RssSampler() as rss:
+            yield peaks
+        peaks.rss_peak_bytes = rss.peak
+        return
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    with RssSampler() as rss:
+        try:
+            yield peaks
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            peaks.python_heap_peak_bytes = tracemalloc.get_traced_memory()[1]
+            if started:
+                tracemalloc.stop()
+    peaks.rss_peak_bytes = rss.peak
+    if cuda:
+        peaks.cuda = {"max_allocated_bytes": torch.cuda.max_memory_allocated(),
+                      "max_reserved_bytes": torch.cuda.max_memory_reserved()}

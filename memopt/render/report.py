@@ -1,0 +1,562 @@
+"""Results -> JSON (versioned schema), Rich tables and Markdown. Pure rendering, no measuring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.measure import Measurement
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+import memopt
+from memopt.core.results import RunResult, StepMemory
+from memopt.core.units import format_bytes
+from memopt.spec import Spec
+
+SCHEMA = 1
+
+CATEGORY_HELP = {
+    "params": "weights",
+    "buffers": "RoPE tables",
+    "grads": "gradients",
+    "optimizer": "e.g. Adam moments",
+    "activations": "saved for bwd",
+    "kv_cache": "keys and values",
+    "unshard": "gathered params",
+    "temporaries": "all else",
+}
+
+
+def to_json(spec: Spec, results: list[RunResult], device: str) -> dict[str, Any]:
+    """The schema-1 document of these runs."""
+    return runs_document(spec, results, device)
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = None,
+                   warmed_up: bool = True) -> list[Table]:
+    """The summary, the breakdown by category and the peak by phase for one run.
+
+    ``title`` replaces the profile's (made from ``spec``; memopt.app.track has no spec); ``warmed_up`` false: the
+    step time does not say "after a warm-up"."""
+    mem = result.memory
+    assert mem is not None
+    if title is None:
+        assert spec is not None, "profile_tables needs a spec or a title"
+        title = profile_title(spec, result)
+    summary = Table(title=title, show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_column(style="dim")
+    where = f" in {mem.peak_module}" if mem.peak_module else ""
+    summary.add_row("Peak tensor memory", format_bytes(mem.peak_bytes), f"during {mem.peak_phase}{where}")
+    if result.host.cuda:
+        summary.add_row("CUDA max allocated", format_bytes(result.host.cuda["max_allocated_bytes"]),
+                        "torch.cuda.max_memory_allocated")
+        summary.add_row("CUDA max reserved", format_bytes(result.host.cuda["max_reserved_bytes"]),
+                        "allocator cache")
+    summary.add_row("Process RSS peak", format_bytes(result.host.rss_peak_bytes),
+                    "OS view of the process")
+    if not result.estimated:
+        summary.add_row("Python heap peak", format_bytes(result.host.python_heap_peak_bytes),
+                        "tracemalloc: not tensors")
+    if result.estimated:
+        summary.add_row("Trace time", f"{result.step_time_s:.1f} s", "one step on fake tensors")
+    elif result.inference is not None:
+        what = "generation" if result.inference["mode"] == "generate" else "forward pass"
+        summary.add_row(f"Time per {what} (median)", f"{result.step_time_s * 1000:.1f} ms",
+                        f"of {len(result.step_times_s)}, after a warm-up")
+    else:
+        summary.add_row("Step time (median)", f"{result.step_time_s * 1000:.1f} ms",
+                        f"of {len(result.step_times_s)}" + (", after a warm-up" if warmed_up else ""))
+        summary.add_row("Loss", f"{result.loss:.4f}", "")
+    if result.inference is not None:
+        for label, value, note in inference_rows(result.inference):
+            summary.add_row(label, value, note)
+        summary.add_row("Parameters", f"{result.params_total:,}", "inference: none trains")
+    else:
+        summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
+    if result.drift is not None and "tokens_differ" in result.drift:
+        summary.add_row("Accuracy drift", drift_text(result.drift),
+                        "greedy tokens that differ from the unchanged model's; logits' relative error up to "
+                        "the first different token")
+    elif result.drift is not None:
+        summary.add_row("Accuracy drift", drift_text(result.drift),
+                        f"logits vs unchanged model, {drift_when(result.drift)}; "
+                        f"loss {result.drift['loss_delta']:+.4f}")
+    if result.strategies:
+        summary.add_row("Strategies", ", ".join(next(iter(s)) for s in result.strategies), "")
+    for name, facts in result.strategy_facts.items():
+        for key, value in facts.items():
+            shown = format_bytes(value) if key.endswith("bytes") else str(value)
+            summary.add_row(f"{name}: {key.replace('_', ' ')}", shown, "")
+    for note in result.notes:
+        summary.add_row("Note", "", note)
+
+    breakdown = Table(title="Where the bytes go", title_justify="left")
+    for col, justify in (("category", "left"), ("at peak", "right"), ("share", "right"),
+                         ("own peak", "right"), ("after step", "right"), ("what", "left")):
+        breakdown.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for c in mem.peak_breakdown:
+        state = mem.state_bytes.get(c)
+        breakdown.add_row(c, format_bytes(mem.peak_breakdown[c]), _pct(mem.peak_breakdown[c], mem.peak_bytes),
+                          format_bytes(mem.category_peak_bytes[c]),
+                          format_bytes(state) if state is not None else "-", CATEGORY_HELP.get(c, ""))
+    breakdown.add_row("total", format_bytes(mem.peak_bytes), "100%", "", "", "", style="bold")
+
+    tables = [summary, breakdown]
+    if result.ranks:
+        tables.append(ranks_table(result))
+    phases = Table(title="Peak by phase", title_justify="left")
+    phases.add_column("phase")
+    phases.add_column("peak", justify="right")
+    phases.add_column("of step peak", justify="right")
+    for p in mem.phase_peak_bytes:
+        phases.add_row(p, format_bytes(mem.phase_peak_bytes[p]), _pct(mem.phase_peak_bytes[p], mem.peak_bytes))
+    return [*tables, phases]
+
+
+RANK_COLUMNS = 8  # more ranks than this: min / max / the rank at the peak instead of a column each
+
+
+def ranks_table(result: RunResult) -> Table:
+    """Per rank: the peak and each category's bytes at it (min and max over the ranks when there are many)."""
+    ranks = result.ranks or []
+    categories = list(ranks[0]["peak_breakdown"]) if ranks else []
+    table = Table(title=f"Per rank ({len(ranks)} ranks; the run's numbers are its highest rank's)",
+                  title_justify="left")
+    table.add_column("")
+    if len(ranks) <= RANK_COLUMNS:
+        columns = [(f"rank {r['rank']}", [r]) for r in ranks]
+    else:
+        low = min(ranks, key=lambda r: r["peak_bytes"])
+        high = max(ranks, key=lambda r: r["peak_bytes"])
+        columns = [(f"min (rank {low['rank']})", [low]), (f"max (rank {high['rank']})", [high])]
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    table.add_row("peak", *(format_bytes(rs[0]["peak_bytes"]) for _, rs in columns), style="bold")
+    for c in categories:
+        table.add_row(f"{c} at peak", *(format_bytes(rs[0]["peak_breakdown"][c]) for _, rs in columns))
+    return table
+
+
+def stdout_console() -> Console:
+    """Rich console for results; when piped (CI logs, files) it is wide enough for the tables."""
+    console = Console(emoji=False)
+    return console if console.is_terminal else Console(width=max(console.width, 140), emoji=False)
+
+
+def print_tables(tables: list[Table], console: Console | None = None) -> None:
+    """Each table as it is when it fits; piped output is never cut (the console widens to the table);
+    on a terminal too narrow for a table's cells, each row is stacked as ``column: value`` lines."""
+    console = console or stdout_console()
+    for table in tables:
+        if not console.is_terminal:
+            widest = Measurement.get(console, console.options.update_width(10**4), table).maximum
+            width = console.width
+            console.width = max(widest, width)
+            console.print(table)
+            console.width = width
+        elif readable_width(table) > console.width:
+            console.print(stacked(table))
+        else:
+            console.print(table)
+
+
+def readable_width(table: Table) -> int:
+    """The narrowest the table can be without breaking a word in any cell or header (borders included)."""
+    total = 1
+    for column in table.columns:
+        texts = [str(column.header), *(str(cell) for cell in column.cells)]
+        if column.no_wrap:
+            longest = max((len(Text.from_markup(t).plain) for t in texts), default=0)
+        else:
+            longest = max((len(word) for t in texts for word in Text.from_markup(t).plain.split()), default=0)
+        total += longest + 3  # one space each side and a border
+    return total
+
+
+def stacked(table: Table) -> Group:
+    """A table for a narrow terminal: the title, then per row one ``column: value`` line per cell."""
+    headers = [str(column.header) for column in table.columns]
+    cells = [list(column.cells) for column in table.columns]
+    parts: list[Any] = [Text(str(table.title), style="bold")] if table.title else []
+    for row in range(table.row_count):
+        record = Table(show_header=False, box=None, padding=(0, 1, 0, 0))
+        record.add_column(style="bold", overflow="fold")
+        record.add_column(overflow="fold")
+        for header, column in zip(headers, cells):
+            if str(column[row]):
+                record.add_row(header, column[row])
+        parts.append(Padding(record, (1 if row else 0, 0, 0, 0)) if headers[0] else record)
+    if table.caption:
+        parts.append(Text(str(table.caption)))
+    return Group(*parts)
+
+
+def strategy_rows(strategies: dict[str, Any]) -> list[dict[str, Any]]:
+    """The registry as plain data: name, options with defaults, what it saves, where it works."""
+    rows = []
+    for name, cls in strategies.items():
+        options = {}
+        for field_name, info in cls.Options.model_fields.items():
+            options[field_name] = {"default": info.default, "type": _type_name(info.annotation),
+                                   "help": info.description or ""}
+        rows.append({"name": name, "order": cls.order, "summary": cls.summary, "saves": cls.saves,
+                     "devices": list(cls.devices), "modes": list(cls.modes), "lossy": cls.lossy,
+                     "options": options, "refuses": dict(cls.refuses)})
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    args = getattr(annotation, "__args__", None)
+    if getattr(annotation, "__origin__", None) is not None and args and all(isinstance(a, str) for a in args):
+        return " | ".join(args)  # Literal choices
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def strategies_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="memopt strategies (applied in this order when combined with +)", title_justify="left",
+                  expand=True)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("what it does / [dim]what it saves[/dim]", ratio=3)
+    table.add_column("options = default", ratio=2)
+    table.add_column("devices / modes", no_wrap=True)
+    for row in rows:
+        opts = "\n".join(f"{k} = {v['default']}" + (f" [dim]({v['type']})[/dim]" if "|" in v["type"] else "")
+                         for k, v in row["options"].items()) or "-"
+        text = f"{row['summary']}\n[dim]{row['saves']}[/dim]" + ("\n[yellow]lossy[/yellow]" if row["lossy"] else "")
+        for other in row["refuses"]:
+            text += f"\n[red]refuses {other}[/red]"
+        table.add_row(row["name"], text, opts, ", ".join(row["devices"]) + "\n" + ", ".join(row["modes"]))
+    return table
+
+
+def _changed_categories(run: StepMemory, base: StepMemory, top: int = 2) -> str:
+    """The categories whose own peak moved most against the baseline, e.g. 'activations -62%'."""
+    deltas = []
+    for c in base.category_peak_bytes.keys() & run.category_peak_bytes.keys():
+        b, r = base.category_peak_bytes[c], run.category_peak_bytes[c]
+        if b != r:
+            deltas.append((abs(r - b), c, f"{c} {100 * (r - b) / b:+.0f}%" if b else f"{c} +{format_bytes(r)}"))
+    return ", ".join(text for _, _, text in sorted(deltas, reverse=True)[:top]) or "-"
+
+
+def compare_rows(runs: list[RunResult]) -> list[dict[str, str]]:
+    """One row of display strings per run, the baseline first (shared by the Rich table and the Markdown)."""
+    base = runs[0].memory
+    rows = []
+    for run in runs:
+        vs, mem = run.vs_baseline, run.memory
+        if not run.ok or mem is None:
+            rows.append({"run": run.name, "peak": "-", "saving": "-", "changed": "-", "time": "-", "slowdown": "-",
+                         "loss": "-", "cosine": "-", "drift": "-", "status": f"failed: {run.error}"})
+            continue
+        rows.append({
+            "run": run.name, "peak": format_bytes(mem.peak_bytes),
+            "saving": f"{100 * vs.saving:.1f}%" if vs else "-",
+            "changed": _changed_categories(mem, base) if vs and base else "-",
+            "time": f"{run.step_time_s * 1000:.0f} ms",
+            "slowdown": f"{vs.slowdown:.2f}x" if vs else "-",
+            "loss": "-" if run.inference is not None else f"{vs.loss_delta:+.2e}" if vs else f"{run.loss:.4f}",
+            "cosine": f"{vs.grad_cosine:.6f}" if vs and vs.grad_cosine is not None else "-",
+            "drift": drift_text(run.drift),
+            "status": "ok",
+        })
+    return rows
+
+
+COMPARE_COLUMNS = [("run", "run"), ("peak", "peak"), ("saving", "saving"), ("changed", "changed most"),
+                   ("time", "step time"), ("slowdown", "slowdown"), ("loss", "train loss diff"), ("cosine", "grad cos"),
+                   ("drift", "logit drift"), ("status", "status")]
+COMPARE_LEGEND = ("train loss diff: the measured step's loss minus the baseline's, on the same batch after one "
+                  "identical update (training progress, not an accuracy cost); grad cos: the warm-up step's "
+                  "gradients against the baseline's; logit drift: relative error of the logits against the unchanged "
+                  "model, before training, or after N identical steps (@N) where the cost shows in training "
+                  "(8-bit optimizer state)")
+
+
+def compare_table(runs: list[RunResult], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for key, label in COMPARE_COLUMNS:
+        table.add_column(label, justify="left" if key in ("run", "changed", "status") else "right",
+                         no_wrap=key in ("peak", "saving", "time"))
+    failures: list[str] = []
+    for row in compare_rows(runs):
+        style = None
+        if row["status"] != "ok":
+            failures.append(f"[{len(failures) + 1}] {row['run']}: {row['status'].removeprefix('failed: ')}")
+            row = {**row, "status": f"failed [{len(failures)}]"}
+            style = "red"
+        table.add_row(*(row[key] for key, _ in COMPARE_COLUMNS), style=style)
+    table.caption = "\n".join([*failures, COMPARE_LEGEND]).replace("[", "\\[")
+    table.caption_justify = "left"
+    return table
+
+
+def compare_markdown(runs: list[RunResult], title: str) -> str:
+    lines = [f"**{title}**", "", "| " + " | ".join(label for _, label in COMPARE_COLUMNS) + " |",
+             "|" + "|".join("---" if key in ("run", "changed", "status") else "---:" for key, _ in COMPARE_COLUMNS)
+             + "|"]
+    for row in compare_rows(runs):
+        lines.append("| " + " | ".join(row[key].replace("|", "/") for key, _ in COMPARE_COLUMNS) + " |")
+    return "\n".join([*lines, "", COMPARE_LEGEND]) + "\n"
+
+
+def spec_title(spec: Spec, device: str) -> str:
+    t, mode = spec.train, spec.run.mode
+    if mode == "generate":
+        g = spec.generate
+        shape = f"generate {t.batch_size} x ({g.prompt_len} + {g.new_tokens}), {g.cache} cache"
+    elif mode == "infer":
+        shape = f"infer, batch {t.batch_size} x seq {t.seq_len}"
+    else:
+        shape = f"batch {t.batch_size} x seq {t.seq_len}, {t.optimizer}"
+    ranks = f", {spec.world_size} ranks" if spec.world_size > 1 else ""
+    return f"{spec.model.title()}, {shape}, {spec.run.dtype}, {device}{ranks}"
+
+
+def runs_document(spec: Spec | dict[str, Any], runs: list[RunResult], device: str, **extra: Any) -> dict[str, Any]:
+    """The schema-1 document of these runs (profile, compare, check, estimate; memopt.app.track gives its ``spec``
+    as a mapping of what it knows)."""
+    import torch
+
+    return {"schema": SCHEMA, "memopt_version": memopt.__version__, "torch_version": torch.__version__,
+            "device": device, "spec": spec if isinstance(spec, dict) else spec.to_dict(),
+            "runs": [r.to_json() for r in runs], **extra}
+
+
+def inference_rows(facts: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Summary rows of an infer/generate run: its shape, the KV cache, time to first token, throughput."""
+    if facts["mode"] == "infer":
+        rows = [("Forward pass", f"{facts['batch_size']} x {facts['seq_len']}", "batch x tokens, inference_mode")]
+        if "tokens_per_s" in facts:
+            rows.append(("Throughput", f"{facts['tokens_per_s']:,.0f} tok/s", ""))
+        return rows
+    rows = [("Generation", f"{facts['batch_size']} x ({facts['prompt_len']} + {facts['new_tokens']})",
+             "sequences x (prompt + new tokens), greedy"),
+            ("KV cache", format_bytes(facts["kv_cache_bytes"]),
+             f"{facts['cache']}, {facts['cache_positions']} positions" if facts["cache"] == "static"
+             else f"{facts['cache']}, as the generation leaves it")]
+    if facts["growth_bytes"]:
+        rows.append(("KV cache growth at its peak", format_bytes(facts["growth_bytes"]),
+                     "a layer's old and grown keys/values alive at once while concatenating"))
+    if "time_to_first_token_s" in facts:
+        rows.append(("Time to first token", f"{facts['time_to_first_token_s'] * 1000:.1f} ms", "the prefill"))
+        tps = facts.get("decode_tokens_per_s")
+        if tps:
+            rows.append(("Decode throughput", f"{tps:,.1f} tok/s",
+                         f"{tps / facts['batch_size']:,.1f} per sequence"))
+    return rows
+
+
+def drift_when(drift: dict[str, float]) -> str:
+    steps = drift.get("after_steps", 0)
+    return f"after {steps:g} identical training steps" if steps else "before training"
+
+
+def drift_text(drift: dict[str, float] | None) -> str:
+    """'0.37%': the logits' relative error against the unchanged model, or '-' for a lossless run."""
+    if not drift:
+        return "-"
+    if "tokens_differ" in drift:
+        return f"{100 * drift['tokens_differ']:.1f}% tokens, {100 * drift['logits_rel_error']:.2f}% logits"
+    steps = drift.get("after_steps", 0)
+    return f"{100 * drift['logits_rel_error']:.2f}%" + (f" @{steps:g}" if steps else "")
+
+
+def growth_text(g: Any) -> str:
+    """'+12.5%' for a number that grew, 'new' for one the baseline did not have."""
+    return f"+{100 * g.growth:.1f}%" if g.baseline else "new"
+
+
+def growth_table(found: list[Any], tolerance: float) -> Table:
+    """What grew past the tolerance in ``memopt check``."""
+    table = Table(title=f"Memory regressions (tolerance {100 * tolerance:g}%)", title_justify="left")
+    for col in ("what", "kind", "baseline", "now", "growth"):
+        table.add_column(col, justify="left" if col in ("what", "kind") else "right")
+    for g in found:
+        table.add_row(g.what, g.kind, format_bytes(g.baseline), format_bytes(g.now), growth_text(g),
+                      style="red")
+    return table
+
+
+def growth_markdown(found: list[Any], tolerance: float, peak: int, baseline_peak: int) -> str:
+    if not found:
+        return (f"memopt check: OK, peak {format_bytes(peak)} (baseline {format_bytes(baseline_peak)}, "
+                f"tolerance {100 * tolerance:g}%)\n")
+    lines = [f"**memopt check: memory regression** (tolerance {100 * tolerance:g}%)", "",
+             "| what | kind | baseline | now | growth |", "|---|---|---:|---:|---:|"]
+    for g in found:
+        cells = (g.what, g.kind, format_bytes(g.baseline), format_bytes(g.now), growth_text(g))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def estimate_table(result: RunResult, formulas: dict[str, int | None]) -> Table:
+    """Traced estimate beside the standard formulas, with the formulas' error."""
+    mem = result.memory
+    assert mem is not None
+    inference = result.inference is not None
+    zero3 = " (model states: ZeRO-3, / N per rank)" if result.world_size > 1 else ""
+    table = Table(title="Estimate vs the standard formulas" + zero3 + " (which ignore strategies, " + (
+        "the prefill's working set and the logits)" if inference else "embeddings and the loss)"),
+                  title_justify="left")
+    for col in ("", "traced estimate", "formula", "formula is off by"):
+        table.add_column(col, justify="left" if not col else "right")
+    if inference:
+        traced = {"params": mem.state_bytes["params"], "kv_cache": mem.category_peak_bytes["kv_cache"],
+                  "peak": mem.peak_bytes}
+    else:
+        traced = {"params": mem.state_bytes["params"], "grads": mem.state_bytes["grads"],
+                  "optimizer": mem.state_bytes["optimizer"], "activations": mem.category_peak_bytes["activations"],
+                  "peak": mem.peak_bytes}
+    for key, value in traced.items():
+        formula = formulas.get(key)
+        off = f"{100 * (formula - value) / value:+.1f}%" if formula is not None and value else "-"
+        table.add_row(key, format_bytes(value), format_bytes(formula) if formula is not None else "-", off,
+                      style="bold" if key == "peak" else None)
+    return table
+
+
+def fit_lines(fit: Any) -> list[str]:
+    if fit.fits:
+        return [f"[green]fits[/green] in {format_bytes(fit.budget)} with {format_bytes(fit.margin)} to spare"]
+    lines = [f"[red]does not fit[/red] in {format_bytes(fit.budget)}: {format_bytes(-fit.margin)} over"]
+    if fit.helpers:
+        lines.append("single strategies that would make it fit (estimated):")
+        lines += [f"  {h['strategies']}: peak {format_bytes(h['peak_bytes'])}" for h in
+                  sorted(fit.helpers, key=lambda h: h["peak_bytes"])]
+    else:
+        lines.append(f"no single strategy makes it fit ({fit.tried} tried); try combinations with memopt optimize")
+    if fit.not_tried:
+        lines.append(f"not tried (out of time): {', '.join(fit.not_tried)}")
+    return lines
+
+
+def optimize_table(outcome: Any, top: int) -> Table:
+    """The ranked sets that fit: peaks, predicted and measured time, drift, and why each is where it is."""
+    base = outcome.baseline
+    table = Table(title=f"memopt optimize - budget {format_bytes(outcome.budget)}: {outcome.evaluated} sets estimated "
+                        f"in {outcome.seconds:.0f} s", title_justify="left")
+    for col in ("#", "strategies", "est. peak", "measured peak", "predicted", "measured", "slowdown", "drift", "why"):
+        table.add_column(col, justify="left" if col in ("strategies", "why") else "right")
+    base_time = base.measured_s or base.predicted_s
+    for i, c in enumerate(outcome.ranked[: max(top, 1) + 2], start=1):
+        slowdown = (c.measured_s or c.predicted_s) / base_time if base_time else None
+        if c is outcome.winner:
+            why = "fastest measured set that fits" if c.measured_s is not None else "fastest predicted set that fits"
+        elif c.error:
+            why = f"failed: {c.error}"
+        elif c.measured_peak is not None and c.measured_peak > outcome.budget:
+            why = "over budget when measured"
+        elif c.measured_s is not None:
+            why = "slower when measured"
+        else:
+            why = "predicted slower" + (" (lossy)" if c.lossy else "")
+        table.add_row(str(i), c.label, format_bytes(c.peak),
+                      format_bytes(c.measured_peak) if c.measured_peak is not None else "-",
+                      f"{c.predicted_s:.2f} s", f"{c.measured_s:.2f} s" if c.measured_s is not None else "-",
+                      f"{slowdown:.2f}x" if slowdown else "-",
+                      drift_text(c.drift), why,
+                      style="bold green" if c is outcome.winner else None)
+    return table
+
+
+# -- documents and printouts of each command (the CLI calls one of each) ---------------------------------------
+
+def profile_title(spec: Spec, result: RunResult) -> str:
+    return f"memopt profile - {spec_title(spec, result.device)}"
+
+
+def baseline_written_line(path: str, peak: int) -> str:
+    return f"baseline written to {path}: peak {format_bytes(peak)}"
+
+
+def check_document(doc: dict[str, Any], found: list[Any], tolerance: float) -> dict[str, Any]:
+    return {**doc, "check": {"tolerance": tolerance, "regressions": [g.__dict__ for g in found]}}
+
+
+def print_check(found: list[Any], tolerance: float, peak: int, baseline_peak: int) -> None:
+    console = stdout_console()
+    if found:
+        print_tables([growth_table(found, tolerance)], console)
+        return
+    console.print(f"[green]OK[/green]: peak {format_bytes(peak)} (baseline {format_bytes(baseline_peak)}); "
+                  f"nothing grew more than {100 * tolerance:g}%")
+
+
+def estimate_document(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any,
+                      capacity: Any = None) -> dict[str, Any]:
+    doc = to_json(spec, [result], result.device)
+    doc["estimated"] = True
+    doc["analytic"] = formulas
+    if fit is not None:
+        doc["fits"] = {"budget_bytes": fit.budget, "fits": fit.fits, "margin_bytes": fit.margin,
+                       "single_strategies_that_fit": fit.helpers, "not_tried": fit.not_tried}
+    if capacity is not None:
+        doc["capacity"] = capacity.to_json()
+    return doc
+
+
+def print_estimate(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any,
+                   capacity: Any = None) -> None:
+    tables = profile_tables(spec, result)
+    tables[0].title = str(tables[0].title).replace("memopt profile", "memopt estimate (traced, nothing allocated)")
+    console = stdout_console()
+    extra = [capacity_table(spec, capacity)] if capacity is not None else []
+    print_tables([*tables, estimate_table(result, formulas), *extra], console)
+    for line in fit_lines(fit) if fit else []:
+        console.print(line)
+
+
+def _apart(formula: int, traced: int) -> str:
+    return f"{100 * (formula - traced) / traced:+.1f}%" if traced else "-"
+
+
+def capacity_table(spec: Spec, cap: Any) -> Table:
+    """What fits in the budget, by estimates, beside the formula's answers."""
+    g, batch = spec.generate, spec.train.batch_size
+    table = Table(title=f"What fits in {format_bytes(cap.budget)} ({cap.estimates} estimates, {cap.seconds:.0f} s)",
+                  title_justify="left")
+    for col in ("question", "traced", "peak", "formula", "formula is off by"):
+        table.add_column(col, justify="left" if col == "question" else "right")
+    b = cap.batch[0] if cap.batch else 0
+    table.add_row(f"sequences of {g.prompt_len} + {g.new_tokens} tokens", f"{b:,}",
+                  format_bytes(cap.batch[1]) if cap.batch else "-", f"{cap.formula['max_batch']:,}",
+                  _apart(cap.formula["max_batch"], b))
+    c = cap.context[0] if cap.context else 0
+    limit = " (max_seq_len)" if c == cap.context_limit else ""
+    table.add_row(f"context at batch {batch} (tokens)", f"{c:,}{limit}", format_bytes(cap.context[1]) if cap.context
+                  else "-", f"{cap.formula['max_context']:,}", _apart(cap.formula["max_context"], c))
+    return table
+
+
+def winner_yaml(best: dict[str, Any], outcome: Any, budget: str) -> str:
+    """The winning spec as YAML, with a header saying where it came from."""
+    import yaml
+
+    header = (f"# written by memopt optimize --budget {budget}: {outcome.winner.label}, estimated peak "
+              f"{format_bytes(outcome.winner.peak)}\n")
+    return header + yaml.safe_dump(best, sort_keys=False)
+
+
+def optimize_document(best: dict[str, Any], outcome: Any, cap: float | None) -> dict[str, Any]:
+    return {"schema": SCHEMA, "budget_bytes": outcome.budget, "winner": best["strategies"],
+            "candidates": [c.to_dict() for c in outcome.ranked], "evaluated": outcome.evaluated,
+            "search_s": outcome.seconds, "measured_here": outcome.measured_here,
+            "max_drift": cap, "left_out_for_drift": outcome.rejected}
+
+
+def print_optimize(outcome: Any, top: int, cap: float | None, output: str | None) -> None:
+    console = stdout_console()
+    print_tables([optimize_table(outcome, top)], console)
+    if outcome.rejected:
+        assert cap is not None
+        console.print(f"left out for their own drift over {100 * cap:g}%: {', '.join(outcome.rejected)}")
+    console.print(f"winner: [bold]{outcome.winner.label}[/bold]" + (f" -> {output}" if output else ""))

@@ -1,0 +1,132 @@
+"""Hugging Face configs, offline: a local config.json, a checkpoint folder, or a model_type's default config.
+
+transformers is an optional extra (``pip install 'memopt[hf]'``), imported only when a spec names an ``hf`` model.
+These functions read and check configs; memopt.model.hf builds the model from them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from memopt.core.errors import MemoptError
+from memopt.core.files import read_input
+from memopt.core.wording import suggest
+
+INSTALL = "pip install 'memopt[hf]'"
+CONFIG_LIMIT_BYTES = 16 * 2**20
+DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout")
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    """' (did you mean X?)' or ''. Not suggest's '; did you mean X?': a spec problem's '; ' separates problems
+    (memopt.core.wording.describe splits on it, which would make the suggestion a problem of its own)."""
+    hint = suggest(word, choices)
+    return f" ({hint[2:]})" if hint else ""
+
+
+def transformers_module() -> Any:
+    """transformers, or a MemoptError naming the install command."""
+    try:
+        import transformers
+    except ImportError:
+        raise MemoptError(f"Hugging Face models need transformers: {INSTALL}") from None
+    return transformers
+
+
+def _causal_types() -> dict[str, str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def config_file(source: str) -> Path | None:
+    """The config.json that ``source`` names (a file or a folder holding one), or None for a model_type name."""
+    path = Path(source)
+    if path.is_dir():
+        return path / "config.json"
+    if path.exists() or source.endswith(".json") or "/" in source:
+        return path
+    return None
+
+
+def checkpoint_folder(source: str) -> Path | None:
+    """The folder of ``source`` when it holds safetensors weights."""
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent
+    return folder if config_file(source) is not None and any(folder.glob("*.safetensors")) else None
+
+
+def load_config(source: str, overrides: dict[str, Any]) -> Any:
+    """The PretrainedConfig for ``source`` with ``overrides`` set; ValueError("hf: ..."/"config.KEY: ...")."""
+    key = json.dumps(overrides, sort_keys=True, default=str)
+    path = config_file(source)
+    stamp = path.stat().st_mtime_ns if path is not None and path.is_file() else 0
+    try:
+        return _load_config(source, key, stamp)
+    except MemoptError as exc:
+        raise ValueError(str(exc)) from None
+
+
+@functools.lru_cache(maxsize=32)
+def _load_config(source: str, overrides_json: str, _stamp: int) -> Any:
+    try:
+        transformers = transformers_module()
+    except MemoptError as exc:  # named as the spec's field: "model.hf: SOURCE: ... pip install ..."
+        raise MemoptError(f"hf: {source}: {exc}") from None
+    mapping = transformers.CONFIG_MAPPING
+    causal = _causal_types()
+    path = config_file(source)
+    overrides = json.loads(overrides_json)
+    data: dict[str, Any] = {}
+    if path is None:
+        if source not in mapping:
+            raise MemoptError(f"hf: {source}: no such file, nor a model_type such as llama, mistral, gpt2, "
+                              f"qwen2 or gemma{_did_you_mean(source, causal)}")
+        model_type = source
+    else:
+        if not path.exists():
+            where = f"{path.parent} has no config.json" if path.name == "config.json" else f"{path}: no such file"
+            raise MemoptError(f"hf: {where}")
+        try:
+            data = json.loads(read_input(path, "config.json", CONFIG_LIMIT_BYTES))
+        except MemoptError as exc:  # not a regular file, too large, not UTF-8: named after the field
+            raise MemoptError(f"hf: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise MemoptError(f"hf: {path}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        if not isinstance(data, dict):
+            raise MemoptError(f"hf: {path}: expected a JSON object, got {type(data).__name__}")
+        named = data.get("model_type")
+        if not isinstance(named, str) or named not in mapping:
+            raise MemoptError(f"hf: {path}: unknown model_type {named!r}{_did_you_mean(str(named), causal)}")
+        model_type = named
+    if model_type not in causal:
+        raise MemoptError(f"hf: {source}: model_type {model_type} has no causal language model in transformers")
+    cls = mapping[model_type]
+    known = {*cls().to_dict(), *getattr(cls, "attribute_map", {})}
+    for name in overrides:
+        if name not in known:
+            raise MemoptError(f"config.{name}: not a field of {cls.__name__}{_did_you_mean(name, known)}")
+    try:
+        return cls.from_dict({**data, **overrides})
+    except Exception as exc:  # transformers validates fields its own way
+        where = f"{path}" if path is not None else source
+        text = " ".join(str(exc).split()).replace("; ", ", ")  # '; ' separates spec problems
+        raise MemoptError(f"hf: {where}: {cls.__name__} refused it: {text}") from None
+
+
+def config_facts(source: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The shape facts memopt reports (d_model, n_heads, ...) from a config."""
+    config = load_config(source, overrides)
+    heads = config.num_attention_heads
+    d = config.hidden_size
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    dropout = max((float(getattr(config, name, 0.0) or 0.0) for name in DROPOUT_FIELDS), default=0.0)
+    return {"model_type": config.model_type, "d_model": d, "n_heads": heads,
+            "n_kv_heads": getattr(config, "num_key_value_heads", None) or heads, "n_layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size, "ffn_dim": ffn,
+            "max_seq_len": getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2**20),
+            "head_dim": getattr(config, "head_dim", None) or d // heads, "dropout": dropout,
+            "tie_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
