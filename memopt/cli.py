@@ -1,6 +1,6 @@
-"""Typer commands only: parse options, call the library, render, map errors to exit codes.
+"""Typer commands only: options -> one memopt.app.commands call -> render what it returned -> exit code.
 
-Heavy imports (torch) happen inside the commands so that ``memopt --help`` answers at once.
+memopt.app is imported when a command runs (``_commands``), so that ``memopt --help`` answers without torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from memopt.core.results import RunResult  # plain dataclasses: no torch
+from memopt import __version__
+from memopt.core.errors import MemoptError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Memory profiler and optimizer for Transformer language models.\n\n"
@@ -102,8 +103,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     Ctrl-C -> exit 130 with nothing written."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from memopt.core.errors import MemoptError
-
         _Interrupted.flag = False
         try:
             previous = signal.signal(signal.SIGINT, _Interrupted.handler)
@@ -131,52 +130,84 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class _StderrUi:
+    """Progress on stderr: a spinner the commands update (nothing when stderr is not a terminal), notes as lines,
+    one line per isolated run with its elapsed time; every update also notices Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.console = _stderr()
+        self.status: Any = None
+        self.runs: Any = None
+        self.current: list[Any] = []
+
+    def progress(self, message: str) -> None:
+        _Interrupted.check()
+        if self.status is not None:
+            self.status.update(message)
+
+    def note(self, message: str) -> None:
+        self.console.print(message, highlight=False, soft_wrap=True)
+
+    def run_started(self, name: str, total: int) -> None:
+        _Interrupted.check()
+        if self.runs is None:
+            return
+        if self.current:
+            self.runs.update(self.current[-1], completed=1, total=1)
+        self.current.append(self.runs.add_task(f"run {len(self.current) + 1}/{total}: {name}", total=None))
+
+
 @contextmanager
-def _progress() -> Iterator[Callable[[str], None]]:
-    """A spinner on stderr that the library updates through a callback (which also notices Ctrl-C)."""
-    console = _stderr()
-    if not console.is_terminal:
-        def quiet(_msg: str) -> None:
-            _Interrupted.check()
-        yield quiet
+def _ui(runs: bool = False) -> Iterator[_StderrUi]:
+    ui = _StderrUi()
+    if not ui.console.is_terminal:
+        yield ui
         return
-    with console.status("starting") as status:
-        def show(msg: str) -> None:
-            _Interrupted.check()
-            status.update(msg)
-        yield show
+    if runs:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=ui.console,
+                      transient=False) as ui.runs:
+            yield ui
+            if ui.current:
+                ui.runs.update(ui.current[-1], completed=1, total=1)
+        return
+    with ui.console.status("starting") as ui.status:
+        yield ui
 
 
-def _load(config: str | None, strategies: list[str] | None = None, **overrides: Any) -> Any:
-    from memopt.spec import config_note, load_spec
-    from memopt.spec.strategy_args import one_set
-
-    note = config_note(config)
-    if note:
-        _stderr().print(f"note: {note}", highlight=False, soft_wrap=True)
-    return load_spec(config, overrides, one_set(strategies))
-
-
-def _size(text: str | None, option: str) -> int | None:
-    from memopt.core.units import parse_size
-
-    return None if text is None else parse_size(text, option)
-
-
-def _emit(outputs: Any, json_stdout: bool, tables: Callable[[], None]) -> None:
-    """Write the output files (all or none), then JSON or tables on stdout."""
+def _finish(out: Any, json_stdout: bool) -> None:
+    """Render what a command returned: warnings, then the files (all or none), then JSON or tables; its exit code."""
+    if out.silent:
+        return
+    for warning in out.warnings:
+        _stderr().print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False, soft_wrap=True)
+    if out.error is not None:
+        if not json_stdout:
+            out.show()
+        _fail(out.error)
     _Interrupted.check()
-    outputs.write()
+    out.files.write()
     if json_stdout:
-        outputs.print_json()
+        out.files.print_json()
     else:
-        tables()
+        out.show()
+    if out.exit_code:
+        raise typer.Exit(out.exit_code)
+
+
+def _spec(config: str | None, strategies: list[str] | None = None, **overrides: Any) -> Any:
+    return _commands().SpecOptions(config, strategies, overrides)
+
+
+def _commands() -> Any:
+    from memopt.app import commands  # here, not at the top: ``memopt --help`` answers without importing torch
+
+    return commands
 
 
 def _version(value: bool) -> None:
     if value:
-        from memopt import __version__
-
         typer.echo(f"memopt {__version__}")
         raise typer.Exit()
 
@@ -208,31 +239,12 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
     Serving: [bold]memopt profile configs/tiny-decoder.yaml --mode generate --prompt-len 48 --new-tokens 16
     -s kv_quant:bits=4[/bold]
     """
-    from memopt.engine import step as runner
-    from memopt.render import plot, report
-    from memopt.render.outputs import Outputs
-
-    spec = _load(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
+    spec = _spec(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                  steps=steps, hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len,
                  new_tokens=new_tokens, cache=cache, world_size=world_size)
-    limit = _size(device_memory, "--device-memory")
-    outputs = Outputs({"spec": config}, json_out=json_out, timeline=timeline)
-    if timeline is not None:
-        plot.check_timeline_path(timeline)
-    with _progress() as say:
-        result = runner.run(spec, progress=say, timeline=timeline is not None, device_memory=limit)
-    if result.rank:  # under torchrun: rank 0 reports for every rank
-        return
-    _warn(result.warnings)
-    if timeline is not None:
-        outputs.add("--timeline", plot.render_timeline(result, timeline, report.profile_title(spec, result)))
-    outputs.set_json(report.to_json(spec, [result], result.device))
-    _emit(outputs, json_stdout, lambda: report.print_tables(report.profile_tables(spec, result)))
-
-
-def _warn(warnings: list[str]) -> None:
-    for warning in warnings:
-        _stderr().print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False, soft_wrap=True)
+    with _ui() as ui:
+        out = _commands().profile(spec, ui, json_out=json_out, timeline=timeline, device_memory=device_memory)
+    _finish(out, json_stdout)
 
 
 @app.command()
@@ -254,59 +266,13 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
 
     Example: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
     """
-    from memopt.analysis.compare import compare as run_compare
-    from memopt.analysis.compare import planned_runs
-    from memopt.engine.step import resolve_device
-    from memopt.render import report
-    from memopt.render.outputs import Outputs
-    from memopt.spec.strategy_args import parse_sets
-
-    spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
+    spec = _spec(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
                  hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
                  cache=cache, world_size=world_size)
-    limit = _size(device_memory, "--device-memory")
-    device_name = resolve_device(spec.run.device)
-    planned = planned_runs(spec, parse_sets(strategies), device_name)  # everything a run would refuse, now
-    outputs = Outputs({"spec": config}, json_out=json_out, markdown=markdown, plot=plot)
-    if plot is not None:
-        from memopt.render.plot import check_png_path
-
-        check_png_path(plot, "--plot")
-    runs = _compare_with_progress(run_compare, planned, limit)
-    title = f"memopt compare - {report.spec_title(spec, device_name)}"
-    if not runs[0].ok:
-        if not json_stdout:
-            report.print_tables([report.compare_table(runs, title)])
-        _fail(f"the baseline failed: {runs[0].error}; nothing was written")
-    outputs.set_json(report.runs_document(spec, runs, device_name))
-    if markdown is not None:
-        outputs.add("--markdown", report.compare_markdown(runs, title))
-    if plot is not None:
-        from memopt.render.plot import render_compare_png
-
-        outputs.add("--plot", render_compare_png(runs, title))
-    _emit(outputs, json_stdout, lambda: report.print_tables([report.compare_table(runs, title)]))
-
-
-def _compare_with_progress(run_compare: Callable[..., Any], planned: list[Any],
-                           limit: int | None) -> list[RunResult]:
-    """Rich progress on stderr: one line per run with its elapsed time."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=_stderr(), transient=False, disable=not _stderr().is_terminal) as progress:
-        current: list[Any] = []
-
-        def on_run(name: str) -> None:
-            _Interrupted.check()
-            if current:
-                progress.update(current[-1], completed=1, total=1)
-            current.append(progress.add_task(f"run {len(current) + 1}/{len(planned)}: {name}", total=None))
-
-        runs = run_compare(planned, device_memory=limit, on_run=on_run)
-        if current:
-            progress.update(current[-1], completed=1, total=1)
-    return runs
+    with _ui(runs=True) as ui:
+        out = _commands().compare(spec, ui, strategies, json_out=json_out, markdown=markdown, plot_path=plot,
+                                  device_memory=device_memory)
+    _finish(out, json_stdout)
 
 
 @app.command()
@@ -324,41 +290,12 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
 
     Example: [bold]memopt check configs/tiny.yaml --baseline tests/baselines/tiny.json --tolerance 1%[/bold]
     """
-    from pathlib import Path
-
-    from memopt.analysis.check import baseline_memory, ensure_comparable, growths, load_baseline
-    from memopt.core.units import parse_percent
-    from memopt.engine import step as runner
-    from memopt.render import report
-    from memopt.render.outputs import Outputs
-
-    tol = parse_percent(tolerance, "--tolerance")
-    spec = _load(config, strategies, device=device, dtype=dtype, hf=hf, python=model, data=data, mode=mode,
+    spec = _spec(config, strategies, device=device, dtype=dtype, hf=hf, python=model, data=data, mode=mode,
                  prompt_len=prompt_len, new_tokens=new_tokens, cache=cache)
-    limit = _size(device_memory, "--device-memory")
-    outputs = Outputs({"spec": config, "--baseline": None if update else baseline}, json_out=json_out,
-                      markdown=markdown, baseline=baseline if update else None)
-    old = None if update else load_baseline(Path(baseline))
-    if old is not None:
-        ensure_comparable(old, spec, runner.resolve_device(spec.run.device))
-    with _progress() as say:
-        result = runner.run(spec, progress=say, device_memory=limit)
-    _warn(result.warnings)
-    doc = report.to_json(spec, [result], result.device)
-    assert result.memory is not None
-    peak = result.memory.peak_bytes
-    if old is None:
-        outputs.set_json(doc, also="--baseline")
-        _emit(outputs, json_stdout, lambda: _stderr().print(report.baseline_written_line(baseline, peak)))
-        return
-    before = baseline_memory(old)
-    found = growths(before, result.memory, tol)
-    outputs.set_json(report.check_document(doc, found, tol))
-    if markdown is not None:
-        outputs.add("--markdown", report.growth_markdown(found, tol, peak, before.peak_bytes))
-    _emit(outputs, json_stdout, lambda: report.print_check(found, tol, peak, before.peak_bytes))
-    if found:
-        raise typer.Exit(3)
+    with _ui() as ui:
+        out = _commands().check(spec, ui, baseline, tolerance=tolerance, update=update, json_out=json_out,
+                                markdown=markdown, device_memory=device_memory)
+    _finish(out, json_stdout)
 
 
 @app.command()
@@ -368,14 +305,7 @@ def strategies(*, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> 
 
     Example: [bold]memopt strategies[/bold], then [bold]memopt profile -s ckpt:policy=selective+chunked_ce[/bold]
     """
-    from memopt.render import report
-    from memopt.render.outputs import Outputs
-    from memopt.strategies import registry
-
-    outputs = Outputs({}, json_out=json_out)
-    rows = report.strategy_rows(registry())
-    outputs.set_json({"schema": report.SCHEMA, "strategies": rows})
-    _emit(outputs, json_stdout, lambda: report.print_tables([report.strategies_table(rows)]))
+    _finish(_commands().strategies(json_out=json_out), json_stdout)
 
 
 @app.command()
@@ -399,32 +329,12 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
     Serving: [bold]memopt estimate llama-7b --mode generate --prompt-len 3968 --new-tokens 128 --dtype fp16
     --device cuda --fits 24GiB[/bold]
     """
-    from memopt.analysis.estimate import analytic
-    from memopt.analysis.estimate import estimate as run_estimate
-    from memopt.analysis.estimate import fits as check_fits
-    from memopt.render import report
-    from memopt.render.outputs import Outputs
-
-    spec = _load(config, strategies, device=device or "cpu", dtype=dtype, batch_size=batch_size,
-                 seq_len=seq_len, hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
-                 cache=cache, world_size=world_size)
-    budget = _size(fits, "--fits")
-    outputs = Outputs({"spec": config}, json_out=json_out)
-    room = None
-    with _progress() as say:
-        result = run_estimate(spec, progress=say)
-        assert result.memory is not None
-        fit = check_fits(spec, result.memory.peak_bytes, budget, say) if budget is not None else None
-        if budget is not None and spec.run.mode == "generate":
-            from memopt.analysis.capacity import capacity, nothing_fits
-
-            room = capacity(spec, budget, say)
-            assert fit is not None
-            if room.batch is None and room.context is None and not fit.helpers and not fit.not_tried:
-                raise nothing_fits(spec, room, fit, str(fits))
-    formulas = analytic(spec)
-    outputs.set_json(report.estimate_document(spec, result, formulas, fit, room))
-    _emit(outputs, json_stdout, lambda: report.print_estimate(spec, result, formulas, fit, room))
+    spec = _spec(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, hf=hf,
+                 python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,
+                 world_size=world_size)
+    with _ui() as ui:
+        out = _commands().estimate(spec, ui, json_out=json_out, budget=fits)
+    _finish(out, json_stdout)
 
 
 @app.command()
@@ -453,27 +363,13 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
     Example: [bold]memopt optimize configs/seed.yaml --budget 1GiB --output best.yaml[/bold],
     then [bold]memopt profile best.yaml[/bold]
     """
-    from memopt.analysis.optimize import optimize as run_optimize
-    from memopt.analysis.optimize import winner_spec
-    from memopt.core.units import parse_percent
-    from memopt.render import report
-    from memopt.render.outputs import Outputs
-
-    spec = _load(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
+    spec = _spec(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
                  hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,
                  world_size=world_size)
-    limit = _size(budget, "--budget")
-    assert limit is not None
-    cap = parse_percent(max_drift, "--max-drift") if max_drift is not None else None
-    outputs = Outputs({"spec": config}, json_out=json_out, output=output)
-    with _progress() as say:
-        outcome = run_optimize(spec, limit, allow_lossy=allow_lossy, top=top, measure=not no_measure,
-                               max_drift=cap, progress=say)
-    best = winner_spec(spec, outcome)
-    if output is not None:
-        outputs.add("--output", report.winner_yaml(best, outcome, budget))
-    outputs.set_json(report.optimize_document(best, outcome, cap))
-    _emit(outputs, json_stdout, lambda: report.print_optimize(outcome, top, cap, output))
+    with _ui() as ui:
+        out = _commands().optimize(spec, ui, budget, allow_lossy=allow_lossy, top=top, output=output,
+                                   measure=not no_measure, max_drift=max_drift, json_out=json_out)
+    _finish(out, json_stdout)
 
 
 def main() -> None:  # pragma: no cover - console entry point

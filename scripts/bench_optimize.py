@@ -43,7 +43,8 @@ def main() -> None:
             print(f"  [{time.perf_counter() - started:4.0f} s] {message}", file=sys.stderr)
 
         try:
-            outcome = optimize(spec, budget, allow_lossy=lossy, top=3, max_drift=cap, progress=say)
+            outcome = optimize(spec, budget, run_one=run_isolated, allow_lossy=lossy, top=3, max_drift=cap,
+                               progress=say)
         except Exception as exc:
             print(f"| {fraction:.0%} ({format_bytes(budget)}) | {allowed} | {exc} | | | | | | "
                   f"{time.perf_counter() - started:.0f} s |")

@@ -3,6 +3,7 @@ leave unchanged, to the byte.
 
     python scripts/pin_json.py write before.json   # on the old code
     python scripts/pin_json.py diff before.json    # on the new code: prints every difference, exit 1 if any
+    python scripts/pin_json.py diff before.json hf-llama   # only the runs whose name holds 'hf-llama'
 
 Runs (each through the real command line, in its own process): the tiny encoder, the tiny decoder and a tiny
 Hugging Face llama config (when transformers is installed) x baseline, ckpt+offload, quant:bits=4,lora=8 and
@@ -37,8 +38,7 @@ def models(tmp: Path) -> dict[str, list[str]]:
         return found
     (tmp / "llama").mkdir()
     (tmp / "llama" / "config.json").write_text(json.dumps(LLAMA))
-    found["hf-llama"] = ["configs/tiny.yaml", "--hf", str(tmp / "llama" / "config.json"), "--batch-size", "2",
-                         "--seq-len", "32"]
+    found["hf-llama"] = ["configs/tiny.yaml", "--hf", str(tmp / "llama" / "config.json"), "--batch-size", "2"]
     return found
 
 
@@ -50,18 +50,22 @@ def scrub(value: Any) -> Any:
     return value
 
 
-def collect() -> dict[str, Any]:
+def collect(only: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model, args in models(Path(tmp)).items():
             for name, extra in SETS.items():
                 for command in ("profile", "estimate"):
                     key = f"{command} {model} {name}"
+                    if only and only not in key:
+                        continue
                     print(key, file=sys.stderr, flush=True)
                     if model == "tiny" and name in ("generate", "quant4-lora8"):
                         extra_args = extra if name != "generate" else ["--mode", "infer"]  # an encoder cannot generate
                     else:
                         extra_args = extra
+                    if model == "hf-llama" and name != "generate":
+                        extra_args = [*extra_args, "--seq-len", "32"]
                     done = subprocess.run([sys.executable, "-m", "memopt", command, *args, *extra_args, "--json"],
                                           capture_output=True, text=True, cwd=ROOT)
                     out[key] = scrub(json.loads(done.stdout)) if done.returncode == 0 else {
@@ -87,12 +91,16 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
 
 def main() -> int:
     action, path = sys.argv[1], Path(sys.argv[2])
-    current = collect()
+    only = sys.argv[3] if len(sys.argv) > 3 else ""  # a part of the run names: only those (write: merged in)
+    current = collect(only)
     if action == "write":
+        if only and path.exists():
+            current = {**json.loads(path.read_text()), **current}
         path.write_text(json.dumps(current, indent=1, sort_keys=True))
         print(f"{len(current)} runs written to {path}")
         return 0
-    found = differences(json.loads(path.read_text()), current)
+    pinned = json.loads(path.read_text())
+    found = differences({k: v for k, v in pinned.items() if only in k}, current)
     for line in found:
         print(line)
     print(f"{len(current)} runs, {len(found)} differences")

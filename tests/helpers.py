@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from memopt.app.profile import profile
 from memopt.cli import app
+from memopt.core.results import RunResult
+from memopt.engine.run import run as engine_run
 from memopt.spec import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +25,13 @@ CONFIGS = ROOT / "configs"
 def invoke(args: list[str]):
     """Run the CLI in-process the way the console script does."""
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def run(spec: Spec, name: str = "baseline", *, fake: bool = False, **options: Any) -> RunResult:
+    """A spec's run as the command line makes it: profiled (preflight, drift, the run) or, ``fake``, estimated."""
+    if fake:
+        return engine_run(spec, name, fake=True, **options)
+    return profile(spec, name, **options)
 
 
 def memtracker_peak(spec: Spec) -> int:

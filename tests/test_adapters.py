@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from memopt.adapters import AdapterError, adapter_for
+from memopt.adapters import AdapterError
+from memopt.adapters.build import adapter_for
 from memopt.adapters.builtin import BuiltinAdapter
 from memopt.engine.step import make_batch, prepare
 from memopt.model.transformer import build_model
@@ -95,7 +96,7 @@ def test_strategies_get_their_device_at_construction_and_check_only_checks():
 
 def test_ckpt_reports_recomputed_tensors_through_the_session_observer(tiny):
     """Recomputation saves tensors through checkpoint's own hooks: they reach the tracker via the observer."""
-    from memopt.engine.step import run
+    from .helpers import run
 
     spec = tiny.with_strategies(load_spec(CONFIGS / "tiny.yaml", strategies=["ckpt"]).strategies)
     session = prepare(spec)

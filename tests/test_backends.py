@@ -18,11 +18,11 @@ from memopt.analysis.drift import strategy_drift
 from memopt.analysis.estimate import estimate
 from memopt.core.errors import StrategyError
 from memopt.core.results import RunResult
-from memopt.engine.step import make_batch, prepare, run, train_step
+from memopt.engine.step import make_batch, prepare, train_step
 from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.strategies import build_strategies
 
-from .helpers import CONFIGS
+from .helpers import CONFIGS, run
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")

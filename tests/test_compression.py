@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from memopt.analysis.estimate import estimate
-from memopt.engine.step import prepare, run, train_step
+from memopt.engine.step import prepare, train_step
 from memopt.model.quantize import QuantLinear
 from memopt.model.transformer import count_parameters
 from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.strategies.optim8bit import AdamW8bit
 from memopt.strategies.quant import Quant
 
-from .helpers import CONFIGS, packed_bytes
+from .helpers import CONFIGS, packed_bytes, run
 
 TINY = {"model": {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 1000, "ffn_dim": 256, "max_seq_len": 64},
         "train": {"batch_size": 4, "seq_len": 64, "steps": 1}, "run": {"device": "cpu"}}

@@ -6,10 +6,10 @@ import pytest
 
 from memopt.analysis.estimate import estimate
 from memopt.core.errors import MemoptError
-from memopt.engine.step import make_batch, run
+from memopt.engine.step import make_batch
 from memopt.spec import load_spec
 
-from .helpers import CONFIGS, invoke
+from .helpers import CONFIGS, invoke, run
 
 
 def test_batches_are_the_files_bytes_in_windows(tmp_path):

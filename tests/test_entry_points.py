@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from memopt.adapters.build import build_adapter, parameter_total, vocab_size
 from memopt.analysis.estimate import estimate
-from memopt.engine.step import make_batch, prepare, run
+from memopt.engine.step import make_batch, prepare
 from memopt.spec import Spec, spec_from_data
 
-from .helpers import invoke
+from .helpers import invoke, run
 
 MODULE = "memopt_test_user_model"
 USER_MODULE = '''

@@ -9,10 +9,9 @@ import sys
 import pytest
 
 from memopt.analysis.estimate import analytic, estimate
-from memopt.engine.step import run
 from memopt.spec import load_spec
 
-from .helpers import CONFIGS, invoke
+from .helpers import CONFIGS, invoke, run
 
 STRATEGIES = [[], ["ckpt"], ["ckpt:policy=selective"], ["ckpt:policy=every"], ["chunked_ce"], ["amp"],
               ["accum:micro_batches=4"], ["offload"], ["optim_in_bwd"], ["quant:bits=4,lora=8,group_size=16"],

@@ -14,11 +14,10 @@ import pytest
 
 from memopt.analysis.estimate import estimate
 from memopt.core.errors import MemoptError
-from memopt.engine.step import run
 from memopt.model.transformer import build_model
 from memopt.spec import Spec, load_spec, spec_from_data
 
-from .helpers import ROOT, invoke
+from .helpers import ROOT, invoke, run
 
 # odd on purpose: vocab 301 and ffn 100 rows do not split evenly over 2 or 4 ranks, so FSDP pads
 MODEL = dict(arch="decoder", d_model=48, n_heads=4, n_kv_heads=2, n_layers=2, vocab_size=301, ffn_dim=100,

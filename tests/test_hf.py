@@ -17,11 +17,11 @@ from memopt.adapters.build import parameter_total
 from memopt.analysis.estimate import estimate
 from memopt.core.errors import MemoptError
 from memopt.core.results import RunResult
-from memopt.engine.step import prepare, run
+from memopt.engine.step import prepare
 from memopt.model.hf import load_config
 from memopt.spec import Spec, spec_from_data
 
-from .helpers import invoke, memtracker_peak
+from .helpers import invoke, memtracker_peak, run
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,10 +14,10 @@ from memopt.analysis.estimate import estimate
 from memopt.core.errors import MemoptError, StrategyError
 from memopt.core.results import RunResult
 from memopt.engine.inference import generate, greedy_without_cache, prompt_batch
-from memopt.engine.step import prepare, run
+from memopt.engine.step import prepare
 from memopt.spec import Spec, load_spec, spec_from_data
 
-from .helpers import CONFIGS, invoke
+from .helpers import CONFIGS, invoke, run
 
 # odd on purpose: 3 sequences of 37 + 9 tokens, grouped-query attention (4 query heads over 2 KV heads of 32)
 LAYERS, KV_HEADS, HEAD_DIM, BATCH, PROMPT, NEW = 2, 2, 32, 3, 37, 9

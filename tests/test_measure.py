@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from memopt.core._torch_private import saved_tensors_by_node
-from memopt.engine.step import make_batch, prepare, run, train_step
+from memopt.engine.step import make_batch, prepare, train_step
 from memopt.measure.tracker import ModelWatch, TensorTracker, host_peaks
 from memopt.model.transformer import parameter_count
 from memopt.spec import load_spec, spec_from_data
 
-from .helpers import CONFIGS, ROOT, memtracker_peak
+from .helpers import CONFIGS, ROOT, memtracker_peak, run
 
 
 def _saved_storages(loss: torch.Tensor, exclude: set[int]) -> int:

@@ -13,11 +13,11 @@ import torch
 
 from memopt.analysis.estimate import estimate
 from memopt.core.errors import StrategyError
-from memopt.engine.step import make_batch, prepare, run, train_step
+from memopt.engine.step import make_batch, prepare, train_step
 from memopt.spec import Spec, load_spec
 from memopt.strategies.offload_states import CHUNK_ELEMENTS
 
-from .helpers import CONFIGS, ROOT
+from .helpers import CONFIGS, ROOT, run
 
 MIXES = ["offload_states", "offload_states:params=true", "offload_states:params=true+ckpt+chunked_ce",
          "offload_states:params=true+optim_in_bwd", "offload_states:params=true,prefetch=0+ckpt",

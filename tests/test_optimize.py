@@ -18,11 +18,10 @@ from memopt.analysis.optimize import (
     search_options,
     within_drift,
 )
-from memopt.engine.step import run
 from memopt.spec import load_spec
 from memopt.strategies import candidate_specs, strategy_spec
 
-from .helpers import CONFIGS, invoke
+from .helpers import CONFIGS, invoke, run
 
 
 @pytest.fixture(scope="module")

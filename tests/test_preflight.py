@@ -8,10 +8,9 @@ import time
 import pytest
 
 from memopt.core.errors import OutOfMemory
-from memopt.engine.step import run
 from memopt.spec import load_spec
 
-from .helpers import CONFIGS, invoke
+from .helpers import CONFIGS, invoke, run
 
 # ~8.4e9 parameters (134 GB with AdamW): far over this machine, and quick to trace with two layers
 # (scripts/probe_inputs.py runs the 48-layer spec, ~3 TiB, through the same paths)

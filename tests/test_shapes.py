@@ -12,12 +12,13 @@ from hypothesis import strategies as st
 
 from memopt.analysis.estimate import estimate
 from memopt.core.errors import MemoptError, StrategyError
-from memopt.engine.step import run
-from memopt.spec import DISTRIBUTED, Spec, spec_from_data
+from memopt.spec import Spec, spec_from_data
 from memopt.strategies import build_strategies, candidate_specs, registry
 
+from .helpers import run
+
 # fsdp/ddp start processes: tests/test_fsdp.py holds them to the same bar on their own shapes
-SETTINGS = sorted({setting for name in registry() if name not in DISTRIBUTED
+SETTINGS = sorted({setting for name in registry() if not any(s.on_ranks for s in candidate_specs(name))
                    for setting in (name, *(s.label for s in candidate_specs(name)))})
 
 

@@ -9,10 +9,10 @@ import torch
 
 from memopt.analysis.theory import amp_saving, expected_saving, layer_input_bytes, one_layer_spec
 from memopt.core.errors import SpecError, StrategyError
-from memopt.engine.step import forward_backward, make_batch, prepare, run, train_step
+from memopt.engine.step import forward_backward, make_batch, prepare, train_step
 from memopt.spec import Spec, load_spec, spec_from_data
 
-from .helpers import CONFIGS, invoke, memtracker_peak
+from .helpers import CONFIGS, invoke, memtracker_peak, run
 
 
 def with_strategies(spec: Spec, *names: str) -> Spec:

@@ -138,25 +138,7 @@ class ModelAdapter(Protocol):
         ...
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter of any model: memopt's own, a transformers causal LM (a ``config`` and output embeddings),
-    or any other nn.Module."""
-    from memopt.adapters.builtin import BuiltinAdapter
-    from memopt.model.transformer import LanguageModel
-
-    if isinstance(model, LanguageModel):
-        return BuiltinAdapter(model)
-    if hasattr(model, "config") and callable(getattr(model, "get_output_embeddings", None)) and hasattr(
-            model, "base_model"):
-        from memopt.adapters.hf import HfAdapter
-
-        return HfAdapter(model)
-    from memopt.adapters.module import ModuleAdapter
-
-    return ModuleAdapter(model)
-
-
 __all__ = ["AdapterError", "AttentionProjections", "Batch", "FeedForward", "LinearFilter", "LossFromHidden",
-           "LossModule", "ModelAdapter", "adapter_for"]
+           "LossModule", "ModelAdapter"]
 
 

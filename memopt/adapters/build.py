@@ -9,9 +9,20 @@ import torch
 from torch import nn
 
 from memopt.adapters import ModelAdapter
-from memopt.core.entry_points import exception_text
+from memopt.adapters.builtin import BuiltinAdapter
+from memopt.adapters.hf import HfAdapter
+from memopt.adapters.module import ModuleAdapter
+from memopt.core.entry_points import exception_text, load_entry_point
 from memopt.core.errors import MemoptError
-from memopt.model.transformer import TORCH_DTYPES, build_model, default_dtype
+from memopt.model.hf import build_hf
+from memopt.model.transformer import (
+    TORCH_DTYPES,
+    LanguageModel,
+    build_model,
+    count_parameters,
+    default_dtype,
+    parameter_count,
+)
 from memopt.spec import AnyModelSpec, HfModelSpec, ModelSpec, PythonModelSpec, Spec
 
 
@@ -20,25 +31,27 @@ def build_adapter(spec: Spec, device: str) -> ModelAdapter:
     return model_adapter(spec.model, spec.run.dtype, device)
 
 
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of any model: memopt's own, a transformers causal LM (a ``config`` and output embeddings),
+    or any other nn.Module."""
+    if isinstance(model, LanguageModel):
+        return BuiltinAdapter(model)
+    if hasattr(model, "config") and callable(getattr(model, "get_output_embeddings", None)) and hasattr(
+            model, "base_model"):
+        return HfAdapter(model)
+    return ModuleAdapter(model)
+
+
 def model_adapter(model: AnyModelSpec, dtype: str, device: str) -> ModelAdapter:
     if isinstance(model, ModelSpec):
-        from memopt.adapters.builtin import BuiltinAdapter
-
         return BuiltinAdapter(build_model(model, dtype, device))
     if isinstance(model, HfModelSpec):
-        from memopt.adapters.hf import HfAdapter
-        from memopt.model.hf import build_hf
-
         return HfAdapter(build_hf(model, TORCH_DTYPES[dtype], device))  # adapter_for would find it too
-    from memopt.adapters.module import ModuleAdapter
-
     loss = _entry(model.loss, "loss") if model.loss else None
     return ModuleAdapter(build_python(model, dtype, device), loss, custom_batch=model.batch is not None)
 
 
 def _entry(text: str, field: str) -> Any:
-    from memopt.core.entry_points import load_entry_point
-
     try:
         return load_entry_point(text, field)
     except ValueError as exc:
@@ -72,8 +85,6 @@ def vocab_size(model: AnyModelSpec) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _discovered_vocab(model_json: str) -> int:
-    from memopt.adapters.module import ModuleAdapter
-
     model = PythonModelSpec.model_validate_json(model_json)
     embedding = ModuleAdapter(build_python(model, "float32", "meta")).embedding()
     if embedding is None:
@@ -85,16 +96,12 @@ def _discovered_vocab(model_json: str) -> int:
 def parameter_total(model: AnyModelSpec, dtype: str = "float32") -> int:
     """Parameters of the model, without allocating them (built on the meta device when there is no formula)."""
     if isinstance(model, ModelSpec):
-        from memopt.model.transformer import parameter_count
-
         return parameter_count(model)
     return _meta_parameters(type(model), model.model_dump_json(), dtype)
 
 
 @functools.lru_cache(maxsize=8)
 def _meta_parameters(cls: type[HfModelSpec | PythonModelSpec], model_json: str, dtype: str) -> int:
-    from memopt.model.transformer import count_parameters
-
     model = cls.model_validate_json(model_json)
     if isinstance(model, HfModelSpec):
         model = model.model_copy(update={"random_weights": True})

@@ -27,6 +27,8 @@ from memopt.adapters import (
     LossModule,
 )
 from memopt.adapters.module import ModuleAdapter
+from memopt.core._torch_private import is_fake
+from memopt.model.hf import unpacked_positions
 from memopt.model.kv_cache import KvPlan, OnNew
 
 FFN_NAMES = ((("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj"), (("fc1",), "fc2"),
@@ -153,9 +155,6 @@ class HfAdapter(ModuleAdapter):
         return out
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
-        from memopt.core._torch_private import is_fake
-        from memopt.model.hf import unpacked_positions
-
         base = self.model.base_model
         with unpacked_positions() if is_fake(batch[0]) else contextlib.nullcontext():
             return base(input_ids=batch[0], use_cache=False).last_hidden_state  # type: ignore[operator]
@@ -209,9 +208,6 @@ class HfAdapter(ModuleAdapter):
         return cache
 
     def next_logits(self, tokens: torch.Tensor, cache: Any | None, start: int) -> torch.Tensor:
-        from memopt.core._torch_private import is_fake
-        from memopt.model.hf import unpacked_positions
-
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with unpacked_positions() if is_fake(tokens) else contextlib.nullcontext():

@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memopt.adapters.build import parameter_total
+from memopt.analysis.estimate import estimate
+from memopt.analysis.theory import kv_bytes_per_position
 from memopt.core.errors import MemoptError
-from memopt.spec import DTYPE_BYTES, HfModelSpec, Spec
+from memopt.core.units import format_bytes
+from memopt.spec import DTYPE_BYTES, Spec
+from memopt.strategies import registry
 
 MAX_BATCH = 2**20  # train.batch_size's own limit
 
@@ -45,13 +49,6 @@ class Capacity:
                 "formula": self.formula}
 
 
-def kv_bytes_per_position(spec: Spec) -> int:
-    """One sequence's KV cache bytes per position: 2 x layers x kv_heads x head_dim x dtype bytes."""
-    m = spec.model
-    shape = m.facts if isinstance(m, HfModelSpec) else {**m.model_dump(), "head_dim": getattr(m, "head_dim", 0)}
-    return 2 * shape["n_layers"] * shape["n_kv_heads"] * shape["head_dim"] * DTYPE_BYTES[spec.run.dtype]
-
-
 def formula_capacity(spec: Spec, budget: int) -> dict[str, Any]:
     """The calculator's answers: params x bytes + KV formula, against the same budget."""
     weights = parameter_total(spec.model, spec.run.dtype) * DTYPE_BYTES[spec.run.dtype]
@@ -70,10 +67,9 @@ def at_shape(spec: Spec, batch: int | None = None, prompt_len: int | None = None
     chunk as long as the prompt, a window holding every position) are left out, as the run would compute the same."""
     train = spec.train.model_copy(update={"batch_size": batch}) if batch is not None else spec.train
     gen = spec.generate.model_copy(update={"prompt_len": prompt_len}) if prompt_len is not None else spec.generate
-    kept = [s for s in spec.strategies
-            if not (s.name == "chunked_prefill" and s.options.chunk >= gen.prompt_len)  # type: ignore[attr-defined]
-            and not (s.name == "kv_window" and s.options.window >= gen.positions)]  # type: ignore[attr-defined]
-    return spec.model_copy(update={"train": train, "generate": gen}).with_strategies(kept)
+    shaped = spec.model_copy(update={"train": train, "generate": gen})
+    known = registry()
+    return shaped.with_strategies(s for s in spec.strategies if not known[s.name].idle_at(s.options, shaped))
 
 
 def largest_fitting(peak_at: Callable[[int], int], low: int, high: int, budget: int) -> tuple[int, int] | None:
@@ -101,8 +97,6 @@ def largest_fitting(peak_at: Callable[[int], int], low: int, high: int, budget: 
 
 def capacity(spec: Spec, budget: int, progress: Callable[[str], None] | None = None) -> Capacity:
     """The largest batch and the longest context that fit in ``budget``, by estimates."""
-    from memopt.analysis.estimate import estimate
-
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     gen = spec.generate
@@ -134,8 +128,6 @@ def capacity(spec: Spec, budget: int, progress: Callable[[str], None] | None = N
 def nothing_fits(spec: Spec, cap: Capacity, fit: Any, budget_text: str) -> MemoptError:
     """The error for a --fits that nothing satisfies (every single strategy tried): what the smallest shapes
     need, against the budget."""
-    from memopt.core.units import format_bytes
-
     return MemoptError(f"--fits {budget_text}: nothing fits: even 1 sequence of {spec.generate.prompt_len} + "
                        f"{spec.generate.new_tokens} tokens (and {spec.train.batch_size} of 1 + "
                        f"{spec.generate.new_tokens}) needs more; the weights alone are "

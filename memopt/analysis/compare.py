@@ -6,11 +6,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from memopt.app.isolate import run_isolated
 from memopt.core.errors import StrategyError
-from memopt.core.results import RunResult, VsBaseline
+from memopt.core.results import RunOne, RunResult, VsBaseline
 from memopt.spec import Spec, spec_from_data
 from memopt.spec.strategy_args import StrategyEntry, set_label
+from memopt.strategies import build_strategies
 
 
 def set_spec(spec: Spec, entries: list[StrategyEntry]) -> Spec:
@@ -24,8 +24,6 @@ def set_spec(spec: Spec, entries: list[StrategyEntry]) -> Spec:
 def planned_runs(spec: Spec, sets: list[list[StrategyEntry]], device: str) -> list[tuple[str, Spec]]:
     """(name, spec) of the baseline and every set, each checked as its run would check it (options, refused
     pairs, devices, each strategy's own checks), so that nothing a run would refuse starts at all."""
-    from memopt.strategies import build_strategies
-
     planned = [("baseline", spec)]
     for entries in sets:
         label = set_label(entries)
@@ -56,9 +54,10 @@ def gradient_cosine(path_a: Path, path_b: Path) -> float | None:
     return dot / (na * nb) if na and nb else None
 
 
-def compare(planned: list[tuple[str, Spec]], *, device_memory: int | None = None,
+def compare(planned: list[tuple[str, Spec]], *, run_one: RunOne, device_memory: int | None = None,
             on_run: Callable[[str], None] | None = None) -> list[RunResult]:
-    """Run the planned runs (``planned_runs``: the baseline first), each isolated. When the baseline
+    """Run the planned runs (``planned_runs``: the baseline first), each with ``run_one`` (in a process of its own:
+    memopt.app.isolate.run_isolated). When the baseline
     finished, every other run that finished gets its ``vs_baseline``. A run that fails at run time (out of
     memory, killed) is kept, failed.
     """
@@ -67,7 +66,7 @@ def compare(planned: list[tuple[str, Spec]], *, device_memory: int | None = None
         for i, (name, run_spec) in enumerate(planned):
             if on_run:
                 on_run(name)
-            runs.append(run_isolated(run_spec, name, device_memory=device_memory, grads_to=f"{tmp}/{i}.pt"))
+            runs.append(run_one(run_spec, name, device_memory=device_memory, grads_to=f"{tmp}/{i}.pt"))
         base = runs[0]
         for i, run in enumerate(runs[1:], start=1):
             if run.ok and base.ok and run.memory and base.memory:

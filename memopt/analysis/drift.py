@@ -21,7 +21,10 @@ import torch.nn.functional as F
 
 from memopt.adapters import ModelAdapter
 from memopt.adapters.build import build_adapter
+from memopt.engine.inference import generate, prompt_batch
+from memopt.engine.step import make_batch, prepare, split_batch, train_step
 from memopt.spec import PythonModelSpec, Spec
+from memopt.strategies import lossy
 
 DRIFT_STEPS = 3  # identical training steps before comparing, for strategies whose cost shows in training
 
@@ -35,8 +38,6 @@ def measure_drift(spec: Spec, model: ModelAdapter, batch: Any, device: str, cont
     batch is walked one sequence at a time so that only one sequence's logits exist at once. The loss is
     cross-entropy of the logits against the targets, or the model's own loss for a batch of its own.
     """
-    from memopt.engine.step import split_batch
-
     if reference is None:
         torch.manual_seed(spec.run.seed)
         reference = build_adapter(spec, device)
@@ -66,10 +67,19 @@ def measure_drift(spec: Spec, model: ModelAdapter, batch: Any, device: str, cont
     return {"logits_rel_error": math.sqrt(diff2 / ref2) if ref2 else 0.0, "loss_delta": loss_new - loss_ref}
 
 
+def drift_of(spec: Spec, announce: Callable[[], None] | None = None) -> dict[str, float] | None:
+    """The drift of the spec's lossy strategies (None when it has none), measured in this process: strategies that
+    spread the run over ranks are left out (they move bytes, not numbers). ``announce`` is called before."""
+    if not lossy(spec):
+        return None
+    if announce is not None:
+        announce()
+    alone = spec.with_strategies(s for s in spec.strategies if not s.on_ranks)
+    return strategy_drift(alone) if spec.run.mode == "train" else inference_drift(alone)
+
+
 def strategy_drift(spec: Spec) -> dict[str, float] | None:
     """The drift of the spec's strategies (None when none is lossy); ``after_steps`` says when it was taken."""
-    from memopt.engine.step import make_batch, prepare, train_step
-
     session = prepare(spec)
     if not any(s.lossy for s in session.strategies):
         return None
@@ -96,9 +106,6 @@ def inference_drift(spec: Spec) -> dict[str, float] | None:
     """
     if spec.run.mode == "infer":
         return strategy_drift(spec)
-    from memopt.engine.inference import generate, prompt_batch
-    from memopt.engine.step import prepare
-
     with torch.inference_mode():
         session = prepare(spec)
         if not any(s.lossy for s in session.strategies):

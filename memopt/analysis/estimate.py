@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memopt.adapters.build import parameter_total
+from memopt.analysis.search import candidate_settings
+from memopt.analysis.theory import kv_bytes_per_position
 from memopt.core.errors import MemoptError
-from memopt.engine.step import RunResult, run
+from memopt.core.results import RunResult
+from memopt.engine.devices import resolve_device
+from memopt.engine.run import run
 from memopt.spec import DTYPE_BYTES, HfModelSpec, PythonModelSpec, Spec
-from memopt.strategies import StrategySpec
+from memopt.strategies import StrategySpec, shards_model_states
 
 DEADLINE_S = 60.0  # --fits: how long to look for single strategies that would make it fit
 APPROXIMATIONS = ("CUDA estimates trace CPU kernels with 512-byte block rounding; the CUDA context, library "
@@ -46,12 +50,10 @@ def analytic(spec: Spec) -> dict[str, int | None]:
     dtype_bytes = DTYPE_BYTES[spec.run.dtype]
     n = parameter_total(m, spec.run.dtype)
     if spec.run.mode != "train":  # weights + the KV formula: what serving calculators say
-        from memopt.analysis.capacity import kv_bytes_per_position
-
         kv = kv_bytes_per_position(spec) * spec.generate.positions * t.batch_size if spec.run.mode == "generate" else 0
         return {"params": n * dtype_bytes, "kv_cache": kv, "peak": n * dtype_bytes + kv}
     world = spec.world_size
-    sharded = 1 if any(s.name == "ddp" for s in spec.strategies) else world  # ZeRO-3: model states / N per rank
+    sharded = world if shards_model_states(spec) else 1  # ZeRO-3: model states / N per rank
     acts: int | None = None
     if not isinstance(m, PythonModelSpec):  # a user's module: no shape facts to put in the formula
         shape = m.facts if isinstance(m, HfModelSpec) else m.model_dump()
@@ -85,9 +87,6 @@ class Fit:
 def single_candidates(spec: Spec, strongest_only: bool = False) -> list[StrategySpec]:
     """Every registered strategy in its typical settings, minus the ones the spec already uses;
     each strategy's strongest setting first, so that a deadline cuts the lighter ones."""
-    from memopt.analysis.search import candidate_settings
-    from memopt.engine.step import resolve_device
-
     settings = candidate_settings(spec, resolve_device(spec.run.device, estimate=True),
                                   exclude={s.name for s in spec.strategies})
     strongest = [group[-1] for group in settings.values()]

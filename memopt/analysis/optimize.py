@@ -19,17 +19,24 @@ the cap are left out of the search; the measured candidates' drift is checked ag
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
+from memopt.analysis.drift import strategy_drift
 from memopt.analysis.estimate import estimate
+from memopt.analysis.search import candidate_settings
 from memopt.core.errors import MemoptError
+from memopt.core.results import RunOne
+from memopt.core.units import format_bytes
+from memopt.engine.devices import resolve_device
 from memopt.spec import Spec
 from memopt.spec.strategy_args import set_label
-from memopt.strategies import StrategySpec
+from memopt.strategies import StrategySpec, registry
 
 NOMINAL_FLOPS = {"cpu": 100e9, "cuda": 300e12}        # used when the baseline cannot be measured here
 OFFLOAD_BANDWIDTH = {"cpu": 1e9, "cuda": 16e9}         # bytes/s: disk on a CPU run, PCIe to host on CUDA
@@ -63,9 +70,6 @@ class Candidate:
 
 def search_options(spec: Spec, allow_lossy: bool) -> dict[str, list[StrategySpec]]:
     """Per registered strategy, its candidate settings that apply to this spec, lightest first."""
-    from memopt.analysis.search import candidate_settings
-    from memopt.engine.step import resolve_device
-
     return candidate_settings(spec, resolve_device(spec.run.device, estimate=True), allow_lossy=allow_lossy)
 
 
@@ -108,12 +112,9 @@ class Search:
             assert result.memory is not None
             cand.peak, cand.flops = result.memory.peak_bytes, result.flops or 0
             cand.offload_bytes = moved_bytes(result.strategy_facts)
-            from memopt.strategies import registry
-
             known = registry()
             cand.lossy = sum(known[s.name].lossy for s in strategies)
-            cand.micro_batches = next((s.options.micro_batches for s in strategies  # type: ignore[attr-defined]
-                                       if s.name == "accum"), 1)
+            cand.micro_batches = math.prod(known[s.name].micro_batches(s.options) for s in strategies)
         self.cache[key] = cand
         return cand
 
@@ -203,8 +204,6 @@ class Outcome:
 
 class NothingFits(MemoptError):
     def __init__(self, budget: int, smallest: Candidate):
-        from memopt.core.units import format_bytes
-
         self.smallest = smallest
         super().__init__(f"nothing fits in {format_bytes(budget)}: the smallest achievable peak is "
                          f"{format_bytes(smallest.peak)}, with {smallest.label}")
@@ -218,9 +217,6 @@ def screen_drift(search: Search, options: dict[str, list[StrategySpec]], max_dri
                  say: Callable[[str], None]) -> tuple[dict[str, list[StrategySpec]], list[str]]:
     """The options without the lossy settings whose own drift (measured here) is over ``max_drift``,
     and those left out, each with its drift."""
-    from memopt.analysis.drift import strategy_drift
-    from memopt.strategies import registry
-
     known = registry()
     kept: dict[str, list[StrategySpec]] = {}
     rejected: list[str] = []
@@ -239,11 +235,9 @@ def screen_drift(search: Search, options: dict[str, list[StrategySpec]], max_dri
 
 
 def confirm(search: Search, ranked: list[Candidate], base: Candidate, budget: int, top: int,
-            max_drift: float | None, say: Callable[[str], None]) -> list[Candidate]:
-    """Measure the best-ranked sets for real, each in its own process; the ones that fit (and stay under
-    ``max_drift``), fastest first. With a cap, measuring goes on (up to 2 x top sets) until top qualify."""
-    from memopt.app.isolate import run_isolated
-
+            max_drift: float | None, say: Callable[[str], None], run_one: RunOne) -> list[Candidate]:
+    """Measure the best-ranked sets for real, each in its own process (``run_one``); the ones that fit (and stay
+    under ``max_drift``), fastest first. With a cap, measuring goes on (up to 2 x top sets) until top qualify."""
     most = top if max_drift is None else 2 * top
     confirmed: list[Candidate] = []
     for cand in ranked[:most]:
@@ -251,7 +245,7 @@ def confirm(search: Search, ranked: list[Candidate], base: Candidate, budget: in
             break
         if cand is not base or base.measured_s is None:
             say(f"measuring {cand.label} for real")
-            done = run_isolated(search.spec_for(cand.strategies, MEASURED_STEPS), cand.label)
+            done = run_one(search.spec_for(cand.strategies, MEASURED_STEPS), cand.label)
             if done.ok and done.memory is not None:
                 cand.measured_peak, cand.measured_s = done.memory.peak_bytes, done.step_time_s
                 cand.drift = done.drift
@@ -265,17 +259,14 @@ def confirm(search: Search, ranked: list[Candidate], base: Candidate, budget: in
     return sorted(confirmed, key=lambda c: (c.lossy, c.measured_s))
 
 
-def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3, measure: bool = True,
-             max_drift: float | None = None, progress: Callable[[str], None] | None = None) -> Outcome:
-    """Find the fastest strategy mix whose peak fits ``budget``; measure the ``top`` candidates when possible.
+def optimize(spec: Spec, budget: int, *, run_one: RunOne, allow_lossy: bool = False, top: int = 3,
+             measure: bool = True, max_drift: float | None = None,
+             progress: Callable[[str], None] | None = None) -> Outcome:
+    """Find the fastest strategy mix whose peak fits ``budget``; measure the ``top`` candidates when possible,
+    each with ``run_one`` (a run in a process of its own: memopt.app.isolate.run_isolated).
 
     ``max_drift`` (a fraction of the logits' norm) allows lossy strategies whose measured drift stays under it.
     """
-    import time
-
-    from memopt.app.isolate import run_isolated
-    from memopt.core.units import format_bytes
-
     say = progress or (lambda _m: None)
     started = time.perf_counter()
     search = Search(spec, say)
@@ -289,7 +280,7 @@ def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3
         raise MemoptError(f"--max-drift: drift is measured on the real model, but {why}")
     if measured_here:
         say("measuring the baseline to calibrate the cost model")
-        base_run = run_isolated(search.spec_for((), MEASURED_STEPS), "baseline")
+        base_run = run_one(search.spec_for((), MEASURED_STEPS), "baseline")
         if base_run.ok and base_run.memory is not None:
             search.calibrate(base_run.step_time_s)
             base.measured_peak, base.measured_s = base_run.memory.peak_bytes, base_run.step_time_s
@@ -303,7 +294,7 @@ def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3
         raise NothingFits(budget, min(cands, key=lambda c: c.peak))
     ranked = sorted(non_dominated(fitting), key=by_prediction)
     if measured_here:
-        confirmed = confirm(search, ranked, base, budget, top, max_drift, say)
+        confirmed = confirm(search, ranked, base, budget, top, max_drift, say, run_one)
         if max_drift is not None and not confirmed:
             raise MemoptError(f"nothing fits in {format_bytes(budget)} within --max-drift "
                               f"{100 * max_drift:g}%: the measured sets were over the budget or the cap"
@@ -314,10 +305,8 @@ def optimize(spec: Spec, budget: int, *, allow_lossy: bool = False, top: int = 3
 
 
 def ranks_of(spec: Spec) -> tuple[StrategySpec, ...]:
-    """The spec's fsdp/ddp strategy (``--world-size``): kept in every set the search tries."""
-    from memopt.spec import DISTRIBUTED
-
-    return tuple(s for s in spec.strategies if s.name in DISTRIBUTED)
+    """The spec's strategy that runs it on ranks (``--world-size``): kept in every set the search tries."""
+    return tuple(s for s in spec.strategies if s.on_ranks)
 
 
 def winner_spec(spec: Spec, outcome: Outcome) -> dict[str, Any]:

@@ -12,8 +12,10 @@ from collections.abc import Callable
 
 import psutil
 
+from memopt.analysis.estimate import analytic, estimate, fits
 from memopt.core.errors import OutOfMemory, StrategyError
 from memopt.core.units import format_bytes
+from memopt.engine.devices import resolve_device
 from memopt.spec import Spec
 
 LOOK_CLOSER = 0.25      # trace an estimate when the formulas reach this share of what is available
@@ -32,9 +34,6 @@ def available_bytes(device: str) -> tuple[int, str]:
 
 def ensure_fits_here(spec: Spec, device_memory: int | None, say: Callable[[str], None]) -> None:
     """Raise OutOfMemory, with the estimate and what would fit, when the run cannot fit; else return."""
-    from memopt.analysis.estimate import analytic, estimate, fits
-    from memopt.engine.step import resolve_device
-
     device = resolve_device(spec.run.device)
     if device_memory is not None:
         budget, what = device_memory, "--device-memory"

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from memopt.core._torch_private import saved_tensors_by_node, storage_key
-from memopt.spec import ModelSpec, Spec, spec_from_data
+from memopt.engine.step import make_batch, prepare
+from memopt.spec import DTYPE_BYTES, HfModelSpec, ModelSpec, Spec, spec_from_data, strategy_spec
+from memopt.spec.strategy_args import one_set
+from memopt.strategies import registry
+from memopt.strategies.accum import Accum
+from memopt.strategies.amp import Amp
+from memopt.strategies.chunked_ce import ChunkedCe
+from memopt.strategies.ckpt import Ckpt
+from memopt.strategies.offload import Offload
+from memopt.strategies.optim_in_bwd import OptimInBwd
+from memopt.strategies.sdpa import Sdpa
 
 # Autograd nodes of the ops autocast runs in 16 bits on CPU and CUDA (matmuls, convolutions, attention).
 SIXTEEN_BIT_NODES = re.compile(r"(Mm|Addmm|Bmm|Baddbmm|Addbmm|Convolution|ScaledDotProduct\w*)Backward\d+")
@@ -73,8 +85,6 @@ def amp_saving(spec: Spec) -> int:
     matmul outputs (SwiGLU's SiLU, say) the real saving is larger: this is a lower bound there.
     The rule is CPU autocast's; on CUDA softmax runs in fp32, which it does not model.
     """
-    from memopt.engine.step import make_batch, prepare  # the runner imports the strategies, which import this
-
     session = prepare(spec)
     tokens, targets = make_batch(spec, session.device)
     loss = session.adapter.loss((tokens, targets))
@@ -91,30 +101,74 @@ def amp_saving(spec: Spec) -> int:
 
 def expected_saving(label: str, spec: Spec, base: dict[str, int],
                     one_layer_acts: int) -> tuple[str, int] | None:
-    """(category, theoretical saving in bytes) of one strategy setting against the baseline's category
-    peaks ``base``, or None when there is no formula. ``one_layer_acts``: activations of one_layer_spec."""
-    m, t = builtin_model(spec), spec.train
-    acts, inputs = base["activations"], layer_input_bytes(spec)
-    if label == "ckpt":
-        return "activations", checkpointing_saving(spec, acts, one_layer_acts, lambda i: True, inputs)
-    if label.startswith("ckpt:policy=every"):
-        k = int(label.rsplit("=", 1)[1])
-        return "activations", checkpointing_saving(spec, acts, one_layer_acts, lambda i: i % k == 0, inputs)
-    if label == "ckpt:policy=selective":
-        kept = inputs + matmul_output_bytes(spec)
-        return "activations", checkpointing_saving(spec, acts, one_layer_acts, lambda i: True, kept)
-    if label == "sdpa":
-        return "activations", m.n_layers * t.batch_size * m.n_heads * t.seq_len ** 2 * 4
-    if label == "chunked_ce":
-        return "peak", 3 * t.batch_size * t.seq_len * m.vocab_size * 4
-    if label.startswith("accum"):
-        k = int(label.rsplit("=", 1)[1])
-        return "activations", acts * (k - 1) // k
-    if label == "offload":
-        return "activations", acts
-    if label == "optim_in_bwd":
-        largest = max(m.vocab_size, m.max_seq_len, m.ffn_dim or 0) * m.d_model * 4
-        return "grads", base["grads"] - largest
-    if label == "amp":
-        return "activations", amp_saving(spec)
-    return None
+    """(category, theoretical saving in bytes) of one strategy setting (``label``: as ``-s`` writes it) against the
+    baseline's category peaks ``base``, or None when there is no formula for it. ``one_layer_acts``: activations of
+    one_layer_spec."""
+    (entry,) = one_set([label]) or [{}]
+    (name, options), = entry.items()
+    setting = strategy_spec(name, options)
+    formula = FORMULAS.get(registry()[setting.name])
+    return None if formula is None else formula(setting.options, Saving(spec, base, one_layer_acts))
+
+
+@dataclass(frozen=True)
+class Saving:
+    """What a strategy's formula is computed from: the spec, the baseline's category peaks, one layer's activations."""
+
+    spec: Spec
+    base: dict[str, int]
+    one_layer_acts: int
+
+
+def _ckpt(options: Any, at: Saving) -> tuple[str, int]:
+    spec, acts, inputs = at.spec, at.base["activations"], layer_input_bytes(at.spec)
+    if options.policy == "every":
+        k = options.every
+        return "activations", checkpointing_saving(spec, acts, at.one_layer_acts, lambda i: i % k == 0, inputs)
+    kept = inputs + matmul_output_bytes(spec) if options.policy == "selective" else inputs
+    return "activations", checkpointing_saving(spec, acts, at.one_layer_acts, lambda i: True, kept)
+
+
+def _by_default(formula: Callable[[Saving], tuple[str, int]]) -> Callable[[Any, Saving], tuple[str, int] | None]:
+    """A formula for a strategy's default options only (another setting has none)."""
+    return lambda options, at: formula(at) if options == type(options)() else None
+
+
+def _sdpa(at: Saving) -> tuple[str, int]:
+    m, t = builtin_model(at.spec), at.spec.train
+    return "activations", m.n_layers * t.batch_size * m.n_heads * t.seq_len ** 2 * 4
+
+
+def _chunked_ce(at: Saving) -> tuple[str, int]:
+    m, t = builtin_model(at.spec), at.spec.train
+    return "peak", 3 * t.batch_size * t.seq_len * m.vocab_size * 4
+
+
+def _accum(options: Any, at: Saving) -> tuple[str, int]:
+    k = options.micro_batches
+    return "activations", at.base["activations"] * (k - 1) // k
+
+
+def _optim_in_bwd(at: Saving) -> tuple[str, int]:
+    m = builtin_model(at.spec)
+    largest = max(m.vocab_size, m.max_seq_len, m.ffn_dim or 0) * m.d_model * 4
+    return "grads", at.base["grads"] - largest
+
+
+# formula per strategy class (a plain dict keyed by type, as torchao registers its handlers)
+FORMULAS: dict[type[Any], Callable[[Any, Saving], tuple[str, int] | None]] = {
+    Ckpt: lambda options, at: _ckpt(options, at) if options.policy != "full" or options == type(options)() else None,
+    Sdpa: _by_default(_sdpa),
+    ChunkedCe: _by_default(_chunked_ce),
+    Accum: _accum,
+    Offload: _by_default(lambda at: ("activations", at.base["activations"])),
+    OptimInBwd: _by_default(_optim_in_bwd),
+    Amp: _by_default(lambda at: ("activations", amp_saving(at.spec))),
+}
+
+
+def kv_bytes_per_position(spec: Spec) -> int:
+    """One sequence's KV cache bytes per position: 2 x layers x kv_heads x head_dim x dtype bytes."""
+    m = spec.model
+    shape = m.facts if isinstance(m, HfModelSpec) else {**m.model_dump(), "head_dim": getattr(m, "head_dim", 0)}
+    return 2 * shape["n_layers"] * shape["n_kv_heads"] * shape["head_dim"] * DTYPE_BYTES[spec.run.dtype]

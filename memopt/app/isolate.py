@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-from typing import Any
 
+from memopt.app.profile import profile
+from memopt.core.errors import MemoptError
+from memopt.core.processes import exit_reason, last_reply
 from memopt.core.results import RunResult
-from memopt.spec import Spec
+from memopt.spec import Spec, spec_from_data
 
 
 def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, timeout: float | None = None,
@@ -34,34 +35,16 @@ def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, tim
     return _failed(spec, name, exit_reason(proc.returncode, proc.stderr))
 
 
-def last_reply(stdout: str) -> dict[str, Any] | None:
-    """The last JSON object a child printed on its own line, or None."""
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    return json.loads(lines[-1]) if lines else None
-
-
-def exit_reason(returncode: int, stderr: str) -> str:
-    """Why a child that printed no reply ended: the signal that killed it, or its exit code and last line."""
-    if returncode < 0:
-        sig = signal.Signals(-returncode).name
-        return "killed by the OS, probably out of memory" if sig == "SIGKILL" else f"died with {sig}"
-    tail = (stderr.strip().splitlines() or ["no output"])[-1]
-    return f"exited with {returncode}: {tail}"
-
-
 def _failed(spec: Spec, name: str, error: str) -> RunResult:
     return RunResult.failed(name, [s.to_dict() for s in spec.strategies], error, device=spec.run.device)
 
 
-def _child() -> None:
-    from memopt.core.errors import MemoptError
-    from memopt.engine.step import run
-    from memopt.spec import spec_from_data
-
+def main() -> None:
+    """The child: read the request, profile it (memopt.app.profile: preflight, drift, the run), print the run."""
     request = json.loads(sys.stdin.read())
     spec = spec_from_data(request["spec"])
     try:
-        result = run(spec, request["name"], device_memory=request.get("device_memory"),
+        result = profile(spec, request["name"], device_memory=request.get("device_memory"),
                      grads_to=request.get("grads_to"))
     except MemoptError as exc:
         result = _failed(spec, request["name"], str(exc))
@@ -71,4 +54,4 @@ def _child() -> None:
 
 
 if __name__ == "__main__":
-    _child()
+    main()

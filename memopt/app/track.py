@@ -28,9 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-import sys
 import time
-import types
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -43,6 +41,8 @@ from memopt.core.errors import MemoptError
 from memopt.core.results import HostPeaks, RunResult
 from memopt.measure.tracker import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
 from memopt.model.transformer import count_parameters
+from memopt.render import report
+from memopt.render.outputs import strict
 
 NAME = "track"
 _MAX_DEPTH = 4  # how deep a model's output (tuples, mappings) is searched for tensors
@@ -174,8 +174,6 @@ class Tracking:
 
     def report(self, console: Any = None) -> None:
         """Print the tables of ``memopt profile`` for the block (a Rich Console may be given)."""
-        from memopt.render import report
-
         result = self.result
         tables = report.profile_tables(None, result, title=self.title(), warmed_up=self._warmed_up)
         report.print_tables(tables, console)
@@ -186,9 +184,6 @@ class Tracking:
         Its ``spec`` says what is known of the loop: the model's and optimizer's Python classes, the steps,
         the device and the parameters' dtype. ``memopt check`` can gate on it (the spec differs from any
         YAML spec's, so only against a baseline written from a track document)."""
-        from memopt.render import report
-        from memopt.render.outputs import strict
-
         result = self.result
         return strict(report.runs_document(self.spec(), [result], result.device))
 
@@ -315,15 +310,3 @@ class Tracking:
     def _sync(self) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
-
-
-class _CallableModule(types.ModuleType):
-    """Importing ``memopt.app.track`` binds this module to the package's ``track`` attribute (Python does that for
-    every submodule), in place of the function ``memopt/__init__`` defines: calling it calls ``track``, so
-    ``memopt.track(model, optimizer)`` works whichever of the two the name holds."""
-
-    def __call__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Tracking:
-        return track(model, optimizer)
-
-
-sys.modules[__name__].__class__ = _CallableModule

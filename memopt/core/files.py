@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from memopt.core.errors import MemoptError
+from memopt.core.units import format_bytes
 
 # /dev/stdout, /dev/fd/1, /proc/self/fd/1: the process's own descriptor, written as it is (never reopened,
 # which would truncate a redirected file and write at an offset of its own).
@@ -132,8 +133,6 @@ def read_input(path: str | Path, what: str, limit_bytes: int) -> str:
     """The text of a user's input file (a ``what``: "spec", "baseline"), refusing anything that could hang
     or flood memory: checked with stat before opening (a FIFO or /dev/zero is never read), opened without
     blocking, read up to ``limit_bytes``, decoded as UTF-8. Problems are one MemoptError naming the path."""
-    from memopt.core.units import format_bytes
-
     def too_large(size: int) -> MemoptError:
         return MemoptError(f"{path}: {format_bytes(size)} is larger than the {_size(limit_bytes)} a {what} may be")
 
@@ -160,8 +159,6 @@ def read_input(path: str | Path, what: str, limit_bytes: int) -> str:
 
 def _size(n: int) -> str:
     """'1 MiB' for the round limits, format_bytes otherwise."""
-    from memopt.core.units import format_bytes
-
     return f"{n // 2**20} MiB" if n % 2**20 == 0 else format_bytes(n)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,3 +168,8 @@ class RunResult:
                    vs_baseline=VsBaseline.from_json(vs) if vs is not None else None,
                    inference=data.get("inference"), world_size=data.get("world_size", 1),
                    ranks=data.get("ranks"))
+
+
+# Runs one spec (``(spec, name, **options) -> RunResult``) in a process of its own: the analyses that compare runs
+# (compare, optimize) are given memopt.app.isolate.run_isolated, from the layer above them.
+RunOne = Callable[..., RunResult]

@@ -10,8 +10,10 @@ import functools
 
 import torch
 
+from memopt.adapters.build import vocab_size
 from memopt.core.errors import MemoptError
 from memopt.core.files import read_input
+from memopt.model.hf import tokenizer_for
 from memopt.spec import HfModelSpec, Spec
 
 DATA_LIMIT_BYTES = 256 * 2**20
@@ -25,8 +27,6 @@ def text_batch(spec: Spec, device: str, step: int) -> tuple[torch.Tensor, torch.
     b, s = spec.train.batch_size, spec.train.seq_len
     if len(ids) < s + 1:
         raise MemoptError(f"train.data: {spec.train.data} has {len(ids)} tokens, fewer than seq_len + 1 = {s + 1}")
-    from memopt.adapters.build import vocab_size
-
     vocab = vocab_size(spec.model)
     if max(ids) >= vocab:
         raise MemoptError(f"train.data: token id {max(ids)} is outside the model's vocabulary of {vocab}"
@@ -43,8 +43,6 @@ def _tokens(path: str, hf_source: str | None) -> tuple[int, ...]:
     text = read_input(path, "train.data", DATA_LIMIT_BYTES)
     tokenizer = None
     if hf_source is not None:
-        from memopt.model.hf import tokenizer_for
-
         tokenizer = tokenizer_for(hf_source)
     if tokenizer is not None:
         return tuple(tokenizer(text)["input_ids"])

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from memopt.core._torch_private import in_fake_mode
+from memopt.core.errors import OutOfMemory
 from memopt.core.results import RunResult
-from memopt.engine.step import make_batch, phase, prepare, reporting_to, sync
-from memopt.measure.tracker import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
+from memopt.engine.devices import block_size, limit_watch, sync
+from memopt.engine.step import Progress, make_batch, phase, prepare, reporting_to
+from memopt.measure.tracker import ModelWatch, TensorTracker, host_peaks
 from memopt.model.transformer import count_parameters
 from memopt.spec import Spec
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -43,8 +42,6 @@ class Generation:
 
 def prompt_batch(spec: Spec, device: str, step: int = 0) -> torch.Tensor:
     """(batch, prompt_len) token ids: seeded random, or the text file's tokens."""
-    from memopt.engine.step import make_batch
-
     train = spec.train.model_copy(update={"seq_len": spec.generate.prompt_len})
     batch = make_batch(spec.model_copy(update={"train": train}), device, step)
     return batch[0]
@@ -113,23 +110,11 @@ def greedy_without_cache(session: Any, prompt: torch.Tensor, new_tokens: int) ->
     return sequence[:, prompt.shape[1]:]
 
 
-def run_inference(spec: Spec, name: str, *, timeline: bool, device_memory: int | None, progress: Progress | None,
-                  fake: bool) -> RunResult:
-    """Profile one infer/generate spec: a warm-up pass, then ``train.steps`` measured ones."""
-    from memopt.engine.step import limit_watch
-    from memopt.strategies import registry
-
+def measure_inference(spec: Spec, name: str, *, timeline: bool = False, device_memory: int | None = None,
+                      progress: Progress | None = None, grads_to: str | None = None, fake: bool = False) -> RunResult:
+    """Measure one infer/generate spec: a warm-up pass, then ``train.steps`` measured ones (``grads_to``: unused,
+    nothing trains)."""
     say = progress or (lambda _msg: None)
-    drift = None
-    if not fake:
-        from memopt.analysis.preflight import ensure_fits_here
-
-        ensure_fits_here(spec, device_memory, say)
-        if any(registry()[s.name].lossy for s in spec.strategies):
-            from memopt.analysis.drift import inference_drift
-
-            say(f"{name}: measuring accuracy drift against the unchanged model")
-            drift = inference_drift(spec)
     session = None
     try:
         with torch.inference_mode(), limit_watch(spec, device_memory, fake, "model build") as watch_limit:
@@ -141,7 +126,7 @@ def run_inference(spec: Spec, name: str, *, timeline: bool, device_memory: int |
                     watch_limit.stage = f"warm-up {spec.run.mode}"
                 _one_pass(session, None)
                 sync(session.device)
-        return _measure(spec, name, session, drift, timeline, device_memory, say, fake)
+        return _measure(spec, name, session, timeline, device_memory, say, fake)
     finally:
         for strategy in session.strategies if session is not None else ():
             strategy.close()  # temporary files of the weights' disk tier, also when the run fails
@@ -157,17 +142,16 @@ def _one_pass(session: Any, tracker: TensorTracker | None) -> Generation | None:
     return None
 
 
-def _measure(spec: Spec, name: str, session: Any, drift: dict[str, float] | None, timeline: bool,
-             device_memory: int | None, say: Progress, fake: bool) -> RunResult:
+def _measure(spec: Spec, name: str, session: Any, timeline: bool, device_memory: int | None, say: Progress,
+             fake: bool) -> RunResult:
     """The measured passes under the tracker; the run's result."""
     mode = spec.run.mode
     total, _ = count_parameters(session.model)  # nothing trains
     result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies],
                        device=session.target_device, estimated=fake, params_total=total)
-    result.drift = drift
     with torch.inference_mode():
         tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory, mode=mode,
-                                round_to=CUDA_BLOCK if session.target_device == "cuda" else 1)
+                                round_to=block_size(session.target_device))
         runs: list[Generation] = []
         try:
             reporting = reporting_to(session.saved, tracker)
@@ -187,8 +171,6 @@ def _measure(spec: Spec, name: str, session: Any, drift: dict[str, float] | None
                 finally:
                     watch.close()
         except (torch.OutOfMemoryError, MemoryError) as exc:
-            from memopt.core.errors import OutOfMemory
-
             raise OutOfMemory(f"out of memory during {tracker.phase}: {str(exc).splitlines()[0]}") from exc
     result.host = host
     result.memory = tracker.result()

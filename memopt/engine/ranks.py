@@ -1,6 +1,6 @@
 """N ranks: memopt launches them (``--world-size N``), or runs as one of torchrun's; results gathered to rank 0.
 
-Launched: each rank is ``python -m memopt.engine.ranks`` in its own session (process group), with RANK,
+Launched: each rank is ``python -m memopt.engine.rank_worker`` in its own session (process group), with RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; it reads the spec as JSON on stdin, joins the process group
 (gloo on CPU, NCCL on CUDA) and prints its run as JSON. The parent watches them all: the first rank that
 fails stops every other one at once (a rank left waiting in a collective would wait forever), and the error
@@ -25,9 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from memopt.app.isolate import exit_reason, last_reply
 from memopt.core.errors import MemoptError
+from memopt.core.processes import exit_reason, last_reply
 from memopt.core.results import RunResult
+from memopt.engine.devices import resolve_device
 from memopt.spec import Spec
 
 COLLECTIVE_TIMEOUT_S = 300  # a rank waiting longer than this in a collective gives up (its peers are gone)
@@ -81,8 +82,6 @@ def run_as_rank(spec: Spec, name: str, run: Callable[..., RunResult], **kwargs: 
     """Under torchrun: this process's run, and on rank 0 every rank's combined (other ranks get their own)."""
     import torch.distributed as dist
 
-    from memopt.engine.step import resolve_device
-
     join_process_group(resolve_device(spec.run.device))
     try:
         if dist.get_world_size() != spec.world_size:
@@ -109,8 +108,6 @@ def launch(spec: Spec, name: str, *, device_memory: int | None = None,
            progress: Callable[[str], None] | None = None) -> RunResult:
     """Run ``spec`` on ``spec.world_size`` ranks on this machine; the combined run, or MemoptError naming the
     rank that failed (every rank is stopped then)."""
-    from memopt.engine.step import resolve_device
-
     resolve_device(spec.run.device)  # a device that is not here: one error, before any rank starts
     say = progress or (lambda _msg: None)
     world = spec.world_size
@@ -125,7 +122,7 @@ def launch(spec: Spec, name: str, *, device_memory: int | None = None,
                        "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
                 out = open(Path(folder) / f"{r}.out", "w")
                 err = open(Path(folder) / f"{r}.err", "w")
-                proc = subprocess.Popen([sys.executable, "-m", "memopt.engine.ranks"], stdin=subprocess.PIPE,
+                proc = subprocess.Popen([sys.executable, "-m", "memopt.engine.rank_worker"], stdin=subprocess.PIPE,
                                         stdout=out, stderr=err, text=True, env=env, start_new_session=True)
                 out.close()
                 err.close()
@@ -184,33 +181,3 @@ def _read_run(folder: Path, r: int) -> RunResult:
     reply = last_reply((folder / f"{r}.out").read_text())
     assert reply is not None  # the rank exited 0, having printed its run
     return RunResult.from_json(reply["run"], device=reply["device"])
-
-
-def _child() -> None:
-    """One launched rank: join the group, run the spec, print the run (or the error) as JSON."""
-    import torch.distributed as dist
-
-    from memopt.engine.step import resolve_device, run
-    from memopt.spec import spec_from_data
-
-    request = json.loads(sys.stdin.read())
-    spec = spec_from_data(request["spec"])
-    code = 0
-    try:
-        join_process_group(resolve_device(spec.run.device))
-        result = run(spec, request["name"], device_memory=request.get("device_memory"))
-        print(json.dumps({"device": result.device, "run": result.to_json()}), flush=True)
-    except MemoptError as exc:
-        print(json.dumps({"error": str(exc)}), flush=True)
-        code = 1
-    except Exception as exc:
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
-        code = 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(code)
-
-
-if __name__ == "__main__":
-    _child()

@@ -1,11 +1,9 @@
-"""Build -> apply strategies -> warm-up step -> measured steps -> RunResult. Never prints."""
+"""The training step's mechanics: a Session (model built, strategies applied, optimizer), its batches, and one
+step (forward, backward, optimizer) as the strategies' plan says. Measuring a run is memopt.engine.train."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,16 +12,16 @@ import torch
 from torch import nn
 
 from memopt.adapters import ModelAdapter
-from memopt.adapters.build import build_adapter, vocab_size
-from memopt.analysis.drift import strategy_drift
-from memopt.core._torch_private import fake_tensor_mode, flop_counter, in_fake_mode, is_fake
-from memopt.core.errors import MemoptError, OutOfMemory
-from memopt.core.results import RunResult
-from memopt.measure.tracker import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
+from memopt.adapters.build import build_adapter, user_batch, vocab_size
+from memopt.core._torch_private import in_fake_mode, is_fake
+from memopt.core.errors import MemoptError
+from memopt.engine.data import text_batch
+from memopt.engine.devices import resolve_device
+from memopt.engine.ranks import rank
+from memopt.measure.tracker import ModelWatch, TensorTracker
 from memopt.model.kv_plan import KvPlan
-from memopt.model.transformer import count_parameters
 from memopt.spec import PythonModelSpec, Spec
-from memopt.strategies import StepPlan, Strategy, build_strategies, registry
+from memopt.strategies import StepPlan, Strategy, build_strategies
 from memopt.strategies.base import SavedTensors
 
 Progress = Callable[[str], None]
@@ -46,16 +44,6 @@ class Session:
     @property
     def model(self) -> nn.Module:
         return self.adapter.model
-
-
-def resolve_device(requested: str, estimate: bool = False) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is a clear error (unless estimating)."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available() and not estimate:
-        raise MemoptError("run.device: cuda was requested but no CUDA device is available here "
-                          "(use --device cpu, or memopt estimate --device cuda)")
-    return requested
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> Any | None:
@@ -103,12 +91,8 @@ def make_batch(spec: Spec, device: str, step: int = 0) -> Any:
     ``model.batch``, what that function returns for (batch_size, seq_len, device) under the same seed."""
     seed = spec.run.seed * 1_000_003 + step
     if isinstance(spec.model, PythonModelSpec) and spec.model.batch is not None:
-        from memopt.adapters.build import user_batch
-
         return user_batch(spec.model.batch, spec.train.batch_size, spec.train.seq_len, device, seed)
     if spec.train.data is not None and not in_fake_mode():  # an estimate needs the shapes only
-        from memopt.engine.data import text_batch
-
         return text_batch(spec, device, step)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(vocab_size(spec.model), (spec.train.batch_size, spec.train.seq_len + 1), generator=gen)
@@ -120,8 +104,6 @@ def rank_shard(spec: Spec, batch: Any) -> Any:
     """This rank's rows of the global batch (all of it in a single process)."""
     if spec.world_size == 1:
         return batch
-    from memopt.engine.ranks import rank
-
     return split_batch(batch, spec.world_size)[rank()]
 
 
@@ -207,12 +189,7 @@ def train_step(session: Session, tracker: TensorTracker | None = None, watch: Mo
     return loss
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _create_optimizer_state(session: Session) -> None:
+def create_optimizer_state(session: Session) -> None:
     """Step the optimizer once on zero gradients: its lazily created state then exists, as after a warm-up.
 
     Used under fake tensors, where the zeros cost nothing and a traced warm-up step would double the time
@@ -239,132 +216,3 @@ def save_gradients(path: str) -> Callable[[Session], None]:
     return save
 
 
-def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
-        progress: Progress | None = None, grads_to: str | None = None, fake: bool = False) -> RunResult:
-    """Profile one spec: a warm-up step, then ``train.steps`` tracked steps. Raises MemoptError.
-
-    ``grads_to``: save the warm-up step's gradients there (for gradient cosine between runs).
-    ``fake``: trace the very same step under FakeTensorMode (no storage): an estimate, one measured step.
-    """
-    if spec.world_size > 1:
-        from memopt.engine import ranks as distributed
-
-        if not distributed.in_process_group():
-            if fake:  # one rank traced in a fake process group of world_size ranks
-                from memopt.core._torch_private import fake_process_group
-
-                with fake_process_group(spec.world_size):
-                    traced = run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
-                                 fake=True)
-                traced.world_size = spec.world_size  # every rank alike: one traced stands for all
-                return traced
-            if distributed.under_launcher():
-                return distributed.run_as_rank(spec, name, run, timeline=timeline, device_memory=device_memory,
-                                               progress=progress)
-            return distributed.launch(spec, name, device_memory=device_memory, progress=progress)
-    if spec.run.mode != "train":
-        from memopt.engine.inference import run_inference
-
-        with fake_tensor_mode() if fake else contextlib.nullcontext():
-            return run_inference(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
-                                 fake=fake)
-    if fake:
-        with fake_tensor_mode():
-            return _run(spec, name, timeline, device_memory, progress, None, fake=True)
-    return _run(spec, name, timeline, device_memory, progress, grads_to, fake=False)
-
-
-def _run(spec: Spec, name: str, timeline: bool, device_memory: int | None, progress: Progress | None,
-         grads_to: str | None, fake: bool) -> RunResult:
-    say = progress or (lambda _msg: None)
-    if not fake and spec.world_size == 1:  # ranks: each rank's tracker holds --device-memory as it goes
-        from memopt.analysis.preflight import ensure_fits_here
-
-        ensure_fits_here(spec, device_memory, say)
-    drift = None
-    if not fake and any(registry()[s.name].lossy for s in spec.strategies):
-        say(f"{name}: measuring accuracy drift against the unchanged model")
-        drift = strategy_drift(spec)
-    stage = "model build"
-    tracker = None
-    try:
-        with limit_watch(spec, device_memory, fake, stage) as watch_limit:
-            say(f"{name}: building the model" + (" (fake tensors)" if fake else ""))
-            session = prepare(spec, fake=fake)
-            model = session.model
-            total, trainable = count_parameters(model)
-            result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies],
-                               device=session.target_device, estimated=fake, params_total=total,
-                               params_trainable=trainable)
-            result.drift = drift
-            stage = "warm-up step"
-            if watch_limit is not None:
-                watch_limit.stage = stage
-            if fake and spec.world_size == 1:
-                say(f"{name}: creating optimizer state")
-                _create_optimizer_state(session)  # what a warm-up step leaves behind, without tracing one
-            elif fake:  # FSDP/DDP keep buffers from one step into the next: trace a warm-up step as it runs
-                say(f"{name}: traced warm-up step")
-                train_step(session, step=0)
-            else:
-                say(f"{name}: warm-up step")
-                train_step(session, step=0, before_step=save_gradients(grads_to) if grads_to else None)
-                sync(session.device)
-        tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory,
-                                round_to=CUDA_BLOCK if session.target_device == "cuda" else 1,
-                                unshard=any(s.name == "fsdp" for s in spec.strategies))
-        with host_peaks(session.device, python_heap=not fake) as host:
-            with tracker:
-                watch = ModelWatch(tracker, model, session.optimizer)
-                try:
-                    steps = 1 if fake else spec.train.steps  # a traced step is the same every time
-                    for i in range(steps):
-                        say(f"{name}: {'traced' if fake else 'measured'} step {i + 1}/{steps}")
-                        tracker.begin_step()
-                        stage = "measured step"
-                        start = time.perf_counter()
-                        with flop_counter() if fake else contextlib.nullcontext() as flops:
-                            result.loss = train_step(session, tracker, watch, step=0)
-                        if flops is not None:  # fake: scale to all micro-batches (only the first two were traced)
-                            k = session.plan.micro_batches
-                            result.flops = flops.get_total_flops() * k // min(k, TRACED_MICRO_BATCHES)
-                        sync(session.device)
-                        result.step_times_s.append(time.perf_counter() - start)
-                finally:
-                    watch.close()
-        result.host = host
-        result.memory = tracker.result()
-    except OutOfMemory:
-        raise
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and not (
-                "can't allocate memory" in str(exc) or "out of memory" in str(exc)):
-            raise
-        where = f"{stage}, {tracker.phase}" if tracker is not None and stage == "measured step" else stage
-        raise OutOfMemory(f"out of memory during the {where}: {str(exc).splitlines()[0]}") from exc
-    result.step_time_s = statistics.median(result.step_times_s)
-    for strategy in session.strategies:
-        facts = strategy.report()
-        if facts:
-            result.strategy_facts[strategy.name] = facts
-        strategy.close()
-    result.notes.extend(session.plan.notes)
-    if not fake and not math.isfinite(result.loss):
-        result.warnings.append(f"the loss is {result.loss} (not finite): the numbers are of a diverged step"
-                               + (" (float16 overflows on CPU; use bfloat16 or float32)"
-                                  if spec.run.dtype == "float16" else ""))
-    return result
-
-
-@contextlib.contextmanager
-def limit_watch(spec: Spec, device_memory: int | None, fake: bool, stage: str) -> Iterator[TensorTracker | None]:
-    """With ``device_memory``, live tensors are held under it from the model's build on (build and warm-up;
-    the measured steps have their own tracker), an overflow naming the ``stage`` the tracker is told."""
-    if device_memory is None or fake:
-        yield None
-        return
-    device = resolve_device(spec.run.device)
-    with TensorTracker(device, limit_bytes=device_memory,
-                       round_to=CUDA_BLOCK if device == "cuda" else 1) as tracker:
-        tracker.stage = stage
-        yield tracker

@@ -32,7 +32,9 @@ from memopt.core._torch_private import (
     observe_saved_tensors,
     storage_key,
 )
+from memopt.core.errors import OutOfMemory
 from memopt.core.results import HostPeaks, StepMemory
+from memopt.core.units import format_bytes
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 STATE_CATEGORIES = ("params", "buffers", "grads", "optimizer", "kv_cache")
@@ -137,9 +139,6 @@ class TensorTracker(TorchDispatchMode):
             self.timeline.append((self.phase, self.module, tuple(self.bytes.values())))
 
     def _over_limit(self) -> None:
-        from memopt.core.errors import OutOfMemory
-        from memopt.core.units import format_bytes
-
         limit = self.limit_bytes
         self.limit_bytes = None  # do not raise again while the step unwinds
         where = f" in {self.module}" if self.module else ""

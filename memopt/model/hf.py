@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt.core._torch_private import in_fake_mode, is_fake
 from memopt.core.errors import MemoptError
+from memopt.model.transformer import default_dtype
 from memopt.spec import HfModelSpec
 from memopt.spec.hf_config import checkpoint_folder, load_config, transformers_module
 
@@ -31,8 +33,6 @@ def build_hf(spec: HfModelSpec, dtype: torch.dtype, device: str) -> nn.Module:
     transformers = transformers_module()
     config = load_config(spec.hf, spec.config)
     folder = None if spec.random_weights else checkpoint_folder(spec.hf)
-    from memopt.core._torch_private import in_fake_mode
-
     if folder is not None and not in_fake_mode():
         try:
             with _quiet(transformers):  # its progress bar and load report (our message says what is wrong)
@@ -48,8 +48,6 @@ def build_hf(spec: HfModelSpec, dtype: torch.dtype, device: str) -> nn.Module:
             raise MemoptError(f"hf: {folder}: the checkpoint has no weights for {missing[0]}{more} (they would be "
                               "random, set random_weights: true to use random weights throughout)")
         return model.to(device)
-    from memopt.model.transformer import default_dtype
-
     try:
         with torch.device(device), default_dtype(dtype):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
@@ -137,8 +135,6 @@ def unpacked_positions() -> Iterator[None]:
     0..s-1 (no packing, no cache), which is what this says.
     """
     import transformers.masking_utils as masks
-
-    from memopt.core._torch_private import is_fake
 
     original = masks.find_packed_sequence_indices
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memopt.core.errors import MemoptError
+from memopt.core.files import refuse_overwriting_inputs, write_output
 
 
 def strict(data: Any) -> Any:
@@ -33,8 +36,6 @@ class Outputs:
     """
 
     def __init__(self, inputs: dict[str, str | Path | None], **paths: str | None):
-        from memopt.core.files import refuse_overwriting_inputs
-
         self.paths: dict[str, str | Path | None] = {"--" + option.replace("_", "-"): path
                                                      for option, path in paths.items()}
         refuse_overwriting_inputs(self.paths, inputs)
@@ -59,8 +60,6 @@ class Outputs:
                 self.add(option, json_text(document))
 
     def write(self) -> None:
-        from memopt.core.files import write_output
-
         for path, data in self.pending:
             write_output(path, data)
         self.pending.clear()
@@ -68,3 +67,16 @@ class Outputs:
     def print_json(self) -> None:
         if self.document is not None:
             print(json_text(self.document), end="")
+
+
+@dataclass
+class CommandOutput:
+    """What a command produced, for the command line to render: its files and JSON document (``files``), the
+    tables it shows on stdout (``show``), warnings for stderr, and how it ends."""
+
+    files: Outputs
+    show: Callable[[], None] = lambda: None
+    warnings: list[str] = field(default_factory=list)
+    exit_code: int = 0        # memopt check: 3 when it found a regression
+    error: str | None = None  # failed after its tables were made (compare: the baseline failed); nothing is written
+    silent: bool = False      # nothing to show or write (a torchrun rank other than 0)

@@ -19,7 +19,7 @@ from memopt.core.errors import MemoptError, SpecError
 from memopt.core.files import read_input
 from memopt.core.wording import describe, describe_value_error, suggest
 from memopt.spec.hf_config import load_config
-from memopt.spec.schema import DTYPE_ALIASES, AnyModelSpec, HfModelSpec, ModelSpec, PythonModelSpec, Spec, _Frozen
+from memopt.spec.schema import DTYPE_ALIASES, AnyModelSpec, HfModelSpec, ModelSpec, PythonModelSpec, Spec
 from memopt.spec.strategy_args import parse_strategy
 from memopt.spec.strategy_spec import StrategySpec, catalog, strategy_spec
 
@@ -267,7 +267,7 @@ def _with_world_size(parsed: list[StrategySpec], world: Any, problems: list[str]
     if type(world) is not int or world < 1:
         problems.append(f"--world-size: expected a whole number of ranks >= 1, got {world!r}")
         return parsed
-    on_ranks = [s for s in parsed if "world_size" in type(s.options).model_fields]
+    on_ranks = [s for s in parsed if s.on_ranks]
     if not on_ranks:
         return parsed + [strategy_spec(catalog().on_ranks, {"world_size": world})] if world > 1 else parsed
     out = []
@@ -287,7 +287,8 @@ def _model_section(model: Any, problems: list[str], overrides: dict[str, Any]) -
     if not isinstance(model, dict):
         return model
     kind = next((k for k in MODEL_OVERRIDES if k in model), None)
-    classes: dict[str | None, type[_Frozen]] = {"hf": HfModelSpec, "python": PythonModelSpec, None: ModelSpec}
+    classes: dict[str | None, type[ModelSpec | HfModelSpec | PythonModelSpec]] = {
+        "hf": HfModelSpec, "python": PythonModelSpec, None: ModelSpec}
     cls = classes[kind]
     option = f"{MODEL_OVERRIDES[kind]} " if kind is not None and overrides.get(kind) is not None else ""
     try:

@@ -74,6 +74,11 @@ class StrategySpec(BaseModel):
         return strategy_text(self.entry)
 
     @property
+    def on_ranks(self) -> bool:
+        """Whether this strategy spreads the run over ranks (its options say how many: ``world_size``)."""
+        return "world_size" in type(self.options).model_fields
+
+    @property
     def world_size(self) -> int:
         """The ranks this strategy runs on (1 unless its options say ``world_size``)."""
         return int(getattr(self.options, "world_size", 1))

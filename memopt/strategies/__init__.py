@@ -42,6 +42,18 @@ def candidate_specs(name: str, mode: str = "train") -> tuple[StrategySpec, ...]:
     return tuple(strategy_spec(name, options) for options in settings or ({},))
 
 
+def lossy(spec: Any) -> bool:
+    """Whether any of the spec's strategies changes the numbers (its accuracy drift is then measured)."""
+    known = registry()
+    return any(known[s.name].lossy for s in spec.strategies)
+
+
+def shards_model_states(spec: Any) -> bool:
+    """Whether the spec's ranks each hold 1/N of the model states (FSDP), rather than all of them or no ranks."""
+    known = registry()
+    return any(known[s.name].shards_model_states for s in spec.strategies)
+
+
 def build_strategies(spec: Any, device: str, saved: SavedTensors | None = None) -> list[Strategy[Any]]:
     """Instantiate the spec's strategies for ``device`` in composition order, refusing combinations that
     cannot work; ``saved`` is where they report tensors they keep for backward (the runner's tracker)."""
@@ -75,4 +87,4 @@ def _options_models() -> dict[str, type[Options]]:
 provide_catalog(Catalog(options=_options_models, on_ranks="fsdp"))
 
 __all__ = ["REGISTRY", "Options", "StepPlan", "Strategy", "StrategySpec", "build_strategies", "candidate_specs",
-           "register", "registry", "strategy_spec"]
+           "lossy", "register", "registry", "shards_model_states", "strategy_spec"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from memopt.core.errors import StrategyError
@@ -21,6 +23,10 @@ class Accum(Strategy[AccumOptions]):
     saves = "activations scale with the micro-batch: ~1/k of the baseline's"
     order = 60
     candidates = ({"micro_batches": 2}, {"micro_batches": 4}, {"micro_batches": 8})
+
+    @classmethod
+    def micro_batches(cls, options: Any) -> int:
+        return int(options.micro_batches)
 
     def check(self) -> None:
         k = self.options.micro_batches

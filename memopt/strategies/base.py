@@ -85,7 +85,20 @@ class Strategy(Generic[OptionsT]):
     # they would be written (the labels show them so), made StrategySpecs by candidate_specs; () = just the name
     candidates: ClassVar[tuple[dict[str, Any], ...]] = ()
     inference_candidates: ClassVar[tuple[dict[str, Any], ...] | None] = None  # in infer/generate; None: candidates
+    # the tracker counts the whole-size parameters it gathers for compute as unshard buffers (FSDP)
+    unshards: ClassVar[bool] = False
+    shards_model_states: ClassVar[bool] = False  # each of the N ranks holds 1/N of params, grads, optimizer state
     searched: ClassVar[bool] = True  # tried by optimize and --fits (not the ones that change how many processes run)
+
+    @classmethod
+    def idle_at(cls, options: Any, spec: Spec) -> bool:
+        """Whether, with these options, it has nothing to do at this spec's shapes (the run would be the same)."""
+        return False
+
+    @classmethod
+    def micro_batches(cls, options: Any) -> int:
+        """Into how many micro-batches it splits the step's batch."""
+        return 1
 
     def __init__(self, options: OptionsT, spec: Spec, device: str, saved: SavedTensors | None = None):
         self.options: OptionsT = options

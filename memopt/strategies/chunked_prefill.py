@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from memopt.core.errors import StrategyError
+from memopt.spec import Spec
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 
@@ -24,6 +25,10 @@ class ChunkedPrefill(Strategy[ChunkedPrefillOptions]):
     order = 30
     modes = ("generate",)
     candidates = ({"chunk": 2048}, {"chunk": 512}, {"chunk": 128})
+
+    @classmethod
+    def idle_at(cls, options: Any, spec: Spec) -> bool:
+        return bool(options.chunk >= spec.generate.prompt_len)  # the prompt in one chunk: an ordinary prefill
 
     def check(self) -> None:
         if self.options.chunk >= self.spec.generate.prompt_len:

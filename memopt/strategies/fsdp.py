@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 
 from memopt.adapters import ModelAdapter
+from memopt.core._torch_private import device_mesh, fsdp_memory_reporting, in_fake_mode, replicate
 from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
@@ -72,6 +73,8 @@ class Fsdp(Strategy[FsdpOptions]):
     saves = "model states / N per rank (+ padding); adds the gathered parameters of the running unit(s) (unshard)"
     order = 95
     searched = False
+    unshards = True
+    shards_model_states = True
     refuses = {"ddp": "a model is either sharded or replicated",
                "optim8bit": "its 8-bit state is per parameter of the whole model, not of a shard",
                "optim_in_bwd": "FSDP sets the sharded gradients after its reduce-scatter, outside autograd's hooks",
@@ -90,8 +93,6 @@ class Fsdp(Strategy[FsdpOptions]):
 
     def apply(self, model: ModelAdapter) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-        from memopt.core._torch_private import device_mesh
 
         world = self.options.world_size
         _process_group(self.name, world)
@@ -112,8 +113,6 @@ class Fsdp(Strategy[FsdpOptions]):
     def context(self) -> Iterator[None]:
         """Around forward and backward: the tracker (pointed at before the plan's contexts are entered) hears of
         FSDP's resized all-gather buffers and sharded grads; unmeasured steps need nothing."""
-        from memopt.core._torch_private import fsdp_memory_reporting
-
         tracker = self.saved.tracker
         if tracker is None:
             yield
@@ -140,16 +139,12 @@ class Ddp(Strategy[DdpOptions]):
                "optim_in_bwd": "the optimizer would step before the gradients are all-reduced"}
 
     def check(self) -> None:
-        from memopt.core._torch_private import in_fake_mode
-
         _needs_ranks(self)
         if in_fake_mode():
             raise StrategyError("ddp: cannot be estimated (DDP's start-up checks read the weights, which fake tensors "
                                 "do not have); measure it with memopt profile, or estimate fsdp")
 
     def apply(self, model: ModelAdapter) -> None:
-        from memopt.core._torch_private import replicate
-
         _process_group(self.name, self.options.world_size)
         replicate(model.model)
 

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from memopt.core.errors import StrategyError
 from memopt.model.kv_plan import KvPlan
+from memopt.spec import Spec
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 
@@ -28,6 +29,10 @@ class KvWindow(Strategy[KvWindowOptions]):
     order = 20
     modes = ("generate",)
     candidates = ({"window": 4096}, {"window": 1024}, {"window": 256})
+
+    @classmethod
+    def idle_at(cls, options: Any, spec: Spec) -> bool:
+        return bool(options.window >= spec.generate.positions)  # a window holding every position: a static cache
 
     def check(self) -> None:
         if self.spec.model.kind != "builtin":

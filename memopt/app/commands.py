@@ -1,0 +1,180 @@
+"""One function per command: options in, a CommandOutput out (the files to write, the JSON document, the tables to
+show, the exit code). The command line (memopt.cli) parses options, calls one of these and renders what it returns;
+nothing here prints or exits. Progress and notes go to the ``ui`` the caller gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from memopt.analysis import check as checks
+from memopt.analysis.capacity import capacity, nothing_fits
+from memopt.analysis.compare import compare as compare_runs
+from memopt.analysis.compare import planned_runs
+from memopt.analysis.estimate import analytic, fits
+from memopt.analysis.estimate import estimate as estimate_run
+from memopt.analysis.optimize import optimize as optimize_search
+from memopt.analysis.optimize import winner_spec
+from memopt.app.isolate import run_isolated
+from memopt.app.profile import profile as profile_run
+from memopt.core.units import parse_percent, parse_size
+from memopt.engine.devices import resolve_device
+from memopt.render import plot, report
+from memopt.render.outputs import CommandOutput, Outputs
+from memopt.spec import Spec, config_note, load_spec
+from memopt.spec.strategy_args import one_set, parse_sets
+from memopt.strategies import registry
+
+
+class Ui(Protocol):
+    """Where a command reports as it goes (stderr): progress lines, notes, and each isolated run as it starts."""
+
+    def progress(self, message: str) -> None: ...
+
+    def note(self, message: str) -> None: ...  # a line on stderr, as it is
+
+    def run_started(self, name: str, total: int) -> None: ...
+
+
+@dataclass
+class SpecOptions:
+    """The options every command that runs a model takes: CONFIG, the spec overrides and ``-s``."""
+
+    config: str | None = None
+    strategies: list[str] | None = None
+    overrides: dict[str, Any] | None = None
+
+
+def load(given: SpecOptions, ui: Ui, **defaults: Any) -> Spec:
+    """The spec CONFIG names, with the command line's overrides (``defaults`` fill the ones not given)."""
+    note = config_note(given.config)
+    if note:
+        ui.note(f"note: {note}")
+    overrides = {**(given.overrides or {})}
+    for key, value in defaults.items():
+        overrides[key] = overrides.get(key) or value
+    return load_spec(given.config, overrides, one_set(given.strategies))
+
+
+def _size(text: str | None, option: str) -> int | None:
+    return None if text is None else parse_size(text, option)
+
+
+def profile(given: SpecOptions, ui: Ui, *, json_out: str | None = None, timeline: str | None = None,
+            device_memory: str | None = None) -> CommandOutput:
+    """``memopt profile``: preflight, drift, the measured run; tables, JSON and the timeline."""
+    spec = load(given, ui)
+    limit = _size(device_memory, "--device-memory")
+    outputs = Outputs({"spec": given.config}, json_out=json_out, timeline=timeline)
+    if timeline is not None:
+        plot.check_timeline_path(timeline)
+    result = profile_run(spec, progress=ui.progress, timeline=timeline is not None, device_memory=limit)
+    if result.rank:  # under torchrun: rank 0 reports for every rank
+        return CommandOutput(outputs, silent=True)
+    if timeline is not None:
+        outputs.add("--timeline", plot.render_timeline(result, timeline, report.profile_title(spec, result)))
+    outputs.set_json(report.to_json(spec, [result], result.device))
+    return CommandOutput(outputs, lambda: report.print_tables(report.profile_tables(spec, result)),
+                         warnings=result.warnings)
+
+
+def compare(given: SpecOptions, ui: Ui, sets: list[str], *, json_out: str | None = None,
+            markdown: str | None = None, plot_path: str | None = None,
+            device_memory: str | None = None) -> CommandOutput:
+    """``memopt compare``: the baseline and each set, each in its own process, side by side."""
+    spec = load(given, ui)
+    limit = _size(device_memory, "--device-memory")
+    device = resolve_device(spec.run.device)
+    planned = planned_runs(spec, parse_sets(sets), device)  # everything a run would refuse, now
+    outputs = Outputs({"spec": given.config}, json_out=json_out, markdown=markdown, plot=plot_path)
+    if plot_path is not None:
+        plot.check_png_path(plot_path, "--plot")
+    runs = compare_runs(planned, run_one=run_isolated, device_memory=limit,
+                        on_run=lambda name: ui.run_started(name, len(planned)))
+    title = f"memopt compare - {report.spec_title(spec, device)}"
+    show = lambda: report.print_tables([report.compare_table(runs, title)])  # noqa: E731
+    if not runs[0].ok:
+        return CommandOutput(outputs, show, error=f"the baseline failed: {runs[0].error}; nothing was written")
+    outputs.set_json(report.runs_document(spec, runs, device))
+    if markdown is not None:
+        outputs.add("--markdown", report.compare_markdown(runs, title))
+    if plot_path is not None:
+        outputs.add("--plot", plot.render_compare_png(runs, title))
+    return CommandOutput(outputs, show)
+
+
+def check(given: SpecOptions, ui: Ui, baseline: str, *, tolerance: str = "2%", update: bool = False,
+          json_out: str | None = None, markdown: str | None = None,
+          device_memory: str | None = None) -> CommandOutput:
+    """``memopt check``: the run against a baseline file; exit code 3 when something grew past the tolerance
+    (``update``: write the baseline instead)."""
+    tol = parse_percent(tolerance, "--tolerance")
+    spec = load(given, ui)
+    limit = _size(device_memory, "--device-memory")
+    outputs = Outputs({"spec": given.config, "--baseline": None if update else baseline}, json_out=json_out,
+                      markdown=markdown, baseline=baseline if update else None)
+    old = None if update else checks.load_baseline(Path(baseline))
+    if old is not None:
+        checks.ensure_comparable(old, spec, resolve_device(spec.run.device))
+    result = profile_run(spec, progress=ui.progress, device_memory=limit)
+    doc = report.to_json(spec, [result], result.device)
+    assert result.memory is not None
+    peak = result.memory.peak_bytes
+    if old is None:
+        outputs.set_json(doc, also="--baseline")
+        return CommandOutput(outputs, lambda: ui.note(report.baseline_written_line(baseline, peak)),
+                             warnings=result.warnings)
+    before = checks.baseline_memory(old)
+    found = checks.growths(before, result.memory, tol)
+    outputs.set_json(report.check_document(doc, found, tol))
+    if markdown is not None:
+        outputs.add("--markdown", report.growth_markdown(found, tol, peak, before.peak_bytes))
+    return CommandOutput(outputs, lambda: report.print_check(found, tol, peak, before.peak_bytes),
+                         warnings=result.warnings, exit_code=3 if found else 0)
+
+
+def strategies(*, json_out: str | None = None) -> CommandOutput:
+    """``memopt strategies``: every strategy, its options and what it saves."""
+    outputs = Outputs({}, json_out=json_out)
+    rows = report.strategy_rows(registry())
+    outputs.set_json({"schema": report.SCHEMA, "strategies": rows})
+    return CommandOutput(outputs, lambda: report.print_tables([report.strategies_table(rows)]))
+
+
+def estimate(given: SpecOptions, ui: Ui, *, json_out: str | None = None, budget: str | None = None) -> CommandOutput:
+    """``memopt estimate``: the profile traced on fake tensors; with a budget, whether it fits and what would."""
+    spec = load(given, ui, device="cpu")
+    limit = _size(budget, "--fits")
+    outputs = Outputs({"spec": given.config}, json_out=json_out)
+    result = estimate_run(spec, progress=ui.progress)
+    assert result.memory is not None
+    fit = fits(spec, result.memory.peak_bytes, limit, ui.progress) if limit is not None else None
+    room = None
+    if limit is not None and spec.run.mode == "generate":
+        room = capacity(spec, limit, ui.progress)
+        assert fit is not None
+        if room.batch is None and room.context is None and not fit.helpers and not fit.not_tried:
+            raise nothing_fits(spec, room, fit, str(budget))
+    formulas = analytic(spec)
+    outputs.set_json(report.estimate_document(spec, result, formulas, fit, room))
+    return CommandOutput(outputs, lambda: report.print_estimate(spec, result, formulas, fit, room))
+
+
+def optimize(given: SpecOptions, ui: Ui, budget: str, *, allow_lossy: bool = False, top: int = 3,
+             output: str | None = None, measure: bool = True, max_drift: str | None = None,
+             json_out: str | None = None) -> CommandOutput:
+    """``memopt optimize``: the fastest strategy set that fits the budget, written as a spec."""
+    spec = load(given, ui)
+    limit = _size(budget, "--budget")
+    assert limit is not None
+    cap = parse_percent(max_drift, "--max-drift") if max_drift is not None else None
+    outputs = Outputs({"spec": given.config}, json_out=json_out, output=output)
+    outcome = optimize_search(spec, limit, run_one=run_isolated, allow_lossy=allow_lossy, top=top, measure=measure,
+                              max_drift=cap, progress=ui.progress)
+    best = winner_spec(spec, outcome)
+    if output is not None:
+        outputs.add("--output", report.winner_yaml(best, outcome, budget))
+    outputs.set_json(report.optimize_document(best, outcome, cap))
+    return CommandOutput(outputs, lambda: report.print_optimize(outcome, top, cap, output))

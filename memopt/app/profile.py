@@ -1,0 +1,24 @@
+"""Profiling a spec, with the policy around the engine's run: refuse up front a run that cannot fit here
+(memopt.analysis.preflight), measure the accuracy drift of lossy strategies (memopt.analysis.drift), then run it
+(memopt.engine.run). Estimates (fake tensors) go to the engine directly: nothing is allocated, nothing drifts."""
+
+from __future__ import annotations
+
+from memopt.analysis.drift import drift_of
+from memopt.analysis.preflight import ensure_fits_here
+from memopt.core.results import RunResult
+from memopt.engine.run import run
+from memopt.engine.step import Progress
+from memopt.spec import Spec
+
+
+def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
+            progress: Progress | None = None, grads_to: str | None = None) -> RunResult:
+    """Preflight, drift, then the measured run (see memopt.engine.run.run). Raises MemoptError."""
+    say = progress or (lambda _msg: None)
+    if spec.world_size == 1:  # ranks: each rank's tracker holds --device-memory as it goes
+        ensure_fits_here(spec, device_memory, say)
+    drift = drift_of(spec, lambda: say(f"{name}: measuring accuracy drift against the unchanged model"))
+    result = run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress, grads_to=grads_to)
+    result.drift = drift
+    return result
