@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from unittest import mock
 
 import pytest
 import torch
@@ -18,11 +17,12 @@ from memopt.analysis.drift import strategy_drift
 from memopt.analysis.estimate import estimate
 from memopt.core.errors import StrategyError
 from memopt.core.results import RunResult
+from memopt.engine.run import run as engine_run
 from memopt.engine.step import make_batch, prepare, train_step
 from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.strategies import build_strategies
 
-from .helpers import CONFIGS, run
+from .helpers import CONFIGS
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
@@ -52,13 +52,12 @@ _PROFILES: dict[str, RunResult] = {}
 
 
 def profile(spec: Spec) -> RunResult:
-    """``memopt.engine.step.run`` without the accuracy-drift measurement (its own models and training steps: these
-    tests are about bytes; test_lora_drift_is_taken_after_identical_training_steps covers drift), each spec
-    profiled once for the whole module."""
+    """The engine's run, without the accuracy-drift measurement that memopt.app.profile adds (its own models and
+    training steps: these tests are about bytes; test_lora_drift_is_taken_after_identical_training_steps covers
+    drift), each spec profiled once for the whole module."""
     key = json.dumps(spec.to_dict(), sort_keys=True)
     if key not in _PROFILES:
-        with mock.patch("memopt.engine.step.strategy_drift", lambda spec: None):
-            _PROFILES[key] = run(spec)
+        _PROFILES[key] = engine_run(spec)
     return _PROFILES[key]
 
 

@@ -19,13 +19,8 @@ files in a temporary folder (removed at the end of the run, and at once when a w
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import shutil
-import tempfile
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -34,9 +29,10 @@ from torch import nn
 
 from memopt.adapters import ModelAdapter
 from memopt.core._torch_private import current_saved_tensors_hooks, in_fake_mode, storage_key
-from memopt.core.errors import MemoptError, StrategyError
+from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, SavedTensors, StepPlan, Strategy
+from memopt.strategies.tiers import DiskTier, FakeTier, HostTier, Tier
 
 CHUNK_ELEMENTS = 2**20  # AdamW steps an offloaded parameter this many elements at a time (8 MiB of fp32 moments)
 
@@ -50,126 +46,10 @@ class OffloadStatesOptions(Options):
                                                  "folder)")
 
 
-class _Tier:
-    """Where offloaded tensors live, by key; counts the bytes moved each way."""
-
-    def __init__(self) -> None:
-        self.written = 0
-        self.read = 0
-
-    def put(self, key: str, t: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
-        raise NotImplementedError
-
-    def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Forget everything (and remove any files)."""
-
-
-def _memory(t: torch.Tensor) -> Any:
-    """The bytes of a contiguous CPU tensor as a writable buffer. Not ``.numpy()``: that makes the storage
-    unresizable, and a released parameter is a storage resized to 0."""
-    return (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
-
-
-class _DiskTier(_Tier):
-    """One file per tensor, rewritten in place; read straight into the device tensor's storage."""
-
-    def __init__(self, parent: str | None):
-        super().__init__()
-        try:
-            self.folder = Path(tempfile.mkdtemp(prefix="memopt-states-", dir=parent))
-        except OSError as exc:
-            raise MemoptError(f"offload_states.folder: cannot create a folder in {parent or tempfile.gettempdir()}:"
-                              f" {exc.strerror or exc}") from None
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
-
-    def _path(self, key: str) -> Path:
-        return self.folder / f"{key}.bin"
-
-    def put(self, key: str, t: torch.Tensor) -> None:
-        data = t.detach().contiguous()
-        try:
-            with open(self._path(key), "wb") as fh:
-                fh.write(_memory(data))
-        except OSError as exc:
-            self.close()
-            raise MemoptError(f"offload_states: writing to {self.folder} failed: {exc.strerror or exc} (the "
-                              "folder was removed; choose another with offload_states.folder)") from None
-        self.written += t.numel() * t.element_size()
-
-    def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
-        assert t.is_contiguous()
-        with open(self._path(key), "rb") as fh:
-            fh.seek(offset)
-            fh.readinto(_memory(t))
-        self.read += t.numel() * t.element_size()
-
-    def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
-        """Write ``t`` into the tensor stored under ``key`` at byte ``offset`` (the file is created if need be)."""
-        path = self._path(key)
-        try:
-            with open(path, "r+b" if path.exists() else "wb") as fh:
-                fh.seek(offset)
-                fh.write(_memory(t.detach().contiguous()))
-        except OSError as exc:
-            self.close()
-            raise MemoptError(f"offload_states: writing to {self.folder} failed: {exc.strerror or exc} (the "
-                              "folder was removed; choose another with offload_states.folder)") from None
-        self.written += t.numel() * t.element_size()
-
-    def close(self) -> None:
-        self._cleanup()
-
-
-class _HostTier(_Tier):
-    """Pinned CPU tensors (for a CUDA device); copies to the device may run on a side stream."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.host: dict[str, torch.Tensor] = {}
-
-    def put(self, key: str, t: torch.Tensor) -> None:
-        home = self.host.get(key)
-        if home is None:
-            home = self.host[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        home.copy_(t.detach())
-        self.written += t.numel() * t.element_size()
-
-    def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
-        source = self.host[key].view(-1)[offset // t.element_size():][:t.numel()].view(t.shape)
-        t.detach().copy_(source)  # synchronous: a released storage must not be refilled while a copy is in flight
-        self.read += t.numel() * t.element_size()
-
-    def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
-        self.host[key].view(-1)[offset // t.element_size():][:t.numel()].copy_(t.detach().view(-1))
-        self.written += t.numel() * t.element_size()
-
-    def close(self) -> None:
-        self.host.clear()
-
-
-class _FakeTier(_Tier):
-    """Under fake tensors (estimate): the bytes move by definition; nothing is stored."""
-
-    def put(self, key: str, t: torch.Tensor) -> None:
-        self.written += t.numel() * t.element_size()
-
-    def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
-        self.read += t.numel() * t.element_size()
-
-    def write_at(self, key: str, t: torch.Tensor, offset: int) -> None:
-        self.put(key, t)
-
-
 class _Units:
     """The model's parameters in units, brought onto the device and released as the step moves along them."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], tier: _Tier, capacity: int,
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], tier: Tier, capacity: int,
                  resized: Callable[[Any], None]):
         self.tier, self.capacity, self.resized = tier, capacity, resized
         in_blocks = {id(m) for block in blocks for m in block.modules()}
@@ -260,7 +140,7 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
         super().__init__(options, spec, device, saved)
         self.target = options.target if options.target != "auto" else ("cpu" if device == "cuda" else "disk")
         self.units: _Units | None = None
-        self.tier: _Tier | None = None
+        self.tier: Tier | None = None
         self.step_in_backward = any(s.name == "optim_in_bwd" for s in spec.strategies)
         self._handles: list[Any] = []
 
@@ -276,10 +156,12 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
         if opts.optimizer and self.spec.train.optimizer == "none" and self.spec.run.mode == "train":
             raise StrategyError("offload_states.optimizer: train.optimizer is none, so there is no state to move")
 
-    def _make_tier(self) -> _Tier:
+    def _make_tier(self) -> Tier:
         if in_fake_mode():
-            return _FakeTier()
-        return _DiskTier(self.options.folder) if self.target == "disk" else _HostTier()
+            return FakeTier()
+        if self.target == "disk":
+            return DiskTier("offload_states", "memopt-states-", self.options.folder)
+        return HostTier()
 
     def apply(self, model: ModelAdapter) -> None:
         self.tier = self._make_tier()
@@ -357,17 +239,17 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
 class OffloadedOptimizer:
     """One optimizer per parameter, its state kept in the tier between steps; gradients go there as produced."""
 
-    def __init__(self, params: list[nn.Parameter], make: Callable[[list[Any]], Any], tier: _Tier,
+    def __init__(self, params: list[nn.Parameter], make: Callable[[list[Any]], Any], tier: Tier,
                  units: _Units | None, offload_state: bool, in_backward: bool, saved: SavedTensors, device: str):
         self.tier, self.units, self.offload_state, self.in_backward = tier, units, offload_state, in_backward
         self.saved = saved
-        self.on_host = device == "cuda" and isinstance(tier, _HostTier)
+        self.on_host = device == "cuda" and isinstance(tier, HostTier)
         # tracing a CUDA estimate: the optimizer steps on the host, which the trace (on the CPU) must not count
-        self.host_step_traced = device == "cuda" and isinstance(tier, _FakeTier) and offload_state
+        self.host_step_traced = device == "cuda" and isinstance(tier, FakeTier) and offload_state
         self.params = params
         self.masters: dict[int, torch.Tensor] = {}  # on CUDA: the fp32 copy each parameter steps on, on the CPU
         if self.on_host:
-            assert isinstance(tier, _HostTier)
+            assert isinstance(tier, HostTier)
             host = tier.host
             for p in params:  # an offloaded parameter's home in pinned memory is its master
                 self.masters[id(p)] = host[units.key_of[id(p)]] if units is not None else \
