@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import memopt.strategies  # noqa: F401 - provides the strategy catalog to the spec layer below it (no torch)
+from memopt.core.version import __version__
 
 if TYPE_CHECKING:
     import torch
 
     from memopt.app.track import Tracking
 
-__version__ = "0.1.0"
+
+
+__all__ = ["__version__", "track"]
 
 
 def track(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Tracking:

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from memopt import __version__
 from memopt.core.errors import MemoptError
+from memopt.core.version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Memory profiler and optimizer for Transformer language models.\n\n"

@@ -16,7 +16,7 @@ import time
 from memopt.analysis.optimize import optimize, winner_spec
 from memopt.app.isolate import run_isolated
 from memopt.core.units import format_bytes
-from memopt.render.report import drift_text
+from memopt.render.text import drift_text
 from memopt.spec import load_spec, spec_from_data
 
 

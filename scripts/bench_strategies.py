@@ -29,7 +29,7 @@ from typing import Any
 from memopt.analysis.theory import expected_saving, one_layer_spec
 from memopt.app.isolate import run_isolated
 from memopt.core.units import format_bytes
-from memopt.render.report import drift_text
+from memopt.render.text import drift_text
 from memopt.spec import Spec, load_spec, spec_from_data
 
 RUNS = ["ckpt", "ckpt:policy=every,every=2", "ckpt:policy=selective", "sdpa", "chunked_ce", "amp",

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from memopt.core.results import RunResult, StepMemory, VsBaseline
 from memopt.measure.tracker import CATEGORIES
-from memopt.render import report
+from memopt.render import documents, markdown, tables, text
 
 LONG = "accum:micro_batches=8+quant:bits=4,format=nf4,lora=8,group_size=128+chunked_ce+sdpa+optim_in_bwd"
 
@@ -34,12 +34,12 @@ RUNS = [_run("baseline", 6 * 2**20),
 
 def _render(tables: list, width: int, terminal: bool) -> str:
     console = Console(width=width, force_terminal=terminal, color_system=None, record=True, legacy_windows=False)
-    report.print_tables(tables, console)
+    tables.print_tables(tables, console)
     return console.export_text()
 
 
 def test_a_narrow_terminal_stacks_rows_instead_of_collapsing_columns():
-    text = _render([report.compare_table(RUNS, "memopt compare")], 40, terminal=True)
+    text = _render([tables.compare_table(RUNS, "memopt compare")], 40, terminal=True)
     assert all(len(line) <= 40 for line in text.splitlines())
     for label in ("peak", "saving", "step time", "train loss diff", "logit drift"):
         assert label in text
@@ -48,7 +48,7 @@ def test_a_narrow_terminal_stacks_rows_instead_of_collapsing_columns():
 
 
 def test_piped_output_is_never_cut():
-    text = _render([report.compare_table(RUNS, "memopt compare")], 80, terminal=False)
+    text = _render([tables.compare_table(RUNS, "memopt compare")], 80, terminal=False)
     assert LONG in text and "…" not in text
 
 
@@ -56,14 +56,14 @@ def test_optimize_table_keeps_whole_strategy_sets_when_piped():
     cand = SimpleNamespace(strategies=tuple(LONG.split("+")), label=LONG, peak=2**20, measured_peak=2**20,
                            predicted_s=1.0, measured_s=1.1, lossy=1, error=None, drift=None)
     outcome = SimpleNamespace(baseline=cand, budget=2**21, evaluated=12, seconds=3.0, ranked=[cand], winner=cand)
-    assert LONG in _render([report.optimize_table(outcome, 3)], 80, terminal=False)
+    assert LONG in _render([tables.optimize_table(outcome, 3)], 80, terminal=False)
 
 
 def test_compare_columns_say_what_they_are():
-    text = _render([report.compare_table(RUNS, "t")], 200, terminal=True)
+    text = _render([tables.compare_table(RUNS, "t")], 200, terminal=True)
     assert "train loss diff" in text and "logit drift" in text and "before training" in text
     assert "after N identical steps" in text
-    assert "after 3 identical training steps" == report.drift_when(RUNS[1].drift)
+    assert "after 3 identical training steps" == text.drift_when(RUNS[1].drift)
 
 
 def test_compare_rows_read_run_results_and_name_failures():
@@ -72,20 +72,20 @@ def test_compare_rows_read_run_results_and_name_failures():
     smaller = _run("ckpt", 3 * 2**20, vs_baseline=VsBaseline(saving=0.5, slowdown=1.25, loss_delta=-0.002,
                                                               grad_cosine=None))
     failed = RunResult.failed("sdpa", [{"sdpa": {}}], "out of memory during backward")
-    rows = report.compare_rows([base, smaller, failed])
+    rows = text.compare_rows([base, smaller, failed])
     assert rows[0] == {"run": "baseline", "peak": "6.00 MiB", "saving": "-", "changed": "-", "time": "500 ms",
                        "slowdown": "-", "loss": "6.9000", "cosine": "-", "drift": "-", "status": "ok"}
     assert rows[1]["saving"] == "50.0%" and rows[1]["slowdown"] == "1.25x" and rows[1]["loss"] == "-2.00e-03"
     assert rows[1]["changed"] == "activations -88%, temporaries -50%" and rows[1]["cosine"] == "-"
     assert rows[2]["status"] == "failed: out of memory during backward" and rows[2]["peak"] == "-"
-    markdown = report.compare_markdown([base, smaller, failed], "t")
-    assert "| ckpt | 3.00 MiB | 50.0% |" in markdown and "failed: out of memory during backward" in markdown
-    table = _render([report.compare_table([base, smaller, failed], "t")], 200, terminal=False)
+    written = markdown.compare_markdown([base, smaller, failed], "t")
+    assert "| ckpt | 3.00 MiB | 50.0% |" in written and "failed: out of memory during backward" in written
+    table = _render([tables.compare_table([base, smaller, failed], "t")], 200, terminal=False)
     assert "failed [1]" in table and "[1] sdpa: out of memory during backward" in table
 
 
 def test_runs_document_holds_each_runs_json(tiny):
-    doc = report.runs_document(tiny, RUNS, "cpu")
+    doc = documents.runs_document(tiny, RUNS, "cpu")
     assert doc["schema"] == 1 and doc["device"] == "cpu" and doc["spec"] == tiny.to_dict()
     assert doc["runs"] == [r.to_json() for r in RUNS]
-    assert report.to_json(tiny, RUNS, "cpu") == doc
+    assert documents.to_json(tiny, RUNS, "cpu") == doc

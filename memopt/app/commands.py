@@ -21,7 +21,8 @@ from memopt.app.isolate import run_isolated
 from memopt.app.profile import profile as profile_run
 from memopt.core.units import parse_percent, parse_size
 from memopt.engine.devices import resolve_device
-from memopt.render import plot, report
+from memopt.render import documents, plot, tables, text
+from memopt.render import markdown as md
 from memopt.render.outputs import CommandOutput, Outputs
 from memopt.spec import Spec, config_note, load_spec
 from memopt.spec.strategy_args import one_set, parse_sets
@@ -74,9 +75,9 @@ def profile(given: SpecOptions, ui: Ui, *, json_out: str | None = None, timeline
     if result.rank:  # under torchrun: rank 0 reports for every rank
         return CommandOutput(outputs, silent=True)
     if timeline is not None:
-        outputs.add("--timeline", plot.render_timeline(result, timeline, report.profile_title(spec, result)))
-    outputs.set_json(report.to_json(spec, [result], result.device))
-    return CommandOutput(outputs, lambda: report.print_tables(report.profile_tables(spec, result)),
+        outputs.add("--timeline", plot.render_timeline(result, timeline, text.profile_title(spec, result)))
+    outputs.set_json(documents.to_json(spec, [result], result.device))
+    return CommandOutput(outputs, lambda: tables.print_tables(tables.profile_tables(spec, result)),
                          warnings=result.warnings)
 
 
@@ -93,13 +94,13 @@ def compare(given: SpecOptions, ui: Ui, sets: list[str], *, json_out: str | None
         plot.check_png_path(plot_path, "--plot")
     runs = compare_runs(planned, run_one=run_isolated, device_memory=limit,
                         on_run=lambda name: ui.run_started(name, len(planned)))
-    title = f"memopt compare - {report.spec_title(spec, device)}"
-    show = lambda: report.print_tables([report.compare_table(runs, title)])  # noqa: E731
+    title = f"memopt compare - {text.spec_title(spec, device)}"
+    show = lambda: tables.print_tables([tables.compare_table(runs, title)])  # noqa: E731
     if not runs[0].ok:
         return CommandOutput(outputs, show, error=f"the baseline failed: {runs[0].error}; nothing was written")
-    outputs.set_json(report.runs_document(spec, runs, device))
+    outputs.set_json(documents.runs_document(spec, runs, device))
     if markdown is not None:
-        outputs.add("--markdown", report.compare_markdown(runs, title))
+        outputs.add("--markdown", md.compare_markdown(runs, title))
     if plot_path is not None:
         outputs.add("--plot", plot.render_compare_png(runs, title))
     return CommandOutput(outputs, show)
@@ -119,28 +120,28 @@ def check(given: SpecOptions, ui: Ui, baseline: str, *, tolerance: str = "2%", u
     if old is not None:
         checks.ensure_comparable(old, spec, resolve_device(spec.run.device))
     result = profile_run(spec, progress=ui.progress, device_memory=limit)
-    doc = report.to_json(spec, [result], result.device)
+    doc = documents.to_json(spec, [result], result.device)
     assert result.memory is not None
     peak = result.memory.peak_bytes
     if old is None:
         outputs.set_json(doc, also="--baseline")
-        return CommandOutput(outputs, lambda: ui.note(report.baseline_written_line(baseline, peak)),
+        return CommandOutput(outputs, lambda: ui.note(text.baseline_written_line(baseline, peak)),
                              warnings=result.warnings)
     before = checks.baseline_memory(old)
     found = checks.growths(before, result.memory, tol)
-    outputs.set_json(report.check_document(doc, found, tol))
+    outputs.set_json(documents.check_document(doc, found, tol))
     if markdown is not None:
-        outputs.add("--markdown", report.growth_markdown(found, tol, peak, before.peak_bytes))
-    return CommandOutput(outputs, lambda: report.print_check(found, tol, peak, before.peak_bytes),
+        outputs.add("--markdown", md.growth_markdown(found, tol, peak, before.peak_bytes))
+    return CommandOutput(outputs, lambda: tables.print_check(found, tol, peak, before.peak_bytes),
                          warnings=result.warnings, exit_code=3 if found else 0)
 
 
 def strategies(*, json_out: str | None = None) -> CommandOutput:
     """``memopt strategies``: every strategy, its options and what it saves."""
     outputs = Outputs({}, json_out=json_out)
-    rows = report.strategy_rows(registry())
-    outputs.set_json({"schema": report.SCHEMA, "strategies": rows})
-    return CommandOutput(outputs, lambda: report.print_tables([report.strategies_table(rows)]))
+    rows = text.strategy_rows(registry())
+    outputs.set_json({"schema": documents.SCHEMA, "strategies": rows})
+    return CommandOutput(outputs, lambda: tables.print_tables([tables.strategies_table(rows)]))
 
 
 def estimate(given: SpecOptions, ui: Ui, *, json_out: str | None = None, budget: str | None = None) -> CommandOutput:
@@ -158,8 +159,8 @@ def estimate(given: SpecOptions, ui: Ui, *, json_out: str | None = None, budget:
         if room.batch is None and room.context is None and not fit.helpers and not fit.not_tried:
             raise nothing_fits(spec, room, fit, str(budget))
     formulas = analytic(spec)
-    outputs.set_json(report.estimate_document(spec, result, formulas, fit, room))
-    return CommandOutput(outputs, lambda: report.print_estimate(spec, result, formulas, fit, room))
+    outputs.set_json(documents.estimate_document(spec, result, formulas, fit, room))
+    return CommandOutput(outputs, lambda: tables.print_estimate(spec, result, formulas, fit, room))
 
 
 def optimize(given: SpecOptions, ui: Ui, budget: str, *, allow_lossy: bool = False, top: int = 3,
@@ -175,6 +176,6 @@ def optimize(given: SpecOptions, ui: Ui, budget: str, *, allow_lossy: bool = Fal
                               max_drift=cap, progress=ui.progress)
     best = winner_spec(spec, outcome)
     if output is not None:
-        outputs.add("--output", report.winner_yaml(best, outcome, budget))
-    outputs.set_json(report.optimize_document(best, outcome, cap))
-    return CommandOutput(outputs, lambda: report.print_optimize(outcome, top, cap, output))
+        outputs.add("--output", documents.winner_yaml(best, outcome, budget))
+    outputs.set_json(documents.optimize_document(best, outcome, cap))
+    return CommandOutput(outputs, lambda: tables.print_optimize(outcome, top, cap, output))

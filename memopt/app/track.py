@@ -41,7 +41,7 @@ from memopt.core.errors import MemoptError
 from memopt.core.results import HostPeaks, RunResult
 from memopt.measure.tracker import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
 from memopt.model.transformer import count_parameters
-from memopt.render import report
+from memopt.render import documents, tables
 from memopt.render.outputs import strict
 
 NAME = "track"
@@ -175,8 +175,8 @@ class Tracking:
     def report(self, console: Any = None) -> None:
         """Print the tables of ``memopt profile`` for the block (a Rich Console may be given)."""
         result = self.result
-        tables = report.profile_tables(None, result, title=self.title(), warmed_up=self._warmed_up)
-        report.print_tables(tables, console)
+        shown = tables.profile_tables(None, result, title=self.title(), warmed_up=self._warmed_up)
+        tables.print_tables(shown, console)
 
     def to_json(self) -> dict[str, Any]:
         """The schema-1 document of ``memopt profile --json``, one run; strict (NaN and infinities as None).
@@ -185,7 +185,7 @@ class Tracking:
         the device and the parameters' dtype. ``memopt check`` can gate on it (the spec differs from any
         YAML spec's, so only against a baseline written from a track document)."""
         result = self.result
-        return strict(report.runs_document(self.spec(), [result], result.device))
+        return strict(documents.runs_document(self.spec(), [result], result.device))
 
     def spec(self) -> dict[str, Any]:
         """The document's ``spec``: what is true of the loop (no model spec: memopt did not build the model)."""

@@ -6,6 +6,8 @@ twice is refused. The registry is the spec's strategy catalog (memopt.spec.strat
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from memopt.core.errors import StrategyError
@@ -25,8 +27,15 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
+NOT_STRATEGIES = {"base", "tiers"}  # the package's modules that hold no strategy
+
+
 def _load_all() -> None:
-    from memopt.strategies import builtin  # noqa: F401 - importing registers every built-in strategy
+    """Import every strategy module of this package, each registering itself: adding a strategy is adding its
+    module (memopt/strategies/NAME.py with a ``@register``-ed class), nothing else."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in NOT_STRATEGIES:
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def registry() -> dict[str, type[Strategy]]:

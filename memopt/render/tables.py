@@ -1,4 +1,4 @@
-"""Results -> JSON (versioned schema), Rich tables and Markdown. Pure rendering, no measuring."""
+"""Results -> Rich tables on stdout: the profile, ranks, strategies, compare, check, estimate and optimize."""
 
 from __future__ import annotations
 
@@ -10,32 +10,23 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-import memopt
-from memopt.core.results import RunResult, StepMemory
+from memopt.core.results import RunResult
 from memopt.core.units import format_bytes
+from memopt.render.text import (
+    CATEGORY_HELP,
+    COMPARE_COLUMNS,
+    COMPARE_LEGEND,
+    apart,
+    compare_rows,
+    drift_text,
+    drift_when,
+    fit_lines,
+    growth_text,
+    inference_rows,
+    percent_of,
+    profile_title,
+)
 from memopt.spec import Spec
-
-SCHEMA = 1
-
-CATEGORY_HELP = {
-    "params": "weights",
-    "buffers": "RoPE tables",
-    "grads": "gradients",
-    "optimizer": "e.g. Adam moments",
-    "activations": "saved for bwd",
-    "kv_cache": "keys and values",
-    "unshard": "gathered params",
-    "temporaries": "all else",
-}
-
-
-def to_json(spec: Spec, results: list[RunResult], device: str) -> dict[str, Any]:
-    """The schema-1 document of these runs."""
-    return runs_document(spec, results, device)
-
-
-def _pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
 def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = None,
@@ -104,7 +95,7 @@ def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = 
         breakdown.add_column(col, justify=justify)  # type: ignore[arg-type]
     for c in mem.peak_breakdown:
         state = mem.state_bytes.get(c)
-        breakdown.add_row(c, format_bytes(mem.peak_breakdown[c]), _pct(mem.peak_breakdown[c], mem.peak_bytes),
+        breakdown.add_row(c, format_bytes(mem.peak_breakdown[c]), percent_of(mem.peak_breakdown[c], mem.peak_bytes),
                           format_bytes(mem.category_peak_bytes[c]),
                           format_bytes(state) if state is not None else "-", CATEGORY_HELP.get(c, ""))
     breakdown.add_row("total", format_bytes(mem.peak_bytes), "100%", "", "", "", style="bold")
@@ -117,7 +108,7 @@ def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = 
     phases.add_column("peak", justify="right")
     phases.add_column("of step peak", justify="right")
     for p in mem.phase_peak_bytes:
-        phases.add_row(p, format_bytes(mem.phase_peak_bytes[p]), _pct(mem.phase_peak_bytes[p], mem.peak_bytes))
+        phases.add_row(p, format_bytes(mem.phase_peak_bytes[p]), percent_of(mem.phase_peak_bytes[p], mem.peak_bytes))
     return [*tables, phases]
 
 
@@ -199,27 +190,6 @@ def stacked(table: Table) -> Group:
     return Group(*parts)
 
 
-def strategy_rows(strategies: dict[str, Any]) -> list[dict[str, Any]]:
-    """The registry as plain data: name, options with defaults, what it saves, where it works."""
-    rows = []
-    for name, cls in strategies.items():
-        options = {}
-        for field_name, info in cls.Options.model_fields.items():
-            options[field_name] = {"default": info.default, "type": _type_name(info.annotation),
-                                   "help": info.description or ""}
-        rows.append({"name": name, "order": cls.order, "summary": cls.summary, "saves": cls.saves,
-                     "devices": list(cls.devices), "modes": list(cls.modes), "lossy": cls.lossy,
-                     "options": options, "refuses": dict(cls.refuses)})
-    return rows
-
-
-def _type_name(annotation: Any) -> str:
-    args = getattr(annotation, "__args__", None)
-    if getattr(annotation, "__origin__", None) is not None and args and all(isinstance(a, str) for a in args):
-        return " | ".join(args)  # Literal choices
-    return getattr(annotation, "__name__", str(annotation))
-
-
 def strategies_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="memopt strategies (applied in this order when combined with +)", title_justify="left",
                   expand=True)
@@ -235,50 +205,6 @@ def strategies_table(rows: list[dict[str, Any]]) -> Table:
             text += f"\n[red]refuses {other}[/red]"
         table.add_row(row["name"], text, opts, ", ".join(row["devices"]) + "\n" + ", ".join(row["modes"]))
     return table
-
-
-def _changed_categories(run: StepMemory, base: StepMemory, top: int = 2) -> str:
-    """The categories whose own peak moved most against the baseline, e.g. 'activations -62%'."""
-    deltas = []
-    for c in base.category_peak_bytes.keys() & run.category_peak_bytes.keys():
-        b, r = base.category_peak_bytes[c], run.category_peak_bytes[c]
-        if b != r:
-            deltas.append((abs(r - b), c, f"{c} {100 * (r - b) / b:+.0f}%" if b else f"{c} +{format_bytes(r)}"))
-    return ", ".join(text for _, _, text in sorted(deltas, reverse=True)[:top]) or "-"
-
-
-def compare_rows(runs: list[RunResult]) -> list[dict[str, str]]:
-    """One row of display strings per run, the baseline first (shared by the Rich table and the Markdown)."""
-    base = runs[0].memory
-    rows = []
-    for run in runs:
-        vs, mem = run.vs_baseline, run.memory
-        if not run.ok or mem is None:
-            rows.append({"run": run.name, "peak": "-", "saving": "-", "changed": "-", "time": "-", "slowdown": "-",
-                         "loss": "-", "cosine": "-", "drift": "-", "status": f"failed: {run.error}"})
-            continue
-        rows.append({
-            "run": run.name, "peak": format_bytes(mem.peak_bytes),
-            "saving": f"{100 * vs.saving:.1f}%" if vs else "-",
-            "changed": _changed_categories(mem, base) if vs and base else "-",
-            "time": f"{run.step_time_s * 1000:.0f} ms",
-            "slowdown": f"{vs.slowdown:.2f}x" if vs else "-",
-            "loss": "-" if run.inference is not None else f"{vs.loss_delta:+.2e}" if vs else f"{run.loss:.4f}",
-            "cosine": f"{vs.grad_cosine:.6f}" if vs and vs.grad_cosine is not None else "-",
-            "drift": drift_text(run.drift),
-            "status": "ok",
-        })
-    return rows
-
-
-COMPARE_COLUMNS = [("run", "run"), ("peak", "peak"), ("saving", "saving"), ("changed", "changed most"),
-                   ("time", "step time"), ("slowdown", "slowdown"), ("loss", "train loss diff"), ("cosine", "grad cos"),
-                   ("drift", "logit drift"), ("status", "status")]
-COMPARE_LEGEND = ("train loss diff: the measured step's loss minus the baseline's, on the same batch after one "
-                  "identical update (training progress, not an accuracy cost); grad cos: the warm-up step's "
-                  "gradients against the baseline's; logit drift: relative error of the logits against the unchanged "
-                  "model, before training, or after N identical steps (@N) where the cost shows in training "
-                  "(8-bit optimizer state)")
 
 
 def compare_table(runs: list[RunResult], title: str) -> Table:
@@ -299,82 +225,6 @@ def compare_table(runs: list[RunResult], title: str) -> Table:
     return table
 
 
-def compare_markdown(runs: list[RunResult], title: str) -> str:
-    lines = [f"**{title}**", "", "| " + " | ".join(label for _, label in COMPARE_COLUMNS) + " |",
-             "|" + "|".join("---" if key in ("run", "changed", "status") else "---:" for key, _ in COMPARE_COLUMNS)
-             + "|"]
-    for row in compare_rows(runs):
-        lines.append("| " + " | ".join(row[key].replace("|", "/") for key, _ in COMPARE_COLUMNS) + " |")
-    return "\n".join([*lines, "", COMPARE_LEGEND]) + "\n"
-
-
-def spec_title(spec: Spec, device: str) -> str:
-    t, mode = spec.train, spec.run.mode
-    if mode == "generate":
-        g = spec.generate
-        shape = f"generate {t.batch_size} x ({g.prompt_len} + {g.new_tokens}), {g.cache} cache"
-    elif mode == "infer":
-        shape = f"infer, batch {t.batch_size} x seq {t.seq_len}"
-    else:
-        shape = f"batch {t.batch_size} x seq {t.seq_len}, {t.optimizer}"
-    ranks = f", {spec.world_size} ranks" if spec.world_size > 1 else ""
-    return f"{spec.model.title()}, {shape}, {spec.run.dtype}, {device}{ranks}"
-
-
-def runs_document(spec: Spec | dict[str, Any], runs: list[RunResult], device: str, **extra: Any) -> dict[str, Any]:
-    """The schema-1 document of these runs (profile, compare, check, estimate; memopt.app.track gives its ``spec``
-    as a mapping of what it knows)."""
-    import torch
-
-    return {"schema": SCHEMA, "memopt_version": memopt.__version__, "torch_version": torch.__version__,
-            "device": device, "spec": spec if isinstance(spec, dict) else spec.to_dict(),
-            "runs": [r.to_json() for r in runs], **extra}
-
-
-def inference_rows(facts: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """Summary rows of an infer/generate run: its shape, the KV cache, time to first token, throughput."""
-    if facts["mode"] == "infer":
-        rows = [("Forward pass", f"{facts['batch_size']} x {facts['seq_len']}", "batch x tokens, inference_mode")]
-        if "tokens_per_s" in facts:
-            rows.append(("Throughput", f"{facts['tokens_per_s']:,.0f} tok/s", ""))
-        return rows
-    rows = [("Generation", f"{facts['batch_size']} x ({facts['prompt_len']} + {facts['new_tokens']})",
-             "sequences x (prompt + new tokens), greedy"),
-            ("KV cache", format_bytes(facts["kv_cache_bytes"]),
-             f"{facts['cache']}, {facts['cache_positions']} positions" if facts["cache"] == "static"
-             else f"{facts['cache']}, as the generation leaves it")]
-    if facts["growth_bytes"]:
-        rows.append(("KV cache growth at its peak", format_bytes(facts["growth_bytes"]),
-                     "a layer's old and grown keys/values alive at once while concatenating"))
-    if "time_to_first_token_s" in facts:
-        rows.append(("Time to first token", f"{facts['time_to_first_token_s'] * 1000:.1f} ms", "the prefill"))
-        tps = facts.get("decode_tokens_per_s")
-        if tps:
-            rows.append(("Decode throughput", f"{tps:,.1f} tok/s",
-                         f"{tps / facts['batch_size']:,.1f} per sequence"))
-    return rows
-
-
-def drift_when(drift: dict[str, float]) -> str:
-    steps = drift.get("after_steps", 0)
-    return f"after {steps:g} identical training steps" if steps else "before training"
-
-
-def drift_text(drift: dict[str, float] | None) -> str:
-    """'0.37%': the logits' relative error against the unchanged model, or '-' for a lossless run."""
-    if not drift:
-        return "-"
-    if "tokens_differ" in drift:
-        return f"{100 * drift['tokens_differ']:.1f}% tokens, {100 * drift['logits_rel_error']:.2f}% logits"
-    steps = drift.get("after_steps", 0)
-    return f"{100 * drift['logits_rel_error']:.2f}%" + (f" @{steps:g}" if steps else "")
-
-
-def growth_text(g: Any) -> str:
-    """'+12.5%' for a number that grew, 'new' for one the baseline did not have."""
-    return f"+{100 * g.growth:.1f}%" if g.baseline else "new"
-
-
 def growth_table(found: list[Any], tolerance: float) -> Table:
     """What grew past the tolerance in ``memopt check``."""
     table = Table(title=f"Memory regressions (tolerance {100 * tolerance:g}%)", title_justify="left")
@@ -384,18 +234,6 @@ def growth_table(found: list[Any], tolerance: float) -> Table:
         table.add_row(g.what, g.kind, format_bytes(g.baseline), format_bytes(g.now), growth_text(g),
                       style="red")
     return table
-
-
-def growth_markdown(found: list[Any], tolerance: float, peak: int, baseline_peak: int) -> str:
-    if not found:
-        return (f"memopt check: OK, peak {format_bytes(peak)} (baseline {format_bytes(baseline_peak)}, "
-                f"tolerance {100 * tolerance:g}%)\n")
-    lines = [f"**memopt check: memory regression** (tolerance {100 * tolerance:g}%)", "",
-             "| what | kind | baseline | now | growth |", "|---|---|---:|---:|---:|"]
-    for g in found:
-        cells = (g.what, g.kind, format_bytes(g.baseline), format_bytes(g.now), growth_text(g))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def estimate_table(result: RunResult, formulas: dict[str, int | None]) -> Table:
@@ -422,21 +260,6 @@ def estimate_table(result: RunResult, formulas: dict[str, int | None]) -> Table:
         table.add_row(key, format_bytes(value), format_bytes(formula) if formula is not None else "-", off,
                       style="bold" if key == "peak" else None)
     return table
-
-
-def fit_lines(fit: Any) -> list[str]:
-    if fit.fits:
-        return [f"[green]fits[/green] in {format_bytes(fit.budget)} with {format_bytes(fit.margin)} to spare"]
-    lines = [f"[red]does not fit[/red] in {format_bytes(fit.budget)}: {format_bytes(-fit.margin)} over"]
-    if fit.helpers:
-        lines.append("single strategies that would make it fit (estimated):")
-        lines += [f"  {h['strategies']}: peak {format_bytes(h['peak_bytes'])}" for h in
-                  sorted(fit.helpers, key=lambda h: h["peak_bytes"])]
-    else:
-        lines.append(f"no single strategy makes it fit ({fit.tried} tried); try combinations with memopt optimize")
-    if fit.not_tried:
-        lines.append(f"not tried (out of time): {', '.join(fit.not_tried)}")
-    return lines
 
 
 def optimize_table(outcome: Any, top: int) -> Table:
@@ -468,20 +291,6 @@ def optimize_table(outcome: Any, top: int) -> Table:
     return table
 
 
-# -- documents and printouts of each command (the CLI calls one of each) ---------------------------------------
-
-def profile_title(spec: Spec, result: RunResult) -> str:
-    return f"memopt profile - {spec_title(spec, result.device)}"
-
-
-def baseline_written_line(path: str, peak: int) -> str:
-    return f"baseline written to {path}: peak {format_bytes(peak)}"
-
-
-def check_document(doc: dict[str, Any], found: list[Any], tolerance: float) -> dict[str, Any]:
-    return {**doc, "check": {"tolerance": tolerance, "regressions": [g.__dict__ for g in found]}}
-
-
 def print_check(found: list[Any], tolerance: float, peak: int, baseline_peak: int) -> None:
     console = stdout_console()
     if found:
@@ -489,19 +298,6 @@ def print_check(found: list[Any], tolerance: float, peak: int, baseline_peak: in
         return
     console.print(f"[green]OK[/green]: peak {format_bytes(peak)} (baseline {format_bytes(baseline_peak)}); "
                   f"nothing grew more than {100 * tolerance:g}%")
-
-
-def estimate_document(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any,
-                      capacity: Any = None) -> dict[str, Any]:
-    doc = to_json(spec, [result], result.device)
-    doc["estimated"] = True
-    doc["analytic"] = formulas
-    if fit is not None:
-        doc["fits"] = {"budget_bytes": fit.budget, "fits": fit.fits, "margin_bytes": fit.margin,
-                       "single_strategies_that_fit": fit.helpers, "not_tried": fit.not_tried}
-    if capacity is not None:
-        doc["capacity"] = capacity.to_json()
-    return doc
 
 
 def print_estimate(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any,
@@ -515,10 +311,6 @@ def print_estimate(spec: Spec, result: RunResult, formulas: dict[str, int | None
         console.print(line)
 
 
-def _apart(formula: int, traced: int) -> str:
-    return f"{100 * (formula - traced) / traced:+.1f}%" if traced else "-"
-
-
 def capacity_table(spec: Spec, cap: Any) -> Table:
     """What fits in the budget, by estimates, beside the formula's answers."""
     g, batch = spec.generate, spec.train.batch_size
@@ -529,28 +321,12 @@ def capacity_table(spec: Spec, cap: Any) -> Table:
     b = cap.batch[0] if cap.batch else 0
     table.add_row(f"sequences of {g.prompt_len} + {g.new_tokens} tokens", f"{b:,}",
                   format_bytes(cap.batch[1]) if cap.batch else "-", f"{cap.formula['max_batch']:,}",
-                  _apart(cap.formula["max_batch"], b))
+                  apart(cap.formula["max_batch"], b))
     c = cap.context[0] if cap.context else 0
     limit = " (max_seq_len)" if c == cap.context_limit else ""
     table.add_row(f"context at batch {batch} (tokens)", f"{c:,}{limit}", format_bytes(cap.context[1]) if cap.context
-                  else "-", f"{cap.formula['max_context']:,}", _apart(cap.formula["max_context"], c))
+                  else "-", f"{cap.formula['max_context']:,}", apart(cap.formula["max_context"], c))
     return table
-
-
-def winner_yaml(best: dict[str, Any], outcome: Any, budget: str) -> str:
-    """The winning spec as YAML, with a header saying where it came from."""
-    import yaml
-
-    header = (f"# written by memopt optimize --budget {budget}: {outcome.winner.label}, estimated peak "
-              f"{format_bytes(outcome.winner.peak)}\n")
-    return header + yaml.safe_dump(best, sort_keys=False)
-
-
-def optimize_document(best: dict[str, Any], outcome: Any, cap: float | None) -> dict[str, Any]:
-    return {"schema": SCHEMA, "budget_bytes": outcome.budget, "winner": best["strategies"],
-            "candidates": [c.to_dict() for c in outcome.ranked], "evaluated": outcome.evaluated,
-            "search_s": outcome.seconds, "measured_here": outcome.measured_here,
-            "max_drift": cap, "left_out_for_drift": outcome.rejected}
 
 
 def print_optimize(outcome: Any, top: int, cap: float | None, output: str | None) -> None:
