@@ -12,12 +12,32 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 
 def _number(value: float | None) -> float:
     """A float from JSON, where strict writers put null for NaN and infinities."""
     return math.nan if value is None else value
+
+
+class Category(str, Enum):
+    """Where a tensor's bytes are counted. A str, so that JSON keys and older results (plain strings) compare equal."""
+
+    PARAMS = "params"
+    BUFFERS = "buffers"
+    GRADS = "grads"
+    OPTIMIZER = "optimizer"
+    ACTIVATIONS = "activations"   # saved for backward
+    KV_CACHE = "kv_cache"
+    UNSHARD = "unshard"           # parameters an FSDP unit gathered for compute
+    TEMPORARIES = "temporaries"   # everything else
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass

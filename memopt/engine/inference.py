@@ -22,7 +22,7 @@ import torch
 
 from memopt.core._torch_private import in_fake_mode
 from memopt.core.errors import OutOfMemory
-from memopt.core.results import RunResult
+from memopt.core.results import Category, RunResult
 from memopt.engine.devices import block_size, limit_watch, sync
 from memopt.engine.step import Progress, make_batch, phase, prepare, reporting_to
 from memopt.measure.tracker import ModelWatch, TensorTracker, host_peaks
@@ -62,7 +62,7 @@ def generate(session: Any, prompt: torch.Tensor, tracker: TensorTracker | None =
     out = Generation(tokens=prompt[:, :0])
 
     def on_new(t: torch.Tensor) -> None:
-        session.saved.mark(t, "kv_cache")
+        session.saved.mark(t, Category.KV_CACHE)
 
     with phase(tracker, "prefill"):
         began = time.perf_counter()

@@ -33,17 +33,23 @@ from memopt.core._torch_private import (
     storage_key,
 )
 from memopt.core.errors import OutOfMemory
-from memopt.core.results import HostPeaks, StepMemory
+from memopt.core.results import Category, HostPeaks, StepMemory
 from memopt.core.units import format_bytes
 
-CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
-STATE_CATEGORIES = ("params", "buffers", "grads", "optimizer", "kv_cache")
+CATEGORIES = (Category.PARAMS, Category.BUFFERS, Category.GRADS, Category.OPTIMIZER, Category.ACTIVATIONS,
+              Category.TEMPORARIES)
+STATE_CATEGORIES = (Category.PARAMS, Category.BUFFERS, Category.GRADS, Category.OPTIMIZER, Category.KV_CACHE)
 PHASES = ("forward", "backward", "optimizer")
 # inference: nothing is saved for backward; generation keeps the keys and values of the tokens seen so far
-MODE_CATEGORIES = {"train": CATEGORIES, "infer": ("params", "buffers", "kv_cache", "temporaries"),
-                   "generate": ("params", "buffers", "kv_cache", "temporaries")}
+INFERENCE_CATEGORIES = (Category.PARAMS, Category.BUFFERS, Category.KV_CACHE, Category.TEMPORARIES)
+MODE_CATEGORIES = {"train": CATEGORIES, "infer": INFERENCE_CATEGORIES, "generate": INFERENCE_CATEGORIES}
 MODE_PHASES = {"train": PHASES, "infer": ("forward",), "generate": ("prefill", "decode")}
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 bytes
+
+def _by_name(by_category: dict[Category, int]) -> dict[str, int]:
+    """Results hold categories by name (plain strings, as in their JSON)."""
+    return {str(category): nbytes for category, nbytes in by_category.items()}
+
 
 def _tensors(out: Any) -> Iterator[torch.Tensor]:
     if isinstance(out, torch.Tensor):
@@ -62,8 +68,8 @@ class TensorTracker(TorchDispatchMode):
         self.device_type = device_type
         self.categories, self.phases = MODE_CATEGORIES[mode], MODE_PHASES[mode]
         if unshard:  # FSDP: the all-gathered parameters of the units being computed
-            self.categories = (*self.categories, "unshard")
-        self.new_category = "temporaries"  # what a storage no one has claimed yet counts as
+            self.categories = (*self.categories, Category.UNSHARD)
+        self.new_category = Category.TEMPORARIES  # what a storage no one has claimed yet counts as
         self._depth = 0  # entered how many times: re-entered to see inside composite ops (inference_mode)
         self.round_to = round_to or (CUDA_BLOCK if device_type == "cuda" else 1)
         self.limit_bytes = limit_bytes
@@ -95,14 +101,14 @@ class TensorTracker(TorchDispatchMode):
     def result(self) -> StepMemory:
         timeline = self.timeline if self.timeline is not None else self._frozen_timeline
         timeline = list(timeline) if timeline is not None else None
-        return StepMemory(self.peak, dict(self.peak_breakdown), dict(self.category_peak),
-                          dict(self.phase_peak), dict(self.state_bytes), self.peak_phase, self.peak_module, timeline)
+        return StepMemory(self.peak, _by_name(self.peak_breakdown), _by_name(self.category_peak),
+                          dict(self.phase_peak), _by_name(self.state_bytes), self.peak_phase, self.peak_module, timeline)
 
     def _nbytes(self, storage: Any) -> int:
         n = storage.nbytes()
         return -(-n // self.round_to) * self.round_to
 
-    def _add(self, storage: Any, category: str) -> None:
+    def _add(self, storage: Any, category: Category) -> None:
         key = storage_key(storage)
         n = self._nbytes(storage)
         ref = weakref.ref(storage, lambda _ref, k=key: self._free(k))  # type: ignore[misc]
@@ -165,7 +171,7 @@ class TensorTracker(TorchDispatchMode):
         self._add(storage, entry[1])  # a growth is an allocation: peaks and the limit apply
 
     @contextlib.contextmanager
-    def allocating_as(self, category: str) -> Iterator[None]:
+    def allocating_as(self, category: Category) -> Iterator[None]:
         """New storages count as ``category`` inside (FSDP's all-gather buffers as unshard)."""
         before, self.new_category = self.new_category, category
         try:
@@ -173,7 +179,7 @@ class TensorTracker(TorchDispatchMode):
         finally:
             self.new_category = before
 
-    def regrown(self, tensor: torch.Tensor, category: str) -> None:
+    def regrown(self, tensor: torch.Tensor, category: Category) -> None:
         """``tensor``'s storage was grown in place (``resize_``): counted again, or counted as ``category`` if new."""
         storage = local_tensor(tensor).untyped_storage()
         if storage_key(storage) in self._live:
@@ -181,7 +187,7 @@ class TensorTracker(TorchDispatchMode):
         else:
             self.mark(tensor, category)
 
-    def mark(self, tensor: torch.Tensor, category: str, only_from: str | None = None) -> None:
+    def mark(self, tensor: torch.Tensor, category: Category, only_from: Category | None = None) -> None:
         """Put ``tensor``'s storage in ``category`` (tracking it if new); a DTensor's local shard."""
         tensor = local_tensor(tensor)
         try:
@@ -204,7 +210,7 @@ class TensorTracker(TorchDispatchMode):
         if self._at_peak:
             self.peak_breakdown = dict(self.bytes)
 
-    def mark_all(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+    def mark_all(self, tensors: Iterable[torch.Tensor], category: Category) -> None:
         for t in tensors:
             self.mark(t, category)
 
@@ -250,7 +256,7 @@ class TensorTracker(TorchDispatchMode):
 
     def saved(self, tensor: torch.Tensor) -> None:
         """``tensor`` is kept for backward: an activation (strategies with own hooks report through this)."""
-        self.mark(tensor, "activations", only_from="temporaries")
+        self.mark(tensor, Category.ACTIVATIONS, only_from=Category.TEMPORARIES)
 
     def saved_tensors(self) -> contextlib.AbstractContextManager[None]:
         """Around forward+backward: storages autograd saves become activations."""
@@ -267,12 +273,12 @@ class ModelWatch:
         for name, module in model.named_modules():
             self._handles.append(module.register_forward_pre_hook(self._entering(name or "model")))
             self._handles.append(module.register_forward_hook(self._leaving(name or "model")))
-        tracker.mark_all(model.parameters(), "params")
-        tracker.mark_all(model.buffers(), "buffers")
+        tracker.mark_all(model.parameters(), Category.PARAMS)
+        tracker.mark_all(model.buffers(), Category.BUFFERS)
         for p in model.parameters():
             if p.requires_grad:
                 if p.grad is not None:
-                    tracker.mark(p.grad, "grads")
+                    tracker.mark(p.grad, Category.GRADS)
                 self._handles.append(p.register_hook(self._on_grad))
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
         self.rescan_optimizer()
@@ -296,11 +302,11 @@ class ModelWatch:
         return hook
 
     def _on_grad(self, grad: torch.Tensor) -> None:
-        self.tracker.mark(grad, "grads")
+        self.tracker.mark(grad, Category.GRADS)
 
     def _on_accumulated(self, param: torch.Tensor) -> None:
         if param.grad is not None:
-            self.tracker.mark(param.grad, "grads")
+            self.tracker.mark(param.grad, Category.GRADS)
 
     def rescan_optimizer(self) -> None:
         """Classify tensors in ``optimizer.state`` (created lazily by the first step)."""
@@ -309,7 +315,7 @@ class ModelWatch:
         for state in getattr(self.optimizer, "state", {}).values():
             for value in state.values():
                 if isinstance(value, torch.Tensor):
-                    self.tracker.mark(value, "optimizer")
+                    self.tracker.mark(value, Category.OPTIMIZER)
 
     def close(self) -> None:
         for h in self._handles:

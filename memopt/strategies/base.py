@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from memopt.core.results import Category
 from memopt.model.kv_plan import KvPlan
 from memopt.spec.strategy_spec import Options
 
@@ -51,7 +52,7 @@ class SavedTensors:
         if self.observer is not None:
             self.observer(tensor)
 
-    def mark(self, tensor: torch.Tensor, category: str) -> None:
+    def mark(self, tensor: torch.Tensor, category: Category) -> None:
         if self.tracker is not None:
             self.tracker.mark(tensor, category)
 

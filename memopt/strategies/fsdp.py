@@ -22,6 +22,7 @@ from pydantic import Field
 from memopt.adapters import ModelAdapter
 from memopt.core._torch_private import device_mesh, fsdp_memory_reporting, in_fake_mode, replicate
 from memopt.core.errors import StrategyError
+from memopt.core.results import Category
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 
@@ -117,10 +118,10 @@ class Fsdp(Strategy[FsdpOptions]):
         if tracker is None:
             yield
             return
-        with fsdp_memory_reporting(lambda t: tracker.regrown(t, "unshard"),
+        with fsdp_memory_reporting(lambda t: tracker.regrown(t, Category.UNSHARD),
                                    lambda t: tracker.resized(t.untyped_storage()),
-                                   lambda t: tracker.mark(t, "grads"),
-                                   lambda: tracker.allocating_as("unshard")):
+                                   lambda t: tracker.mark(t, Category.GRADS),
+                                   lambda: tracker.allocating_as(Category.UNSHARD)):
             yield
 
     def report(self) -> dict[str, Any]:

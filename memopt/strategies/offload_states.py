@@ -30,6 +30,7 @@ from torch import nn
 from memopt.adapters import ModelAdapter
 from memopt.core._torch_private import current_saved_tensors_hooks, in_fake_mode, storage_key
 from memopt.core.errors import StrategyError
+from memopt.core.results import Category
 from memopt.strategies import register
 from memopt.strategies.base import Options, SavedTensors, StepPlan, Strategy
 from memopt.strategies.tiers import DiskTier, FakeTier, HostTier, Tier
@@ -299,7 +300,7 @@ class OffloadedOptimizer:
             grad = p.grad
             if id(p) in self.has_grad:
                 grad = torch.empty(p.shape, dtype=p.dtype, device=p.device)
-                self.saved.mark(grad, "grads")
+                self.saved.mark(grad, Category.GRADS)
                 self.tier.read_into(self.grad_keys[id(p)], grad)
                 self.has_grad.discard(id(p))
             if grad is not None:
@@ -355,7 +356,7 @@ class OffloadedOptimizer:
             moments = []
             for name in ("exp_avg", "exp_avg_sq"):
                 value = torch.zeros_like(chunk) if steps == 1 else torch.empty_like(chunk)
-                self.saved.mark(value, "optimizer")
+                self.saved.mark(value, Category.OPTIMIZER)
                 if steps > 1:
                     self.tier.read_into(f"{prefix}_{name}", value, start * size)
                 moments.append(value)
@@ -380,7 +381,7 @@ class OffloadedOptimizer:
                 state[name] = kept  # a plain value, kept as it was
                 continue
             value = torch.empty(kept[0], dtype=kept[1], device=target.device)
-            self.saved.mark(value, "optimizer")
+            self.saved.mark(value, Category.OPTIMIZER)
             self.tier.read_into(f"{prefix}_{name}", value)
             state[name] = value
         opt.state[target] = state
