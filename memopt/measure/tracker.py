@@ -101,8 +101,8 @@ class TensorTracker(TorchDispatchMode):
     def result(self) -> StepMemory:
         timeline = self.timeline if self.timeline is not None else self._frozen_timeline
         timeline = list(timeline) if timeline is not None else None
-        return StepMemory(self.peak, _by_name(self.peak_breakdown), _by_name(self.category_peak),
-                          dict(self.phase_peak), _by_name(self.state_bytes), self.peak_phase, self.peak_module, timeline)
+        return StepMemory(self.peak, _by_name(self.peak_breakdown), _by_name(self.category_peak), dict(self.phase_peak),
+                          _by_name(self.state_bytes), self.peak_phase, self.peak_module, timeline)
 
     def _nbytes(self, storage: Any) -> int:
         n = storage.nbytes()
