@@ -68,7 +68,8 @@ def collect(only: str = "") -> dict[str, Any]:
                         extra_args = [*extra_args, "--seq-len", "32"]
                     done = subprocess.run([sys.executable, "-m", "memopt", command, *args, *extra_args, "--json"],
                                           capture_output=True, text=True, cwd=ROOT)
-                    out[key] = scrub(json.loads(done.stdout)) if done.returncode == 0 else {
+                    text = done.stdout.replace(tmp, "TMP")  # the temporary folder's name differs each time
+                    out[key] = scrub(json.loads(text)) if done.returncode == 0 else {
                         "exit": done.returncode, "stderr": done.stderr.strip().splitlines()[-1:]}
     return out
 

@@ -180,52 +180,61 @@ def fsdp_memory_reporting(on_unshard_alloc: Callable[[torch.Tensor], None],
     """Tell a tracker what FSDP2 does to memory where no dispatched op shows it: its all-gather outputs are
     grown and freed by resizing their storages (``alloc_storage``/``free_storage``), and the sharded gradients
     are set after the reduce-scatter. Patches FSDPParam and FSDPParamGroup methods for the duration."""
-    import itertools
-
     from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
     originals: dict[tuple[type, str], Any] = {
-        (FSDPParam, "alloc_all_gather_outputs"): FSDPParam.alloc_all_gather_outputs,
-        (FSDPParam, "free_unsharded_param"): FSDPParam.free_unsharded_param,
-        (FSDPParamGroup, "unshard"): FSDPParamGroup.unshard,
-        (FSDPParamGroup, "wait_for_unshard"): FSDPParamGroup.wait_for_unshard,
-        (FSDPParamGroup, "post_backward"): FSDPParamGroup.post_backward}
+        (cls, name): getattr(cls, name) for cls, name in (
+            (FSDPParam, "alloc_all_gather_outputs"), (FSDPParam, "free_unsharded_param"),
+            (FSDPParamGroup, "unshard"), (FSDPParamGroup, "wait_for_unshard"), (FSDPParamGroup, "post_backward"))}
+    reporting = _fsdp_reporting_methods(originals, on_unshard_alloc, on_unshard_free, on_sharded_grad,
+                                        allocating_as_unshard)
+    for (cls, name), fn in reporting.items():
+        setattr(cls, name, fn)
+    try:
+        yield
+    finally:
+        for (cls, name), fn in originals.items():
+            setattr(cls, name, fn)
+
+
+def _fsdp_reporting_methods(originals: dict[tuple[type, str], Any],
+                            on_unshard_alloc: Callable[[torch.Tensor], None],
+                            on_unshard_free: Callable[[torch.Tensor], None],
+                            on_sharded_grad: Callable[[torch.Tensor], None],
+                            allocating_as_unshard: Callable[[], Any]) -> dict[tuple[type, str], Any]:
+    """The FSDPParam / FSDPParamGroup methods of ``originals``, each calling the original and telling the tracker."""
+    import itertools
+
+    by_name = {name: (cls, name) for cls, name in originals}
 
     def alloc(self: Any) -> None:
-        originals[(FSDPParam, "alloc_all_gather_outputs")](self)
+        originals[by_name["alloc_all_gather_outputs"]](self)
         for t in self.all_gather_outputs:
             on_unshard_alloc(t)
 
     def free(self: Any) -> None:
-        originals[(FSDPParam, "free_unsharded_param")](self)
+        originals[by_name["free_unsharded_param"]](self)
         for t in itertools.chain(self.all_gather_outputs, self._unsharded_inner_tensors):
             on_unshard_free(t)
 
     def as_unshard(name: str) -> Callable[..., Any]:
         def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
             with allocating_as_unshard():
-                return originals[(FSDPParamGroup, name)](self, *args, **kwargs)
+                return originals[by_name[name]](self, *args, **kwargs)
         return wrapped
 
     def post_backward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = originals[(FSDPParamGroup, "post_backward")](self, *args, **kwargs)
+        out = originals[by_name["post_backward"]](self, *args, **kwargs)
         for fsdp_param in self.fsdp_params:
             grad = fsdp_param.sharded_param.grad
             if grad is not None:
                 on_sharded_grad(local_tensor(grad))
         return out
 
-    FSDPParam.alloc_all_gather_outputs = alloc  # type: ignore[method-assign]
-    FSDPParam.free_unsharded_param = free  # type: ignore[method-assign]
-    FSDPParamGroup.unshard = as_unshard("unshard")  # type: ignore[method-assign]
-    FSDPParamGroup.wait_for_unshard = as_unshard("wait_for_unshard")  # type: ignore[method-assign]
-    FSDPParamGroup.post_backward = post_backward  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for (cls, name), fn in originals.items():
-            setattr(cls, name, fn)
+    return {by_name["alloc_all_gather_outputs"]: alloc, by_name["free_unsharded_param"]: free,
+            by_name["unshard"]: as_unshard("unshard"), by_name["wait_for_unshard"]: as_unshard("wait_for_unshard"),
+            by_name["post_backward"]: post_backward}
 
 
 def replicate(module: torch.nn.Module) -> None:

@@ -24,7 +24,7 @@ from memopt.core._torch_private import in_fake_mode
 from memopt.core.errors import OutOfMemory
 from memopt.core.results import Category, RunResult
 from memopt.engine.devices import block_size, limit_watch, sync
-from memopt.engine.step import Progress, make_batch, phase, prepare, reporting_to
+from memopt.engine.step import Progress, add_strategy_facts, make_batch, phase, prepare, reporting_to
 from memopt.measure.tracker import ModelWatch, TensorTracker, host_peaks
 from memopt.model.transformer import count_parameters
 from memopt.spec import Spec
@@ -176,11 +176,7 @@ def _measure(spec: Spec, name: str, session: Any, timeline: bool, device_memory:
     result.memory = tracker.result()
     result.step_time_s = statistics.median(result.step_times_s)
     result.inference = _facts(spec, result, runs, fake)
-    for strategy in session.strategies:
-        facts = strategy.report()
-        if facts:
-            result.strategy_facts[strategy.name] = facts
-    result.notes.extend(session.plan.notes)
+    add_strategy_facts(session, result)
     return result
 
 

@@ -15,6 +15,7 @@ from memopt.adapters import ModelAdapter
 from memopt.adapters.build import build_adapter, user_batch, vocab_size
 from memopt.core._torch_private import in_fake_mode, is_fake
 from memopt.core.errors import MemoptError
+from memopt.core.results import RunResult
 from memopt.engine.data import text_batch
 from memopt.engine.devices import resolve_device
 from memopt.engine.ranks import rank
@@ -205,6 +206,15 @@ def create_optimizer_state(session: Session) -> None:
         opt.step()
     for p in params:
         p.grad = None
+
+
+def add_strategy_facts(session: Session, result: RunResult) -> None:
+    """What each strategy reports of its run (bytes it moved, kernels it used), and the step plan's notes."""
+    for strategy in session.strategies:
+        facts = strategy.report()
+        if facts:
+            result.strategy_facts[strategy.name] = facts
+    result.notes.extend(session.plan.notes)
 
 
 def save_gradients(path: str) -> Callable[[Session], None]:

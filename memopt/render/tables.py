@@ -35,8 +35,6 @@ def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = 
 
     ``title`` replaces the profile's (made from ``spec``; memopt.app.track has no spec); ``warmed_up`` false: the
     step time does not say "after a warm-up"."""
-    mem = result.memory
-    assert mem is not None
     if title is None:
         assert spec is not None, "profile_tables needs a spec or a title"
         title = profile_title(spec, result)
@@ -44,51 +42,72 @@ def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = 
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_column(style="dim")
+    for row in (*_memory_rows(result), *_run_rows(result, warmed_up), *_strategy_rows(result)):
+        summary.add_row(*row)
+    tables = [summary, _breakdown_table(result)]
+    if result.ranks:
+        tables.append(ranks_table(result))
+    return [*tables, _phase_table(result)]
+
+
+Row = tuple[str, str, str]
+
+
+def _memory_rows(result: RunResult) -> list[Row]:
+    """The peak, where it happened, and the other views of memory (CUDA's allocator, the OS, the Python heap)."""
+    mem = result.memory
+    assert mem is not None
     where = f" in {mem.peak_module}" if mem.peak_module else ""
-    summary.add_row("Peak tensor memory", format_bytes(mem.peak_bytes), f"during {mem.peak_phase}{where}")
+    rows = [("Peak tensor memory", format_bytes(mem.peak_bytes), f"during {mem.peak_phase}{where}")]
     if result.host.cuda:
-        summary.add_row("CUDA max allocated", format_bytes(result.host.cuda["max_allocated_bytes"]),
-                        "torch.cuda.max_memory_allocated")
-        summary.add_row("CUDA max reserved", format_bytes(result.host.cuda["max_reserved_bytes"]),
-                        "allocator cache")
-    summary.add_row("Process RSS peak", format_bytes(result.host.rss_peak_bytes),
-                    "OS view of the process")
+        rows += [("CUDA max allocated", format_bytes(result.host.cuda["max_allocated_bytes"]),
+                  "torch.cuda.max_memory_allocated"),
+                 ("CUDA max reserved", format_bytes(result.host.cuda["max_reserved_bytes"]), "allocator cache")]
+    rows.append(("Process RSS peak", format_bytes(result.host.rss_peak_bytes), "OS view of the process"))
     if not result.estimated:
-        summary.add_row("Python heap peak", format_bytes(result.host.python_heap_peak_bytes),
-                        "tracemalloc: not tensors")
+        rows.append(("Python heap peak", format_bytes(result.host.python_heap_peak_bytes), "tracemalloc: not tensors"))
+    return rows
+
+
+def _run_rows(result: RunResult, warmed_up: bool) -> list[Row]:
+    """Time, loss, the inference facts and the parameters."""
+    runs = f"of {len(result.step_times_s)}"
     if result.estimated:
-        summary.add_row("Trace time", f"{result.step_time_s:.1f} s", "one step on fake tensors")
+        rows = [("Trace time", f"{result.step_time_s:.1f} s", "one step on fake tensors")]
     elif result.inference is not None:
         what = "generation" if result.inference["mode"] == "generate" else "forward pass"
-        summary.add_row(f"Time per {what} (median)", f"{result.step_time_s * 1000:.1f} ms",
-                        f"of {len(result.step_times_s)}, after a warm-up")
+        rows = [(f"Time per {what} (median)", f"{result.step_time_s * 1000:.1f} ms", f"{runs}, after a warm-up")]
     else:
-        summary.add_row("Step time (median)", f"{result.step_time_s * 1000:.1f} ms",
-                        f"of {len(result.step_times_s)}" + (", after a warm-up" if warmed_up else ""))
-        summary.add_row("Loss", f"{result.loss:.4f}", "")
+        rows = [("Step time (median)", f"{result.step_time_s * 1000:.1f} ms",
+                 runs + (", after a warm-up" if warmed_up else "")),
+                ("Loss", f"{result.loss:.4f}", "")]
     if result.inference is not None:
-        for label, value, note in inference_rows(result.inference):
-            summary.add_row(label, value, note)
-        summary.add_row("Parameters", f"{result.params_total:,}", "inference: none trains")
-    else:
-        summary.add_row("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")
-    if result.drift is not None and "tokens_differ" in result.drift:
-        summary.add_row("Accuracy drift", drift_text(result.drift),
-                        "greedy tokens that differ from the unchanged model's; logits' relative error up to "
-                        "the first different token")
-    elif result.drift is not None:
-        summary.add_row("Accuracy drift", drift_text(result.drift),
-                        f"logits vs unchanged model, {drift_when(result.drift)}; "
-                        f"loss {result.drift['loss_delta']:+.4f}")
-    if result.strategies:
-        summary.add_row("Strategies", ", ".join(next(iter(s)) for s in result.strategies), "")
-    for name, facts in result.strategy_facts.items():
-        for key, value in facts.items():
-            shown = format_bytes(value) if key.endswith("bytes") else str(value)
-            summary.add_row(f"{name}: {key.replace('_', ' ')}", shown, "")
-    for note in result.notes:
-        summary.add_row("Note", "", note)
+        return [*rows, *inference_rows(result.inference),
+                ("Parameters", f"{result.params_total:,}", "inference: none trains")]
+    return [*rows, ("Parameters", f"{result.params_total:,}", f"{result.params_trainable:,} trainable")]
 
+
+def _strategy_rows(result: RunResult) -> list[Row]:
+    """Accuracy drift, the strategies, what each reported, and the notes."""
+    rows: list[Row] = []
+    if result.drift is not None and "tokens_differ" in result.drift:
+        rows.append(("Accuracy drift", drift_text(result.drift),
+                     "greedy tokens that differ from the unchanged model's; logits' relative error up to "
+                     "the first different token"))
+    elif result.drift is not None:
+        rows.append(("Accuracy drift", drift_text(result.drift),
+                     f"logits vs unchanged model, {drift_when(result.drift)}; loss {result.drift['loss_delta']:+.4f}"))
+    if result.strategies:
+        rows.append(("Strategies", ", ".join(next(iter(s)) for s in result.strategies), ""))
+    for name, facts in result.strategy_facts.items():
+        rows += [(f"{name}: {key.replace('_', ' ')}", format_bytes(value) if key.endswith("bytes") else str(value), "")
+                 for key, value in facts.items()]
+    return rows + [("Note", "", note) for note in result.notes]
+
+
+def _breakdown_table(result: RunResult) -> Table:
+    mem = result.memory
+    assert mem is not None
     breakdown = Table(title="Where the bytes go", title_justify="left")
     for col, justify in (("category", "left"), ("at peak", "right"), ("share", "right"),
                          ("own peak", "right"), ("after step", "right"), ("what", "left")):
@@ -99,17 +118,19 @@ def profile_tables(spec: Spec | None, result: RunResult, *, title: str | None = 
                           format_bytes(mem.category_peak_bytes[c]),
                           format_bytes(state) if state is not None else "-", CATEGORY_HELP.get(c, ""))
     breakdown.add_row("total", format_bytes(mem.peak_bytes), "100%", "", "", "", style="bold")
+    return breakdown
 
-    tables = [summary, breakdown]
-    if result.ranks:
-        tables.append(ranks_table(result))
+
+def _phase_table(result: RunResult) -> Table:
+    mem = result.memory
+    assert mem is not None
     phases = Table(title="Peak by phase", title_justify="left")
     phases.add_column("phase")
     phases.add_column("peak", justify="right")
     phases.add_column("of step peak", justify="right")
     for p in mem.phase_peak_bytes:
         phases.add_row(p, format_bytes(mem.phase_peak_bytes[p]), percent_of(mem.phase_peak_bytes[p], mem.peak_bytes))
-    return [*tables, phases]
+    return phases
 
 
 RANK_COLUMNS = 8  # more ranks than this: min / max / the rank at the peak instead of a column each

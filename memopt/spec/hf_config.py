@@ -80,24 +80,14 @@ def _load_config(source: str, overrides_json: str, _stamp: int) -> Any:
     causal = _causal_types()
     path = config_file(source)
     overrides = json.loads(overrides_json)
-    data: dict[str, Any] = {}
     if path is None:
         if source not in mapping:
             raise MemoptError(f"hf: {source}: no such file, nor a model_type such as llama, mistral, gpt2, "
                               f"qwen2 or gemma{_did_you_mean(source, causal)}")
+        data: dict[str, Any] = {}
         model_type = source
     else:
-        if not path.exists():
-            where = f"{path.parent} has no config.json" if path.name == "config.json" else f"{path}: no such file"
-            raise MemoptError(f"hf: {where}")
-        try:
-            data = json.loads(read_input(path, "config.json", CONFIG_LIMIT_BYTES))
-        except MemoptError as exc:  # not a regular file, too large, not UTF-8: named after the field
-            raise MemoptError(f"hf: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise MemoptError(f"hf: {path}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-        if not isinstance(data, dict):
-            raise MemoptError(f"hf: {path}: expected a JSON object, got {type(data).__name__}")
+        data = _config_json(path)
         named = data.get("model_type")
         if not isinstance(named, str) or named not in mapping:
             raise MemoptError(f"hf: {path}: unknown model_type {named!r}{_did_you_mean(str(named), causal)}")
@@ -115,6 +105,22 @@ def _load_config(source: str, overrides_json: str, _stamp: int) -> Any:
         where = f"{path}" if path is not None else source
         text = " ".join(str(exc).split()).replace("; ", ", ")  # '; ' separates spec problems
         raise MemoptError(f"hf: {where}: {cls.__name__} refused it: {text}") from None
+
+
+def _config_json(path: Path) -> dict[str, Any]:
+    """A config.json's object; MemoptError naming ``hf`` when it is missing, not a regular file, or not an object."""
+    if not path.exists():
+        where = f"{path.parent} has no config.json" if path.name == "config.json" else f"{path}: no such file"
+        raise MemoptError(f"hf: {where}")
+    try:
+        data = json.loads(read_input(path, "config.json", CONFIG_LIMIT_BYTES))
+    except MemoptError as exc:  # not a regular file, too large, not UTF-8: named after the field
+        raise MemoptError(f"hf: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise MemoptError(f"hf: {path}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise MemoptError(f"hf: {path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def config_facts(source: str, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -204,34 +204,15 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
     if not isinstance(data, dict):
         raise SpecError([f"{source}: expected a mapping with model/train/run at the top, "
                          f"got {type(data).__name__}"])
-    data = dict(data)
+    overrides = overrides or {}
     problems: list[str] = []
-    data["model"] = _expand_preset(data.get("model", {}), problems)
-    both = all((overrides or {}).get(key) is not None for key in MODEL_OVERRIDES)
-    if both:
-        problems.append("--hf and --model each name a model: give one of them")
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key in MODEL_OVERRIDES:  # --hf PATH / --model pkg.mod:factory replace the spec's model
-            data["model"] = {} if both else {key: value}  # both: neither is imported or read
-            continue
-        if key == "world_size":  # a strategy option (not in OVERRIDE_PATHS): set with the strategies below
-            continue
-        section, field = OVERRIDE_PATHS[key]
-        if not isinstance(data.get(section, {}), dict):
-            continue  # reported by validation below
-        data[section] = {**data.get(section, {}), field: value}
-    run = data.get("run")
-    if isinstance(run, dict) and isinstance(run.get("dtype"), str):
-        data["run"] = {**run, "dtype": DTYPE_ALIASES.get(run["dtype"], run["dtype"])}
+    data = _with_overrides(dict(data), overrides, problems)
     raw_strategies = data.pop("strategies", None) if strategies is None else strategies
     data.pop("strategies", None)
     parsed = _parse_strategies(raw_strategies, problems)
-    world = (overrides or {}).get("world_size")
-    if world is not None:
-        parsed = _with_world_size(parsed, world, problems)
-    data["model"] = _model_section(data["model"], problems, overrides or {})
+    if overrides.get("world_size") is not None:
+        parsed = _with_world_size(parsed, overrides["world_size"], problems)
+    data["model"] = _model_section(data["model"], problems, overrides)
     if data["model"] is None:
         del data["model"]  # its problems are listed already
     spec = None
@@ -241,11 +222,32 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
         problems.extend(describe(err, Spec) for err in exc.errors())
     if spec is not None:
         problems += _cross_problems(spec) if "model" in data else []
-        problems += _unused_options(spec, overrides or {})
+        problems += _unused_options(spec, overrides)
     if problems:
         raise SpecError(problems)
     assert spec is not None
     return spec.with_strategies(tuple(parsed))
+
+
+def _with_overrides(data: dict[str, Any], overrides: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The spec's data with its preset expanded, the command line's overrides set and dtype aliases resolved."""
+    data["model"] = _expand_preset(data.get("model", {}), problems)
+    both = all(overrides.get(key) is not None for key in MODEL_OVERRIDES)
+    if both:
+        problems.append("--hf and --model each name a model: give one of them")
+    for key, value in overrides.items():
+        if value is None or key == "world_size":  # world_size: a strategy option, set with the strategies
+            continue
+        if key in MODEL_OVERRIDES:  # --hf PATH / --model pkg.mod:factory replace the spec's model
+            data["model"] = {} if both else {key: value}  # both: neither is imported or read
+            continue
+        section, field = OVERRIDE_PATHS[key]
+        if isinstance(data.get(section, {}), dict):  # not a mapping: reported by validation
+            data[section] = {**data.get(section, {}), field: value}
+    run = data.get("run")
+    if isinstance(run, dict) and isinstance(run.get("dtype"), str):
+        data["run"] = {**run, "dtype": DTYPE_ALIASES.get(run["dtype"], run["dtype"])}
+    return data
 
 
 GENERATE_ONLY = ("prompt_len", "new_tokens", "cache")
@@ -355,28 +357,31 @@ def _parse_strategies(raw: Any, problems: list[str]) -> list[StrategySpec]:
     if not isinstance(raw, list):
         problems.append(f"strategies: expected a list of names or {{name: options}}, got {type(raw).__name__}")
         return []
-    out = []
-    for i, entry in enumerate(raw):
-        where = f"strategies[{i}]"
-        if isinstance(entry, str):
-            name, options = next(iter(parse_strategy(entry, where, problems).items()))
-        elif isinstance(entry, dict) and len(entry) == 1:
-            name, options = next(iter(entry.items()))
-            options = {} if options is None else options
-        else:
-            problems.append(f"{where}: expected a strategy name or a one-key mapping {{name: options}}")
-            continue
-        if not isinstance(name, str):
-            problems.append(f"{where}: strategy name must be a string, got {name!r}")
-            continue
-        if not isinstance(options, dict):
-            problems.append(f"{where}.{name}: options must be a mapping, got {type(options).__name__}")
-            continue
-        try:
-            out.append(strategy_spec(name, options))
-        except SpecError as exc:
-            problems.extend(f"{where}.{p}" if not p.startswith(where) else p for p in exc.problems)
+    out = [s for i, entry in enumerate(raw) if (s := _parse_entry(entry, f"strategies[{i}]", problems)) is not None]
     names = [s.name for s in out]
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(f"strategies: {name} is listed more than once")
     return out
+
+
+def _parse_entry(entry: Any, where: str, problems: list[str]) -> StrategySpec | None:
+    """One entry of ``strategies`` (its problems named ``where``), or None."""
+    if isinstance(entry, str):
+        name, options = next(iter(parse_strategy(entry, where, problems).items()))
+    elif isinstance(entry, dict) and len(entry) == 1:
+        name, options = next(iter(entry.items()))
+        options = {} if options is None else options
+    else:
+        problems.append(f"{where}: expected a strategy name or a one-key mapping {{name: options}}")
+        return None
+    if not isinstance(name, str):
+        problems.append(f"{where}: strategy name must be a string, got {name!r}")
+        return None
+    if not isinstance(options, dict):
+        problems.append(f"{where}.{name}: options must be a mapping, got {type(options).__name__}")
+        return None
+    try:
+        return strategy_spec(name, options)
+    except SpecError as exc:
+        problems.extend(f"{where}.{p}" if not p.startswith(where) else p for p in exc.problems)
+        return None
