@@ -31,7 +31,7 @@ class ChunkedPrefill(Strategy[ChunkedPrefillOptions]):
         return bool(options.chunk >= spec.generate.prompt_len)  # the prompt in one chunk: an ordinary prefill
 
     def check(self) -> None:
-        if self.options.chunk >= self.spec.generate.prompt_len:
+        if self.idle_at(self.options, self.spec):
             raise StrategyError(f"chunked_prefill.chunk: {self.options.chunk} covers the whole prompt of "
                                 f"{self.spec.generate.prompt_len} tokens, so nothing is chunked; make it smaller")
 

@@ -32,7 +32,8 @@ class KvWindow(Strategy[KvWindowOptions]):
 
     @classmethod
     def idle_at(cls, options: Any, spec: Spec) -> bool:
-        return bool(options.window >= spec.generate.positions)  # a window holding every position: a static cache
+        """A window that holds every position drops nothing: it is a static cache."""
+        return bool(options.window >= spec.generate.positions)
 
     def check(self) -> None:
         if self.spec.model.kind != "builtin":
@@ -40,7 +41,7 @@ class KvWindow(Strategy[KvWindowOptions]):
                                 "with a sliding window (Mistral) has its own in transformers' cache")
         if self.spec.generate.cache == "dynamic":
             raise StrategyError("kv_window: the window is a preallocated ring; it needs generate.cache: static")
-        if self.options.window >= self.spec.generate.positions:
+        if self.idle_at(self.options, self.spec):
             raise StrategyError(f"kv_window.window: {self.options.window} keeps every one of the "
                                 f"{self.spec.generate.positions} positions, so nothing is dropped; make it smaller")
 
