@@ -405,16 +405,16 @@ def test_what_gemma2_cannot_do_is_refused_with_the_reason(tmp_path):
 
 
 def test_without_transformers_the_message_names_the_install_command(monkeypatch):
-    import memopt.model.hf
+    import memopt.spec.hf_config
 
-    memopt.model.hf._load_config.cache_clear()
+    memopt.spec.hf_config._load_config.cache_clear()
     monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when not installed
     try:
         result = invoke(["estimate", "--hf", "llama", "--batch-size", 1, "--seq-len", 8])
         with pytest.raises(MemoptError, match=r"pip install 'memopt\[hf\]'"):
-            memopt.model.hf.transformers_module()
+            memopt.spec.hf_config.transformers_module()
     finally:
-        memopt.model.hf._load_config.cache_clear()
+        memopt.spec.hf_config._load_config.cache_clear()
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines() == [
         "error: --hf model.hf: llama: Hugging Face models need transformers: pip install 'memopt[hf]'"]

@@ -36,9 +36,9 @@ def test_device_memory_refuses_an_estimate_over_it_naming_the_phase():
 
 def test_device_memory_holds_from_the_build_on(monkeypatch):
     """Even when the estimate is skipped, the build and the warm-up step are watched, not only measured steps."""
-    import memopt.analysis.preflight
+    import memopt.app.profile
 
-    monkeypatch.setattr(memopt.analysis.preflight, "ensure_fits_here", lambda *a, **k: None)
+    monkeypatch.setattr(memopt.app.profile, "ensure_fits_here", lambda *a, **k: None)
     with pytest.raises(OutOfMemory, match="in the model build"):
         run(load_spec(CONFIGS / "tiny.yaml"), device_memory=2**19)  # the parameters alone are 0.89 MiB
     with pytest.raises(OutOfMemory, match="in the warm-up step"):

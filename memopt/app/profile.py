@@ -7,15 +7,18 @@ from __future__ import annotations
 from memopt.analysis.drift import drift_of
 from memopt.analysis.preflight import ensure_fits_here
 from memopt.core.results import RunResult
+from memopt.engine.devices import resolve_device
 from memopt.engine.run import run
 from memopt.engine.step import Progress
 from memopt.spec import Spec
+from memopt.strategies import build_strategies
 
 
 def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
             progress: Progress | None = None, grads_to: str | None = None) -> RunResult:
     """Preflight, drift, then the measured run (see memopt.engine.run.run). Raises MemoptError."""
     say = progress or (lambda _msg: None)
+    build_strategies(spec, resolve_device(spec.run.device))  # refused combinations: refused before anything runs
     if spec.world_size == 1:  # ranks: each rank's tracker holds --device-memory as it goes
         ensure_fits_here(spec, device_memory, say)
     drift = drift_of(spec, lambda: say(f"{name}: measuring accuracy drift against the unchanged model"))

@@ -81,10 +81,11 @@ class DiskTier(Tier):
 
     def _write(self, key: str, t: torch.Tensor, offset: int | None) -> None:
         path = self._path(key)
+        data = t.detach().contiguous()  # held here: _memory's buffer does not keep a temporary copy alive
         try:
             with open(path, "r+b" if offset is not None and path.exists() else "wb") as fh:
                 fh.seek(offset or 0)
-                fh.write(_memory(t.detach().contiguous()))
+                fh.write(_memory(data))
         except OSError as exc:
             self.close()
             raise MemoptError(f"{self.owner}: writing to {self.folder} failed: {exc.strerror or exc} (the "
