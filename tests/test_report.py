@@ -32,24 +32,24 @@ RUNS = [_run("baseline", 6 * 2**20),
              vs_baseline=VsBaseline(saving=0.5, slowdown=1.4, loss_delta=0.01, grad_cosine=0.999))]
 
 
-def _render(tables: list, width: int, terminal: bool) -> str:
+def _render(shown: list, width: int, terminal: bool) -> str:
     console = Console(width=width, force_terminal=terminal, color_system=None, record=True, legacy_windows=False)
-    tables.print_tables(tables, console)
+    tables.print_tables(shown, console)
     return console.export_text()
 
 
 def test_a_narrow_terminal_stacks_rows_instead_of_collapsing_columns():
-    text = _render([tables.compare_table(RUNS, "memopt compare")], 40, terminal=True)
-    assert all(len(line) <= 40 for line in text.splitlines())
+    rendered = _render([tables.compare_table(RUNS, "memopt compare")], 40, terminal=True)
+    assert all(len(line) <= 40 for line in rendered.splitlines())
     for label in ("peak", "saving", "step time", "train loss diff", "logit drift"):
-        assert label in text
-    assert "3.00 MiB" in text and "50.0%" in text and "1.20% @3" in text
-    assert "group_size=128" in text.replace("\n", "").replace(" ", "")  # the set is folded, not cut
+        assert label in rendered
+    assert "3.00 MiB" in rendered and "50.0%" in rendered and "1.20% @3" in rendered
+    assert "group_size=128" in rendered.replace("\n", "").replace(" ", "")  # the set is folded, not cut
 
 
 def test_piped_output_is_never_cut():
-    text = _render([tables.compare_table(RUNS, "memopt compare")], 80, terminal=False)
-    assert LONG in text and "…" not in text
+    rendered = _render([tables.compare_table(RUNS, "memopt compare")], 80, terminal=False)
+    assert LONG in rendered and "…" not in rendered
 
 
 def test_optimize_table_keeps_whole_strategy_sets_when_piped():
@@ -60,9 +60,9 @@ def test_optimize_table_keeps_whole_strategy_sets_when_piped():
 
 
 def test_compare_columns_say_what_they_are():
-    text = _render([tables.compare_table(RUNS, "t")], 200, terminal=True)
-    assert "train loss diff" in text and "logit drift" in text and "before training" in text
-    assert "after N identical steps" in text
+    rendered = _render([tables.compare_table(RUNS, "t")], 200, terminal=True)
+    assert "train loss diff" in rendered and "logit drift" in rendered and "before training" in rendered
+    assert "after N identical steps" in rendered
     assert "after 3 identical training steps" == text.drift_when(RUNS[1].drift)
 
 
