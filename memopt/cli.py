@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from memopt.core.errors import MemoptError
+from memopt.core.processes import user_output_to_stderr
 from memopt.core.version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -66,6 +67,9 @@ NewTokensOpt = Annotated[Optional[int], typer.Option("--new-tokens", help="--mod
                                                      "sequence (generate.new_tokens).", show_default=False)]
 CacheOpt = Annotated[Optional[str], typer.Option("--cache", help="--mode generate: static (preallocated) or dynamic "
                                                  "(grows each step) KV cache (generate.cache).", show_default=False)]
+FitCheckOpt = Annotated[bool, typer.Option(
+    "--no-fit-check", help="Start even when memopt's estimate says the run (or its --world-size ranks, one Python "
+    "interpreter each) will not fit in this machine's memory or --device-memory: the OS may then kill it.")]
 MarkdownOpt = Annotated[Optional[str], typer.Option("--markdown", metavar="FILE",
                                                     help="Also write the table as Markdown (for a PR comment).")]
 
@@ -81,33 +85,42 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-class _Interrupted:
-    """SIGINT seen: raised as KeyboardInterrupt at once, and again at the next progress update or write
-    (an interrupt raised inside a weakref callback or a destructor is swallowed by Python)."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; timeout, CI, docker stop; a closed terminal
 
-    flag = False
+
+class _Interrupted:
+    """SIGINT, SIGTERM or SIGHUP seen: raised as KeyboardInterrupt at once, and again at the next progress update or
+    write (an interrupt raised inside a weakref callback or a destructor is swallowed by Python). The command
+    stops what it started (ranks, child runs), writes nothing and exits 128 + the signal: 130, 143, 129."""
+
+    signum = 0
 
     @classmethod
-    def handler(cls, _signum: int, _frame: Any) -> None:
-        cls.flag = True
+    def handler(cls, signum: int, _frame: Any) -> None:
+        cls.signum = signum
         raise KeyboardInterrupt
 
     @classmethod
     def check(cls) -> None:
-        if cls.flag:
+        if cls.signum:
             raise KeyboardInterrupt
+
+    @classmethod
+    def install(cls) -> dict[int, Any]:
+        """Handle the stop signals; what was there before (empty when not on the main thread)."""
+        try:
+            return {signum: signal.signal(signum, cls.handler) for signum in STOP_SIGNALS}
+        except ValueError:  # not the main thread
+            return {}
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """memopt errors -> one message and exit 1; anything else too, with the traceback only under MEMOPT_DEBUG=1;
-    Ctrl-C -> exit 130 with nothing written."""
+    Ctrl-C (or SIGTERM, SIGHUP) -> exit 130 (143, 129) with nothing written."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _Interrupted.flag = False
-        try:
-            previous = signal.signal(signal.SIGINT, _Interrupted.handler)
-        except ValueError:  # not the main thread
-            previous = None
+        _Interrupted.signum = 0
+        previous = _Interrupted.install()
         try:
             result = fn(*args, **kwargs)
             _Interrupted.check()
@@ -115,7 +128,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
+            signum = _Interrupted.signum or signal.SIGINT
+            name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+            _fail(f"interrupted{name}; nothing was written", 128 + signum)
         except MemoptError as exc:
             if os.environ.get("MEMOPT_DEBUG"):
                 raise
@@ -125,8 +140,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             _fail(f"{type(exc).__name__}: {exc} (run with MEMOPT_DEBUG=1 for the traceback)".replace("[", "\\["))
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return wrapper
 
 
@@ -159,21 +174,23 @@ class _StderrUi:
 
 @contextmanager
 def _ui(runs: bool = False) -> Iterator[_StderrUi]:
-    ui = _StderrUi()
-    if not ui.console.is_terminal:
-        yield ui
-        return
-    if runs:
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=ui.console,
-                      transient=False) as ui.runs:
+    """Progress on stderr while a command runs; meanwhile anything printed on stdout (user code: a factory, a
+    forward, an import) goes to stderr too, so that stdout holds memopt's output alone."""
+    with user_output_to_stderr():
+        ui = _StderrUi()
+        if not ui.console.is_terminal:
             yield ui
-            if ui.current:
-                ui.runs.update(ui.current[-1], completed=1, total=1)
-        return
-    with ui.console.status("starting") as ui.status:
-        yield ui
+        elif runs:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=ui.console,
+                          transient=False) as ui.runs:
+                yield ui
+                if ui.current:
+                    ui.runs.update(ui.current[-1], completed=1, total=1)
+        else:
+            with ui.console.status("starting") as ui.status:
+                yield ui
 
 
 def _finish(out: Any, json_stdout: bool) -> None:
@@ -226,7 +243,7 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
             data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
             mode: ModeOpt = None, prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None,
-            cache: CacheOpt = None, world_size: WorldOpt = None,
+            cache: CacheOpt = None, world_size: WorldOpt = None, no_fit_check: FitCheckOpt = False,
             timeline: Annotated[Optional[str], typer.Option(
                 "--timeline", metavar="FILE", help="Write live memory over the step: FILE.png or FILE.html.",
                 show_default=False)] = None) -> None:
@@ -243,7 +260,8 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
                  steps=steps, hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len,
                  new_tokens=new_tokens, cache=cache, world_size=world_size)
     with _ui() as ui:
-        out = _commands().profile(spec, ui, json_out=json_out, timeline=timeline, device_memory=device_memory)
+        out = _commands().profile(spec, ui, json_out=json_out, timeline=timeline, device_memory=device_memory,
+                                  fit_check=not no_fit_check)
     _finish(out, json_stdout)
 
 
@@ -285,7 +303,7 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
           device: DeviceOpt = None, dtype: DtypeOpt = None,
           hf: HfOpt = None, model: ModelOpt = None, data: DataOpt = None, strategies: StrategiesOpt = None,
           device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None, prompt_len: PromptLenOpt = None,
-          new_tokens: NewTokensOpt = None, cache: CacheOpt = None) -> None:
+          new_tokens: NewTokensOpt = None, cache: CacheOpt = None, no_fit_check: FitCheckOpt = False) -> None:
     """CI memory-regression gate: exit 3 when the peak, a category or a phase grew past the tolerance.
 
     Example: [bold]memopt check configs/tiny.yaml --baseline tests/baselines/tiny.json --tolerance 1%[/bold]
@@ -294,7 +312,7 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
                  prompt_len=prompt_len, new_tokens=new_tokens, cache=cache)
     with _ui() as ui:
         out = _commands().check(spec, ui, baseline, tolerance=tolerance, update=update, json_out=json_out,
-                                markdown=markdown, device_memory=device_memory)
+                                markdown=markdown, device_memory=device_memory, fit_check=not no_fit_check)
     _finish(out, json_stdout)
 
 
@@ -373,7 +391,7 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    signal.signal(signal.SIGINT, _Interrupted.handler)  # Ctrl-C while starting up: exit 130 too, no traceback
+    _Interrupted.install()  # a stop signal while starting up: exit 130 (143, 129) too, no traceback
     for stream in (sys.stdout, sys.stderr):  # an ASCII or Latin-1 locale: replace what it cannot show
         if hasattr(stream, "reconfigure") and "utf" not in (stream.encoding or "").lower():
             stream.reconfigure(errors="replace")

@@ -44,6 +44,7 @@ class Probe:
     env: dict[str, str] = field(default_factory=dict)
     timeout: float = 120.0
     may_write: tuple[str, ...] = ()                      # files the command may create or change
+    json_stdout: bool = False                            # stdout must be one JSON document (nothing else on it)
 
 
 def spec(text: str) -> dict[str, str | bytes]:
@@ -88,6 +89,55 @@ def link(folder: Path) -> None:
 
 BASE = {"schema": 1, "device": "cpu", "spec": {}, "runs": [{"peak_bytes": 1, "category_peak_bytes": {},
                                                             "phase_peak_bytes": {}}]}
+
+
+USER_CODE = """
+import os, sys
+import torch
+from torch import nn
+print("printed at import")
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(50, 8), nn.Linear(8, 50)
+    def forward(self, x):
+        print("printed in forward")
+        return self.out(self.emb(x))
+class ExitsInForward(Tiny):
+    def forward(self, x):
+        sys.exit(0)
+def tiny():
+    print("printed in the factory")
+    return Tiny()
+def exits0():
+    sys.exit(0)
+def exits3():
+    sys.exit(3)
+def hard_exit():
+    os._exit(0)
+def exits_in_forward():
+    return ExitsInForward()
+"""
+LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 176, "vocab_size": 1000, "max_position_embeddings": 128}
+SMALL = ["--batch-size", "2", "--seq-len", "8"]
+
+
+def hf(**fields: object) -> dict[str, str | bytes]:
+    return {"config.json": json.dumps({**LLAMA, **fields})}
+
+
+def fifo_weights(folder: Path) -> None:
+    os.mkfifo(folder / "model.safetensors")
+
+
+def stale_temporary(folder: Path) -> None:
+    (folder / ".out.json.999999999.0123abcd.tmp").write_text("half a file")
+
+
+def no_stale_temporary(folder: Path, _out: str) -> str | None:
+    return "the stale temporary file is still there" if (folder / ".out.json.999999999.0123abcd.tmp").exists() \
+        else None
 
 
 def baseline(**run: object) -> dict[str, str | bytes]:
@@ -157,6 +207,39 @@ PROBES = [
           {"huge.yaml": HUGE}, timeout=120),
     Probe("huge: estimate --fits is bounded", ["estimate", "huge.yaml", "--fits", "24GiB"], 0, "does not fit",
           {"huge.yaml": HUGE}, timeout=120),
+    # -- ranks: checked before any starts ----------------------------------------------------------------------------
+    Probe("ranks: 1000 refused before any starts", ["profile", "spec.yaml", "--batch-size", "1000", "--world-size",
+                                                    "1000"], 1, "nothing was started", spec(TINY), timeout=60),
+    Probe("ranks: batch does not split", ["profile", "spec.yaml", "--world-size", "3"], 1, "does not split over 3",
+          spec(TINY), timeout=60),
+    # -- user code cannot fake a result ------------------------------------------------------------------------------
+    Probe("user code: factory sys.exit(0)", ["profile", "--model", "usermod:exits0", *SMALL], 1,
+          "usermod:exits0 called sys.exit(0)", {"usermod.py": USER_CODE}),
+    Probe("user code: factory sys.exit(3)", ["profile", "--model", "usermod:exits3", *SMALL], 1,
+          "usermod:exits3 called sys.exit(3)", {"usermod.py": USER_CODE}),
+    Probe("user code: factory os._exit(0)", ["profile", "--model", "usermod:hard_exit", *SMALL], 1,
+          "usermod:hard_exit called os._exit(0)", {"usermod.py": USER_CODE}),
+    Probe("user code: sys.exit in forward", ["profile", "--model", "usermod:exits_in_forward", *SMALL], 1,
+          "forward called sys.exit(0)", {"usermod.py": USER_CODE}),
+    Probe("user code: prints keep --json clean", ["profile", "--model", "usermod:tiny", *SMALL, "--json"], 0,
+          "printed in forward", {"usermod.py": USER_CODE}, json_stdout=True),
+    Probe("user code: rank whose factory exits", ["profile", "--model", "usermod:exits0", *SMALL, "--world-size",
+                                                  "2", "--no-fit-check"], 1, "called sys.exit(0)",
+          {"usermod.py": USER_CODE}),
+    # -- Hugging Face inputs that would hang (need memopt[hf]) -------------------------------------------------------
+    Probe("hf: vocab_size 10**12", ["profile", "--hf", "config.json", *SMALL], 1, "vocab_size", hf(vocab_size=10**12),
+          timeout=60),
+    Probe("hf: zero layers", ["estimate", "--hf", "config.json", *SMALL], 1, "num_hidden_layers",
+          hf(num_hidden_layers=0), timeout=60),
+    Probe("hf: heads do not divide", ["estimate", "--hf", "config.json", *SMALL], 1, "num_attention_heads",
+          hf(num_attention_heads=5), timeout=60),
+    Probe("hf: FIFO as weights (estimate)", ["estimate", "--hf", ".", *SMALL], 1, "FIFO", hf(), setup=fifo_weights,
+          timeout=60),
+    Probe("hf: FIFO as weights (profile)", ["profile", "--hf", ".", *SMALL], 1, "FIFO", hf(), setup=fifo_weights,
+          timeout=60),
+    # -- a write killed mid-way -----------------------------------------------------------------------------------
+    Probe("output: stale .tmp of a killed write removed", ["estimate", "spec.yaml", "--json-out", "out.json"], 0, "",
+          spec(TINY), setup=stale_temporary, check=no_stale_temporary, may_write=("out.json",)),
     # -- baselines ---------------------------------------------------------------------------------------------------
     Probe("baseline: NaN peak", ["check", "spec.yaml", "--baseline", "base.json"], 1, "peak_bytes",
           baseline(peak_bytes="NAN")),
@@ -183,7 +266,7 @@ def run_probe(probe: Probe) -> tuple[Probe, str | None, float]:
         if probe.setup:
             probe.setup(folder)
         before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if not p.is_symlink()}
-        env = {**os.environ, "COLUMNS": "100", **probe.env}
+        env = {**os.environ, "COLUMNS": "100", "PYTHONDONTWRITEBYTECODE": "1", **probe.env}  # no __pycache__ here
         started = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, "-m", "memopt.cli", *probe.args], cwd=folder, env=env,
@@ -192,23 +275,35 @@ def run_probe(probe: Probe) -> tuple[Probe, str | None, float]:
             return probe, f"hung (no answer in {probe.timeout:.0f} s)", time.perf_counter() - started
         seconds = time.perf_counter() - started
         out = (proc.stdout + proc.stderr).decode("utf-8", "replace")
-        problems = []
-        if proc.returncode != probe.code:
-            problems.append(f"exit {proc.returncode}, expected {probe.code}")
-        if probe.says and probe.says not in out:
-            problems.append(f"output lacks {probe.says!r}")
-        if "Traceback" in out:
-            problems.append("a traceback")
-        after = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if not p.is_symlink()}
-        changed = sorted(n for n in after if before.get(n) != after[n] and n not in probe.may_write)
-        if changed:
-            problems.append(f"wrote {', '.join(changed)}")
-        if not problems and probe.check:
-            extra = probe.check(folder, out)
-            if extra:
-                problems.append(extra)
+        problems = contract_problems(probe, proc, out, folder, before)
         last = out.strip().splitlines()[-1:] if problems else []
         return probe, ("; ".join(problems) + (f" [{last[0][:160]}]" if last else "")) or None, seconds
+
+
+def contract_problems(probe: Probe, proc: subprocess.CompletedProcess[bytes], out: str, folder: Path,
+                      before: dict[str, int]) -> list[str]:
+    """What the run did against the contract: exit code, message, no traceback, no other file written, JSON."""
+    problems = []
+    if proc.returncode != probe.code:
+        problems.append(f"exit {proc.returncode}, expected {probe.code}")
+    if probe.says and probe.says not in out:
+        problems.append(f"output lacks {probe.says!r}")
+    if "Traceback" in out:
+        problems.append("a traceback")
+    after = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if not p.is_symlink()}
+    changed = sorted(n for n in after if before.get(n) != after[n] and n not in probe.may_write)
+    if changed:
+        problems.append(f"wrote {', '.join(changed)}")
+    if probe.json_stdout:
+        try:
+            json.loads(proc.stdout)
+        except ValueError:
+            problems.append("stdout is not one JSON document")
+    if not problems and probe.check:
+        extra = probe.check(folder, out)
+        if extra:
+            problems.append(extra)
+    return problems
 
 
 def main() -> int:

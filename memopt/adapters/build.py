@@ -12,7 +12,7 @@ from memopt.adapters import ModelAdapter
 from memopt.adapters.builtin import BuiltinAdapter
 from memopt.adapters.hf import HfAdapter
 from memopt.adapters.module import ModuleAdapter
-from memopt.core.entry_points import exception_text, load_entry_point
+from memopt.core.entry_points import exception_text, fenced, load_entry_point
 from memopt.core.errors import MemoptError
 from memopt.model.hf import build_hf
 from memopt.model.transformer import (
@@ -48,7 +48,8 @@ def model_adapter(model: AnyModelSpec, dtype: str, device: str) -> ModelAdapter:
     if isinstance(model, HfModelSpec):
         return HfAdapter(build_hf(model, TORCH_DTYPES[dtype], device))  # adapter_for would find it too
     loss = _entry(model.loss, "loss") if model.loss else None
-    return ModuleAdapter(build_python(model, dtype, device), loss, custom_batch=model.batch is not None)
+    return ModuleAdapter(build_python(model, dtype, device), loss, custom_batch=model.batch is not None,
+                         source=model)
 
 
 def _entry(text: str, field: str) -> Any:
@@ -62,7 +63,7 @@ def build_python(model: PythonModelSpec, dtype: str, device: str) -> nn.Module:
     """The user's factory called with its kwargs, tensors created on ``device`` in ``dtype`` by default."""
     factory = _entry(model.python, "python")
     try:
-        with torch.device(device), default_dtype(TORCH_DTYPES[dtype]):
+        with fenced(f"model.python: {model.python}"), torch.device(device), default_dtype(TORCH_DTYPES[dtype]):
             built = factory(**model.kwargs)
     except MemoptError:
         raise
@@ -80,32 +81,30 @@ def vocab_size(model: AnyModelSpec) -> int:
         return model.vocab_size
     if model.vocab_size is not None:
         return model.vocab_size
-    return _discovered_vocab(model.model_dump_json())
-
-
-@functools.lru_cache(maxsize=8)
-def _discovered_vocab(model_json: str) -> int:
-    model = PythonModelSpec.model_validate_json(model_json)
-    embedding = ModuleAdapter(build_python(model, "float32", "meta")).embedding()
-    if embedding is None:
+    found = _meta_facts(PythonModelSpec, model.model_dump_json())[1]
+    if found is None:
         raise MemoptError(f"model.vocab_size: {model.python} has no nn.Embedding to take random token ids from; "
                           "set model.vocab_size or give model.batch")
-    return int(embedding[1].num_embeddings)
+    return found
 
 
-def parameter_total(model: AnyModelSpec, dtype: str = "float32") -> int:
+def parameter_total(model: AnyModelSpec) -> int:
     """Parameters of the model, without allocating them (built on the meta device when there is no formula)."""
     if isinstance(model, ModelSpec):
         return parameter_count(model)
-    return _meta_parameters(type(model), model.model_dump_json(), dtype)
+    return _meta_facts(type(model), model.model_dump_json())[0]
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_parameters(cls: type[HfModelSpec | PythonModelSpec], model_json: str, dtype: str) -> int:
+def _meta_facts(cls: type[HfModelSpec | PythonModelSpec], model_json: str) -> tuple[int, int | None]:
+    """(parameters, the vocabulary of its token embedding) of the model built once on the meta device: nothing is
+    allocated, and one call of a user's factory serves both (neither depends on the dtype)."""
     model = cls.model_validate_json(model_json)
     if isinstance(model, HfModelSpec):
         model = model.model_copy(update={"random_weights": True})
-    return count_parameters(model_adapter(model, dtype, "meta").model)[0]
+    adapter = model_adapter(model, "float32", "meta")
+    embedding = adapter.embedding()
+    return count_parameters(adapter.model)[0], int(embedding[1].num_embeddings) if embedding is not None else None
 
 
 def user_batch(entry: str, batch_size: int, seq_len: int, device: str, seed: int) -> Any:
@@ -113,6 +112,9 @@ def user_batch(entry: str, batch_size: int, seq_len: int, device: str, seed: int
     make = _entry(entry, "batch")
     torch.manual_seed(seed)
     try:
-        return make(batch_size, seq_len, device)
+        with fenced(f"model.batch: {entry}"):
+            return make(batch_size, seq_len, device)
+    except MemoptError:
+        raise
     except Exception as exc:
         raise MemoptError(f"model.batch: {entry} raised {exception_text(exc)}") from None

@@ -9,6 +9,7 @@ be known (a separable head for a chunked loss, the attention kernel, q/k/v layou
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memopt.adapters import AdapterError, AttentionProjections, FeedForward, LinearFilter, LossFromHidden
+from memopt.core.entry_points import fenced
 
 LossFn = Callable[[Any, Any], torch.Tensor]  # (model output, batch) -> scalar
 
@@ -70,10 +72,13 @@ def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 class ModuleAdapter:
     """``ModelAdapter`` for an arbitrary nn.Module; ``loss_fn`` is the user's loss, if any."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None, custom_batch: bool = False):
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None, custom_batch: bool = False,
+                 source: Any = None):
         self.model = model
         self.loss_fn = loss_fn
         self.custom_batch = custom_batch  # the user's batch: passed to the model whole, no (tokens, targets)
+        # the spec's model section (a PythonModelSpec) when memopt built it: its entry points name user code's exits
+        self.source = source
 
     def _blocks(self) -> tuple[str, nn.ModuleList]:
         found = repeated_blocks(self.model)
@@ -132,13 +137,23 @@ class ModuleAdapter:
     def replace_loss(self, loss: LossFromHidden, name: str = "loss_head") -> None:
         raise AdapterError(f"{type(self.model).__name__} has no separable output head memopt knows of")
 
+    def _fence(self, part: str) -> contextlib.AbstractContextManager[None]:
+        """User code runs fenced (memopt.core.entry_points.fenced), named after the entry point it came from."""
+        if self.source is None:
+            return fenced(f"{type(self.model).__name__}'s {part}")
+        if part == "loss" and self.source.loss is not None:
+            return fenced(f"model.loss: {self.source.loss}")
+        return fenced(f"model.python: {self.source.python}'s {part}")
+
     def _call(self, batch: Any) -> Any:
-        return call_model(self.model, batch if self.custom_batch else batch[0])
+        with self._fence("forward"):
+            return call_model(self.model, batch if self.custom_batch else batch[0])
 
     def loss(self, batch: Any) -> torch.Tensor:
         output = self._call(batch)
         if self.loss_fn is not None:
-            return self.loss_fn(output, batch)
+            with self._fence("loss"):
+                return self.loss_fn(output, batch)
         if self.custom_batch:
             if isinstance(output, torch.Tensor) and output.dim() == 0:
                 return output

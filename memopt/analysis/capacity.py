@@ -51,7 +51,7 @@ class Capacity:
 
 def formula_capacity(spec: Spec, budget: int) -> dict[str, Any]:
     """The calculator's answers: params x bytes + KV formula, against the same budget."""
-    weights = parameter_total(spec.model, spec.run.dtype) * DTYPE_BYTES[spec.run.dtype]
+    weights = parameter_total(spec.model) * DTYPE_BYTES[spec.run.dtype]
     per_position = kv_bytes_per_position(spec)
     gen, batch = spec.generate, spec.train.batch_size
     room = budget - weights

@@ -48,7 +48,7 @@ def analytic(spec: Spec) -> dict[str, int | None]:
     """
     m, t = spec.model, spec.train
     dtype_bytes = DTYPE_BYTES[spec.run.dtype]
-    n = parameter_total(m, spec.run.dtype)
+    n = parameter_total(m)
     if spec.run.mode != "train":  # weights + the KV formula: what serving calculators say
         kv = kv_bytes_per_position(spec) * spec.generate.positions * t.batch_size if spec.run.mode == "generate" else 0
         return {"params": n * dtype_bytes, "kv_cache": kv, "peak": n * dtype_bytes + kv}

@@ -1,4 +1,5 @@
-"""Before a real run: will it fit in this machine (or in ``--device-memory``)? Refuse it clearly if not.
+"""Before a real run: will it fit in this machine (or in ``--device-memory``)? Refuse it clearly if not; for N
+ranks, before any of them starts.
 
 A run far larger than the machine would otherwise be killed by the OS's OOM killer with no message.
 The standard formulas (cheap) decide whether to look closer; then the step is traced on fake tensors
@@ -11,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import psutil
+import torch
 
 from memopt.analysis.estimate import analytic, estimate, fits
-from memopt.core.errors import OutOfMemory, StrategyError
+from memopt.core.errors import MemoptError, OutOfMemory, StrategyError
 from memopt.core.units import format_bytes
 from memopt.engine.devices import resolve_device
 from memopt.spec import Spec
@@ -25,8 +27,6 @@ SUGGEST_SECONDS = 20.0  # how long to look for strategies that would fit
 def available_bytes(device: str) -> tuple[int, str]:
     """Free memory of the device and where the number comes from."""
     if device == "cuda":
-        import torch
-
         free, _total = torch.cuda.mem_get_info()
         return free, "free CUDA memory"
     return psutil.virtual_memory().available, "available memory on this machine"
@@ -64,3 +64,45 @@ def ensure_fits_here(spec: Spec, device_memory: int | None, say: Callable[[str],
         message += ("; no single strategy makes it fit: try memopt optimize --budget "
                     + format_bytes(budget).replace(" ", ""))
     raise OutOfMemory(message)
+
+
+def interpreter_bytes() -> int:
+    """What one more memopt process takes before its model: this process's resident memory (torch imported)."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def ensure_ranks_fit(spec: Spec, device_memory: int | None, say: Callable[[str], None]) -> None:
+    """Before N ranks start: N devices when they are GPUs, N interpreters in this machine's memory, and each rank's
+    estimated peak (one rank traced in a fake process group) in what is left per rank (or ``--device-memory``).
+    Raise MemoptError / OutOfMemory saying which, having started nothing."""
+    world, device = spec.world_size, resolve_device(spec.run.device)
+    if device == "cuda":
+        if world > torch.cuda.device_count():
+            raise MemoptError(f"--world-size: {world} ranks need {world} CUDA devices (one each), this machine has "
+                              f"{torch.cuda.device_count()}; nothing was started")
+    host, what = available_bytes("cpu")
+    interpreters = world * interpreter_bytes()
+    if interpreters > host:
+        raise OutOfMemory(f"--world-size {world}: {world} rank processes need about {format_bytes(interpreters)} for "
+                          f"their Python interpreters alone ({format_bytes(interpreters // world)} each, as this "
+                          f"one), over the {format_bytes(host)} of {what}; nothing was started")
+    if device_memory is not None:
+        budget, what = device_memory, "--device-memory"
+    elif device == "cuda":
+        budget, what = available_bytes("cuda")
+    else:
+        budget, what = (host - interpreters) // world, f"{what} left to each of the {world} ranks"
+    rough = sum(v for k, v in analytic(spec).items() if k != "peak" and v is not None)  # per rank
+    if device_memory is None and rough < LOOK_CLOSER * budget:
+        return
+    say(f"checking that {world} ranks fit (one rank traced on fake tensors)")
+    try:
+        traced = estimate(spec)
+    except StrategyError as exc:  # e.g. ddp, which cannot be traced: each rank's tracker holds the limit
+        say(f"not checked up front ({exc}); live tensors are watched as the run goes")
+        return
+    assert traced.memory is not None
+    if traced.memory.peak_bytes > budget:
+        raise OutOfMemory(f"--world-size {world}: each rank's estimated peak is "
+                          f"{format_bytes(traced.memory.peak_bytes)} (during {traced.memory.peak_phase}), over the "
+                          f"{format_bytes(budget)} of {what}; nothing was started")

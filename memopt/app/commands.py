@@ -64,14 +64,15 @@ def _size(text: str | None, option: str) -> int | None:
 
 
 def profile(given: SpecOptions, ui: Ui, *, json_out: str | None = None, timeline: str | None = None,
-            device_memory: str | None = None) -> CommandOutput:
+            device_memory: str | None = None, fit_check: bool = True) -> CommandOutput:
     """``memopt profile``: preflight, drift, the measured run; tables, JSON and the timeline."""
     spec = load(given, ui)
     limit = _size(device_memory, "--device-memory")
     outputs = Outputs({"spec": given.config}, json_out=json_out, timeline=timeline)
     if timeline is not None:
         plot.check_timeline_path(timeline)
-    result = profile_run(spec, progress=ui.progress, timeline=timeline is not None, device_memory=limit)
+    result = profile_run(spec, progress=ui.progress, timeline=timeline is not None, device_memory=limit,
+                         fit_check=fit_check)
     if result.rank:  # under torchrun: rank 0 reports for every rank
         return CommandOutput(outputs, silent=True)
     if timeline is not None:
@@ -108,7 +109,7 @@ def compare(given: SpecOptions, ui: Ui, sets: list[str], *, json_out: str | None
 
 def check(given: SpecOptions, ui: Ui, baseline: str, *, tolerance: str = "2%", update: bool = False,
           json_out: str | None = None, markdown: str | None = None,
-          device_memory: str | None = None) -> CommandOutput:
+          device_memory: str | None = None, fit_check: bool = True) -> CommandOutput:
     """``memopt check``: the run against a baseline file; exit code 3 when something grew past the tolerance
     (``update``: write the baseline instead)."""
     tol = parse_percent(tolerance, "--tolerance")
@@ -119,7 +120,7 @@ def check(given: SpecOptions, ui: Ui, baseline: str, *, tolerance: str = "2%", u
     old = None if update else checks.load_baseline(Path(baseline))
     if old is not None:
         checks.ensure_comparable(old, spec, resolve_device(spec.run.device))
-    result = profile_run(spec, progress=ui.progress, device_memory=limit)
+    result = profile_run(spec, progress=ui.progress, device_memory=limit, fit_check=fit_check)
     doc = documents.to_json(spec, [result], result.device)
     assert result.memory is not None
     peak = result.memory.peak_bytes

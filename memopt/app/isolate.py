@@ -7,13 +7,12 @@ and prints one JSON object on stdout: ``{"device": ..., "run": <schema-1 run dic
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 from memopt.app.profile import profile
 from memopt.core.errors import MemoptError
-from memopt.core.processes import exit_reason, last_reply
+from memopt.core.processes import child_env, die_with_parent, exit_reason, last_reply, user_output_to_stderr
 from memopt.core.results import RunResult
 from memopt.spec import Spec, spec_from_data
 
@@ -23,7 +22,7 @@ def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, tim
     """The run, read back from the child's JSON; a run that dies comes back failed (``ok`` false) with why."""
     request = json.dumps({"spec": spec.to_dict(), "name": name, "device_memory": device_memory,
                           "grads_to": grads_to})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_env()
     try:
         proc = subprocess.run([sys.executable, "-m", "memopt.app.isolate"], input=request, capture_output=True,
                               text=True, timeout=timeout, env=env)
@@ -40,16 +39,19 @@ def _failed(spec: Spec, name: str, error: str) -> RunResult:
 
 
 def main() -> None:
-    """The child: read the request, profile it (memopt.app.profile: preflight, drift, the run), print the run."""
-    request = json.loads(sys.stdin.read())
-    spec = spec_from_data(request["spec"])
-    try:
-        result = profile(spec, request["name"], device_memory=request.get("device_memory"),
-                     grads_to=request.get("grads_to"))
-    except MemoptError as exc:
-        result = _failed(spec, request["name"], str(exc))
-    except MemoryError:
-        result = _failed(spec, request["name"], "out of memory (MemoryError)")
+    """The child: read the request, profile it (memopt.app.profile: preflight, drift, the run), print the run (what
+    user code prints goes to stderr); it dies with its parent."""
+    die_with_parent()
+    with user_output_to_stderr():
+        request = json.loads(sys.stdin.read())
+        spec = spec_from_data(request["spec"])
+        try:
+            result = profile(spec, request["name"], device_memory=request.get("device_memory"),
+                             grads_to=request.get("grads_to"))
+        except MemoptError as exc:
+            result = _failed(spec, request["name"], str(exc))
+        except MemoryError:
+            result = _failed(spec, request["name"], "out of memory (MemoryError)")
     print(json.dumps({"device": result.device, "run": result.to_json()}), flush=True)
 
 

@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 from memopt.analysis.drift import drift_of
-from memopt.analysis.preflight import ensure_fits_here
+from memopt.analysis.preflight import ensure_fits_here, ensure_ranks_fit
 from memopt.core.results import RunResult
+from memopt.engine import ranks
 from memopt.engine.devices import resolve_device
 from memopt.engine.run import run
 from memopt.engine.step import Progress
@@ -15,12 +16,18 @@ from memopt.strategies import build_strategies
 
 
 def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
-            progress: Progress | None = None, grads_to: str | None = None) -> RunResult:
-    """Preflight, drift, then the measured run (see memopt.engine.run.run). Raises MemoptError."""
+            progress: Progress | None = None, grads_to: str | None = None, fit_check: bool = True) -> RunResult:
+    """Preflight, drift, then the measured run (see memopt.engine.run.run). Raises MemoptError.
+
+    Every check that can be made before a process starts is made here: the strategies' refusals and checks (for
+    ranks: the batch split, the device), then, unless ``fit_check`` is off, whether the run (or its N ranks, their
+    interpreters included) fits in this machine's memory or ``device_memory``."""
     say = progress or (lambda _msg: None)
     build_strategies(spec, resolve_device(spec.run.device))  # refused combinations: refused before anything runs
-    if spec.world_size == 1:  # ranks: each rank's tracker holds --device-memory as it goes
+    if fit_check and spec.world_size == 1:
         ensure_fits_here(spec, device_memory, say)
+    elif fit_check and not (ranks.in_process_group() or ranks.under_launcher()):  # torchrun started them already
+        ensure_ranks_fit(spec, device_memory, say)
     drift = drift_of(spec, lambda: say(f"{name}: measuring accuracy drift against the unchanged model"))
     result = run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress, grads_to=grads_to)
     result.drift = drift

@@ -1,15 +1,48 @@
 """``pkg.module:attr`` entry points: a user's model factory, batch maker and loss function.
 
-Importing the module runs its code, as ``python -m`` would; the current directory is on the import path.
+Importing the module runs its code, as ``python -m`` would; the current directory is on the import path. User
+code runs ``fenced``: a ``sys.exit`` or ``os._exit`` in it is an error naming it, never memopt's exit code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+from memopt.core.errors import MemoptError
+
+
+class _Exited(BaseException):
+    """Raised in place of ``os._exit`` while user code runs (os._exit would end memopt there, exit code and all)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def fenced(what: str) -> Iterator[None]:
+    """Run user code (``what`` names it: ``model.python: pkg.mod:factory``): ``sys.exit`` or ``os._exit`` in it
+    becomes a MemoptError naming it, so that it can neither end memopt nor choose its exit code (0 would pass a CI
+    gate, 3 reads as check's regression)."""
+    original = os._exit
+
+    def refuse(code: int) -> NoReturn:
+        raise _Exited(code)
+
+    os._exit = refuse  # type: ignore[assignment]
+    try:
+        yield
+    except SystemExit as exc:
+        raise MemoptError(f"{what} called sys.exit({exc.code!r}) (user code may not end memopt's run)") from None
+    except _Exited as exc:
+        raise MemoptError(f"{what} called os._exit({exc.code}) (user code may not end memopt's run)") from None
+    finally:
+        os._exit = original
 
 
 def exception_text(exc: BaseException) -> str:
@@ -29,7 +62,10 @@ def load_entry_point(text: str, field: str) -> Callable[..., Any]:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        obj: Any = importlib.import_module(module_name)
+        with fenced(f"{field}: importing {module_name}"):
+            obj: Any = importlib.import_module(module_name)
+    except MemoptError as exc:
+        raise ValueError(f"{field}: {text} cannot be imported, {str(exc).split(': ', 1)[1]}") from None
     except ModuleNotFoundError as exc:
         raise ValueError(f"{field}: {text} cannot be imported, no module named {exc.name or module_name!r} (the "
                          "import path holds the current directory and PYTHONPATH)") from None

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import secrets
@@ -96,8 +97,9 @@ def _write_atomic(target: Path, raw: bytes, info: os.stat_result | None, shown: 
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target)
         for _ in range(100):
-            name = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+            name = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:  # 0o666 & ~umask, applied by the kernel
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             except FileExistsError:
@@ -129,6 +131,26 @@ def _write_atomic(target: Path, raw: bytes, info: os.stat_result | None, shown: 
             tmp.unlink(missing_ok=True)
 
 
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove the temporary files beside ``target`` that a write killed mid-way left (``kill -9`` gives it no
+    chance to clean up): those whose writing process, named in the file name, is gone."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)\.[0-9a-f]{8}\.tmp")
+    for sibling in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        found = pattern.fullmatch(sibling.name)
+        if found and not _alive(int(found.group(1))):
+            sibling.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or not a pid at all): leave its file alone
+    return True
+
+
 def read_input(path: str | Path, what: str, limit_bytes: int) -> str:
     """The text of a user's input file (a ``what``: "spec", "baseline"), refusing anything that could hang
     or flood memory: checked with stat before opening (a FIFO or /dev/zero is never read), opened without
@@ -155,6 +177,17 @@ def read_input(path: str | Path, what: str, limit_bytes: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MemoptError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+
+
+def ensure_regular(path: str | Path, what: str) -> None:
+    """MemoptError unless ``path`` is a regular file (a FIFO would hang whoever opens it, a device flood them):
+    for files that a library opens for memopt (a checkpoint's weights and tokenizer)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise MemoptError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise MemoptError(f"{path}: is {_kind(info.st_mode)}, expected a {what} file")
 
 
 def _size(n: int) -> str:

@@ -9,6 +9,7 @@ import sys
 import torch.distributed as dist
 
 from memopt.core.errors import MemoptError
+from memopt.core.processes import die_with_parent, user_output_to_stderr
 from memopt.engine.devices import resolve_device
 from memopt.engine.ranks import join_process_group
 from memopt.engine.run import run
@@ -16,23 +17,25 @@ from memopt.spec import spec_from_data
 
 
 def main() -> None:
-    """One launched rank: join the group, run the spec, print the run (or the error) as JSON."""
-    request = json.loads(sys.stdin.read())
-    spec = spec_from_data(request["spec"])
+    """One launched rank: die with the launcher, join the group, run the spec, print the run (or the error) as JSON
+    (what user code prints goes to stderr: stdout holds this reply alone)."""
+    die_with_parent()
     code = 0
-    try:
-        join_process_group(resolve_device(spec.run.device))
-        result = run(spec, request["name"], device_memory=request.get("device_memory"))
-        print(json.dumps({"device": result.device, "run": result.to_json()}), flush=True)
-    except MemoptError as exc:
-        print(json.dumps({"error": str(exc)}), flush=True)
-        code = 1
-    except Exception as exc:
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
-        code = 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with user_output_to_stderr():
+        try:
+            request = json.loads(sys.stdin.read())
+            spec = spec_from_data(request["spec"])
+            join_process_group(resolve_device(spec.run.device))
+            result = run(spec, request["name"], device_memory=request.get("device_memory"))
+            reply: dict[str, object] = {"device": result.device, "run": result.to_json()}
+        except MemoptError as exc:
+            reply, code = {"error": str(exc)}, 1
+        except Exception as exc:
+            reply, code = {"error": f"{type(exc).__name__}: {exc}"}, 1
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    print(json.dumps(reply), flush=True)
     sys.exit(code)
 
 

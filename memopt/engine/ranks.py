@@ -1,10 +1,12 @@
 """N ranks: memopt launches them (``--world-size N``), or runs as one of torchrun's; results gathered to rank 0.
 
 Launched: each rank is ``python -m memopt.engine.rank_worker`` in its own session (process group), with RANK,
-WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; it reads the spec as JSON on stdin, joins the process group
-(gloo on CPU, NCCL on CUDA) and prints its run as JSON. The parent watches them all: the first rank that
-fails stops every other one at once (a rank left waiting in a collective would wait forever), and the error
-names the rank and why. No rank outlives the call, whatever happens (Ctrl-C included).
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; it reads the spec as JSON on stdin, joins the process group (gloo
+on CPU, NCCL on CUDA) and prints its run as JSON. The parent watches them all: the first rank that fails stops
+every other one at once (a rank left waiting in a collective would wait forever), and the error names the rank
+and why. No rank outlives the call, whatever happens: Ctrl-C, SIGTERM and SIGHUP stop every rank (the command
+line turns them into KeyboardInterrupt), and a launcher killed outright takes its ranks with it (each rank asks
+the kernel for a parent-death signal).
 
 Under torchrun (``torchrun --nproc-per-node 2 -m memopt profile spec.yaml``), memopt joins the process group
 torchrun describes, each rank runs its step, and rank 0 gathers the others' runs and reports.
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from memopt.core.errors import MemoptError
-from memopt.core.processes import exit_reason, last_reply
+from memopt.core.processes import child_env, exit_reason, last_reply
 from memopt.core.results import RunResult
 from memopt.engine.devices import resolve_device
 from memopt.spec import Spec
@@ -117,9 +119,9 @@ def launch(spec: Spec, name: str, *, device_memory: int | None = None,
     with tempfile.TemporaryDirectory(prefix="memopt-ranks-") as folder:
         try:
             for r in range(world):
-                env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), CHILD_FLAG: "1",
-                       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                env = child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                                **{CHILD_FLAG: "1"})
                 out = open(Path(folder) / f"{r}.out", "w")
                 err = open(Path(folder) / f"{r}.err", "w")
                 proc = subprocess.Popen([sys.executable, "-m", "memopt.engine.rank_worker"], stdin=subprocess.PIPE,
@@ -136,7 +138,7 @@ def launch(spec: Spec, name: str, *, device_memory: int | None = None,
                 _stop(procs)
                 raise MemoptError(f"rank {failed} of {world} failed: {_why(Path(folder), failed, procs[failed])}; "
                                   f"every rank was stopped")
-            runs = [_read_run(Path(folder), r) for r in range(world)]
+            runs = [_read_run(Path(folder), r, world) for r in range(world)]
         finally:
             _stop(procs)
     return combine(runs)
@@ -177,7 +179,9 @@ def _why(folder: Path, r: int, proc: subprocess.Popen[str]) -> str:
     return exit_reason(proc.returncode or 0, (folder / f"{r}.err").read_text())
 
 
-def _read_run(folder: Path, r: int) -> RunResult:
+def _read_run(folder: Path, r: int, world: int) -> RunResult:
     reply = last_reply((folder / f"{r}.out").read_text())
-    assert reply is not None  # the rank exited 0, having printed its run
+    if reply is None or "run" not in reply:  # exit 0 without a run: something ended the rank early
+        why = reply.get("error") if reply else exit_reason(0, (folder / f"{r}.err").read_text())
+        raise MemoptError(f"rank {r} of {world} ended without a result: {why}")
     return RunResult.from_json(reply["run"], device=reply["device"])

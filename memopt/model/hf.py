@@ -19,6 +19,7 @@ from torch import nn
 
 from memopt.core._torch_private import in_fake_mode, is_fake
 from memopt.core.errors import MemoptError
+from memopt.core.files import ensure_regular
 from memopt.model.transformer import default_dtype
 from memopt.spec import HfModelSpec
 from memopt.spec.hf_config import checkpoint_folder, load_config, transformers_module
@@ -33,6 +34,8 @@ def build_hf(spec: HfModelSpec, dtype: torch.dtype, device: str) -> nn.Module:
     transformers = transformers_module()
     config = load_config(spec.hf, spec.config)
     folder = None if spec.random_weights else checkpoint_folder(spec.hf)
+    if folder is not None:
+        checked_folder(folder)
     if folder is not None and not in_fake_mode():
         try:
             with _quiet(transformers):  # its progress bar and load report (our message says what is wrong)
@@ -85,6 +88,20 @@ def _quiet(transformers: Any) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.model", "*.txt", "*.bin", "*.tiktoken")
+
+
+def checked_folder(folder: Path) -> None:
+    """Every file memopt or transformers may open in a checkpoint folder (weights, index, tokenizer) is a regular
+    file: a FIFO named model.safetensors would hang the read, as it would a spec's."""
+    for pattern in CHECKPOINT_FILES:
+        for file in sorted(folder.glob(pattern)):
+            try:
+                ensure_regular(file, "checkpoint")
+            except MemoptError as exc:
+                raise MemoptError(f"hf: {exc}") from None
+
+
 def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, from the JSON headers of the folder's ``*.safetensors`` files (no weights read)."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -118,6 +135,7 @@ def tokenizer_for(source: str) -> Any | None:
     folder = path if path.is_dir() else path.parent
     if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
+    checked_folder(folder)
     transformers = transformers_module()
     try:
         return transformers.AutoTokenizer.from_pretrained(folder)

@@ -99,12 +99,50 @@ def _load_config(source: str, overrides_json: str, _stamp: int) -> Any:
     for name in overrides:
         if name not in known:
             raise MemoptError(f"config.{name}: not a field of {cls.__name__}{_did_you_mean(name, known)}")
+    where = f"{path}" if path is not None else source
     try:
-        return cls.from_dict({**data, **overrides})
+        config = cls.from_dict({**data, **overrides})
     except Exception as exc:  # transformers validates fields its own way
-        where = f"{path}" if path is not None else source
         text = " ".join(str(exc).split()).replace("; ", ", ")  # '; ' separates spec problems
         raise MemoptError(f"hf: {where}: {cls.__name__} refused it: {text}") from None
+    problems = size_problems(_shape(config))
+    if problems:
+        raise MemoptError("; ".join(f"hf: {where}: {problem}" for problem in problems))
+    return config
+
+
+# the bounds memopt's own model spec has (memopt.spec.schema.ModelSpec): far above any published model
+SIZE_LIMITS = {"hidden_size": 2**17, "num_attention_heads": 2**12, "num_key_value_heads": 2**12,
+               "num_hidden_layers": 1024, "vocab_size": 2**24, "intermediate_size": 2**20, "head_dim": 2**16}
+
+
+def size_problems(shape: dict[str, Any]) -> list[str]:
+    """What is wrong with a config's sizes: each a whole number from 1 to its limit, heads dividing as attention
+    needs (without this, a vocabulary of 10**12 reaches the run, and a zero or a negative, PyTorch)."""
+    problems = []
+    for field, limit in SIZE_LIMITS.items():
+        value = shape.get(field)
+        if value is None and field in ("intermediate_size", "head_dim", "num_key_value_heads"):
+            continue  # optional: derived by the model
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            problems.append(f"{field}: expected a whole number from 1 to {limit:,}, got {value!r}")
+    if problems:
+        return problems
+    heads, kv = shape["num_attention_heads"], shape.get("num_key_value_heads") or shape["num_attention_heads"]
+    if shape.get("head_dim") is None and shape["hidden_size"] % heads:
+        problems.append(f"num_attention_heads: {heads} does not divide hidden_size {shape['hidden_size']}")
+    if heads % kv:
+        problems.append(f"num_key_value_heads: {kv} does not divide num_attention_heads {heads}")
+    return problems
+
+
+def _shape(config: Any) -> dict[str, Any]:
+    """A config's size fields under Llama's names (GPT-2's n_embd, n_head, n_layer, n_inner map to them)."""
+    return {"hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+            "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
+            "intermediate_size": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None),
+            "head_dim": getattr(config, "head_dim", None)}
 
 
 def _config_json(path: Path) -> dict[str, Any]:
