@@ -90,37 +90,36 @@ def test_ranks_whose_batch_does_not_split_are_refused_before_any_starts(no_rank_
     assert "train.batch_size 4 does not split over 3 ranks" in " ".join(result.output.split())
 
 
-def test_more_ranks_than_the_machine_holds_are_refused_before_any_starts(no_rank_may_start, monkeypatch):
+def _machine(monkeypatch: pytest.MonkeyPatch, available_mib: int, interpreter_mib: int) -> None:
+    """A machine with this much memory available, each memopt process this large (a test's small fake limit)."""
     import memopt.analysis.preflight as preflight
 
-    monkeypatch.setattr(preflight, "available_bytes", lambda device: (4 * 2**30, "available memory (a test's)"))
-    monkeypatch.setattr(preflight, "interpreter_bytes", lambda: 300 * 2**20)
-    result = invoke(["profile", CONFIGS / "tiny.yaml", "--batch-size", "1000", "--world-size", "1000"])
-    text = " ".join(result.output.split())
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: (available_mib * 2**20, "available memory"))
+    monkeypatch.setattr(preflight, "interpreter_bytes", lambda: interpreter_mib * 2**20)
+
+
+@pytest.mark.parametrize("machine,args,says", [
+    ((4096, 300), ["--batch-size", "1000", "--world-size", "1000"],
+     "1000 rank processes need about 292.97 GiB for their Python interpreters alone"),
+    ((1164, 290), ["--batch-size", "4", "--world-size", "4"],
+     "each rank's estimated peak is"),  # 4 interpreters fit, with 1 MiB left to each rank
+])
+def test_ranks_the_machine_cannot_hold_are_refused_before_any_starts(no_rank_may_start, monkeypatch, machine, args,
+                                                                     says):
+    _machine(monkeypatch, *machine)
+    result = invoke(["profile", CONFIGS / "tiny.yaml", *args])
+    shown = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
-    assert "1000 rank processes need about 292.97 GiB for their Python interpreters alone" in text
-    assert "nothing was started" in text
-
-
-def test_a_rank_over_its_share_of_memory_is_refused_before_any_starts(no_rank_may_start, monkeypatch):
-    import memopt.analysis.preflight as preflight
-
-    monkeypatch.setattr(preflight, "available_bytes", lambda device: (1164 * 2**20, "available memory (a test's)"))
-    monkeypatch.setattr(preflight, "interpreter_bytes", lambda: 290 * 2**20)
-    result = invoke(["profile", CONFIGS / "tiny.yaml", "--world-size", "4", "--batch-size", "4"])
-    text = " ".join(result.output.split())
-    assert result.exit_code == 1, result.output
-    assert "each rank's estimated peak is" in text and "left to each of the 4 ranks; nothing was started" in text
+    assert says in shown and "nothing was started" in shown
 
 
 def test_no_fit_check_starts_the_ranks_all_the_same(monkeypatch):
-    import memopt.analysis.preflight as preflight
     import memopt.engine.ranks
 
     def launch(*_args, **_kwargs):
         raise RuntimeError("the ranks were launched")
 
-    monkeypatch.setattr(preflight, "available_bytes", lambda device: (2**30, "available memory (a test's)"))
+    _machine(monkeypatch, 1164, 290)  # 4 interpreters fit, with 1 MiB left to each rank
     monkeypatch.setattr(memopt.engine.ranks, "launch", launch)
     refused = invoke(["profile", CONFIGS / "tiny.yaml", "--world-size", "4"])
     assert refused.exit_code == 1 and "nothing was started" in refused.output, refused.output
