@@ -122,24 +122,46 @@ def storage_key(x: torch.Tensor | torch.UntypedStorage) -> int:
 
 
 def decompose_composite(mode: TorchDispatchMode, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-    """Run a CompositeImplicitAutograd op (``aten.matmul``, ``aten.linear``, ...) as its decomposition with ``mode``
-    active, so the mode sees the allocations inside it; NotImplemented for any other op.
+    """Run an op that exists only as a CompositeImplicitAutograd decomposition (``aten.matmul``, ``aten.linear``,
+    ...) as that decomposition with ``mode`` active, so the mode sees the allocations inside it; NotImplemented for
+    any other op.
 
     With autograd on, such ops are decomposed before they reach a dispatch mode; under ``torch.inference_mode``
     they arrive whole, and the copies inside them (matmul's reshapes) would be invisible. FakeTensorMode
-    decomposes them the same way, which keeps real and traced runs alike.
+    decomposes them the same way, which keeps real and traced runs alike. An op that also has a kernel of its own
+    for the tensors' device (``silu_backward`` has a CPU and a CUDA kernel beside its math formula) runs that
+    kernel, as it does without the mode: decomposing it would change what runs (the formula's temporaries).
     """
-    composite = _COMPOSITE.get(func)
-    if composite is None:  # decided once per op: this runs on every op a tracker sees
-        composite = _COMPOSITE[func] = getattr(func, "namespace", None) == "aten" and \
-            func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd)
+    device = next((t.device.type for t in _flat_tensors(args)), "cpu")
+    key = (func, device)
+    composite = _COMPOSITE.get(key)
+    if composite is None:  # decided once per op and device: this runs on every op a tracker sees
+        composite = _COMPOSITE[key] = getattr(func, "namespace", None) == "aten" and \
+            func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd) and \
+            not _has_own_kernel(func, device)
     if not composite:
         return NotImplemented
     with mode:
         return func.decompose(*args, **kwargs)
 
 
-_COMPOSITE: dict[Any, bool] = {}
+def _has_own_kernel(func: Any, device: str) -> bool:
+    """Whether ``func`` has a kernel of its own for ``device`` (its backend's, or a CompositeExplicitAutograd one)."""
+    keys = torch._C.DispatchKey
+    backend = {"cuda": keys.CUDA, "meta": keys.Meta}.get(device, keys.CPU)
+    return bool(func.has_kernel_for_dispatch_key(backend)
+                or func.has_kernel_for_dispatch_key(keys.CompositeExplicitAutograd))
+
+
+def _flat_tensors(args: Any) -> Iterator[torch.Tensor]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _flat_tensors(a)
+
+
+_COMPOSITE: dict[tuple[Any, str], bool] = {}
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -243,3 +265,12 @@ def replicate(module: torch.nn.Module) -> None:
     from torch.distributed._composable.replicate import replicate as replicate_module
 
     replicate_module(module)
+
+
+def cpu_allocator_events(prof: Any) -> list[tuple[int, int]]:
+    """(time in ns, bytes: + allocated, - freed) of every CPU allocator event a ``torch.profiler.profile(
+    profile_memory=True)`` recorded, in order. From the profiler's kineto results (no public accessor for the
+    ``[memory]`` events' sizes)."""
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+              and e.device_type() == torch._C._autograd.DeviceType.CPU]
+    return sorted((e.start_ns(), e.nbytes()) for e in events)
