@@ -50,8 +50,14 @@ def _rng_saves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return saved
 
 
-def _measure(spec, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, int, int]:
-    """(allocator peak without the tracker, with it, the tracker's peak above the step's start, RNG state bytes)."""
+def _explained(unseen: int, rng: list[int]) -> bool:
+    """Whether what the tracker did not see at the peak is some of checkpointing's RNG states (those still alive
+    then: a block's is let go after its backward) and at most SCALARS_BYTES of C++ scalars."""
+    return any(0 <= unseen - sum(rng[:k]) <= SCALARS_BYTES for k in range(len(rng) + 1))
+
+
+def _measure(spec, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, int, list[int]]:
+    """(allocator peak without the tracker, with it, the tracker's peak above the step's start, RNG states kept)."""
     session = _stepped(spec)
     with allocator_replay() as untracked:
         train_step(session)
@@ -65,7 +71,7 @@ def _measure(spec, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, int, int]
         train_step(session, tracker, watch)
         watch.close()
     monkeypatch.undo()
-    return untracked.peak_bytes, tracked.peak_bytes, tracker.result().peak_bytes - start, sum(rng)
+    return untracked.peak_bytes, tracked.peak_bytes, tracker.result().peak_bytes - start, rng
 
 
 @pytest.mark.parametrize("config", ["tiny.yaml", "tiny-decoder.yaml"])
@@ -78,13 +84,13 @@ def test_the_tracker_observes_without_changing_what_runs_and_agrees_with_the_all
             untracked, tracked, tracker, rng = _measure(spec, monkeypatch)
         except MemoptError:
             continue  # refused here (sdpa on an eager-less model, ...): refusals are tested elsewhere
-        unseen = untracked - tracker - rng
+        unseen = untracked - tracker
         if abs(tracked - untracked) > MODE_SCALARS_BYTES:
             problems.append(f"{setting or 'baseline'}: the tracker changed what runs: the allocator's peak is "
                             f"{tracked:,} B with it, {untracked:,} B without")
-        if not 0 <= unseen <= SCALARS_BYTES:
+        if not _explained(unseen, rng):
             problems.append(f"{setting or 'baseline'}: tracker {tracker:,} B above the step's start, allocator "
-                            f"{untracked:,} B, checkpointing's RNG states {rng:,} B: {unseen:+,} B unexplained")
+                            f"{untracked:,} B, checkpointing's RNG states {sum(rng):,} B: {unseen:+,} B unexplained")
     assert problems == []
 
 
@@ -97,3 +103,59 @@ def test_the_allocator_replay_sees_what_no_dispatch_mode_does():
         kept = torch.ones(1000)
     assert replay.peak_bytes == state.numel() + kept.numel() * 4
     assert tracker.result().peak_bytes == kept.numel() * 4
+
+
+def _storage_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("loop", ["plain", "gradient_checkpointing", "inference_mode"])
+def test_track_around_a_users_hf_loop_agrees_with_the_allocator(loop, monkeypatch):
+    """memopt.track() around a user's own Hugging Face loop: the allocator's peak above the block's start, less
+    checkpointing's RNG states, is the tracker's (it was 21% high with gradient checkpointing: the tracker ran
+    silu_backward as its math formula)."""
+    transformers = pytest.importorskip("transformers")
+    import memopt
+
+    config = transformers.LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=352, vocab_size=1000,
+                                      max_position_embeddings=128)
+    ids = torch.randint(1000, (4, 64), generator=torch.Generator().manual_seed(0))
+
+    def built():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        if loop == "gradient_checkpointing":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(model, optimizer):
+        if loop == "inference_mode":
+            with torch.inference_mode():
+                model(input_ids=ids).logits.sum()
+            return
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model, optimizer = built()
+    step(model, optimizer)
+    with allocator_replay() as untracked:
+        step(model, optimizer)
+    model, optimizer = built()
+    step(model, optimizer)
+    live = [*model.parameters(), *model.buffers(),
+            *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
+    start = _storage_bytes(live)
+    rng = _rng_saves(monkeypatch)
+    with allocator_replay() as tracked, memopt.track(model, optimizer if loop != "inference_mode" else None) as t:
+        step(model, optimizer)
+    monkeypatch.undo()
+    assert abs(tracked.peak_bytes - untracked.peak_bytes) <= MODE_SCALARS_BYTES
+    assert t.result.memory is not None
+    unseen = untracked.peak_bytes - (t.result.memory.peak_bytes - start)
+    assert _explained(unseen, rng), (untracked.peak_bytes, t.result.memory.peak_bytes - start, rng)
