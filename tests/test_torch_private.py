@@ -46,3 +46,42 @@ def test_graph_walk_names_each_saved_tensor_and_its_node():
     assert names == ["MmBackward0", "MmBackward0", "ReluBackward0"]
     relu_saved = next(t for name, t in saved if name == "ReluBackward0")
     assert torch.equal(relu_saved, h.relu())
+
+
+def test_only_ops_without_a_kernel_of_their_own_are_decomposed():
+    """matmul exists only as its decomposition (it arrives whole under inference_mode); silu_backward has a CPU
+    kernel beside its math formula, and runs that kernel, as it does without a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memopt.core._torch_private import decompose_composite
+
+    seen: list[str] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = decompose_composite(self, func, args, kwargs or {})
+            if out is not NotImplemented:
+                seen.append(f"decomposed {func}")
+                return out
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    a, b, grad = torch.randn(2, 3, 4), torch.randn(4, 5), torch.randn(8)
+    with torch.inference_mode(), Recorder():
+        torch.matmul(a, b)
+        torch.ops.aten.silu_backward(grad, torch.randn(8))
+    assert "decomposed aten.matmul.default" in seen
+    assert "aten.silu_backward.default" in seen and "decomposed aten.silu_backward.default" not in seen
+
+
+def test_cpu_allocator_events_replay_to_what_was_allocated():
+    from torch.profiler import ProfilerActivity, profile
+
+    from memopt.core._torch_private import cpu_allocator_events
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kept = torch.empty(1000, dtype=torch.float32)
+        del kept
+    events = cpu_allocator_events(prof)
+    assert (4000 in [n for _, n in events]) and (-4000 in [n for _, n in events])
+    assert sum(n for _, n in events) == 0
