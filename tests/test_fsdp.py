@@ -120,7 +120,10 @@ def test_a_failing_rank_ends_every_rank_and_is_named(tmp_path, monkeypatch):
 
 
 def test_out_of_memory_on_the_ranks_is_one_error_and_leaves_no_process():
-    result = invoke(["profile", "configs/tiny-decoder.yaml", "--world-size", "2", "--device-memory", "600KiB"])
+    args = ["profile", "configs/tiny-decoder.yaml", "--world-size", "2", "--device-memory", "600KiB"]
+    refused = invoke(args)  # each rank's estimate is over the limit: refused before any rank starts
+    assert refused.exit_code == 1 and "nothing was started" in " ".join(refused.output.split()), refused.output
+    result = invoke([*args, "--no-fit-check"])  # started all the same: the ranks' own trackers hold the limit
     assert result.exit_code == 1, result.output
     assert "failed: out of memory" in " ".join(result.output.split())
     assert memopt_ranks() == []
