@@ -4,6 +4,7 @@ allocator's, each difference named."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ from memopt.core.errors import MemoptError
 from memopt.engine.step import Session, prepare, train_step
 from memopt.measure.allocator import allocator_replay
 from memopt.measure.tracker import ModelWatch, TensorTracker
-from memopt.spec import load_spec, spec_from_data
+from memopt.spec import Spec, load_spec, spec_from_data
 from memopt.strategies import candidate_specs, registry
 
 from .helpers import CONFIGS
@@ -26,6 +27,15 @@ SCALARS_BYTES = 256
 MODE_SCALARS_BYTES = 64
 TRAINING = sorted(name for name, cls in registry().items()
                   if "train" in cls.modes and not any(s.on_ranks for s in candidate_specs(name)))
+MIXES = ["ckpt+offload", "offload_states+ckpt+chunked_ce", "offload_states:params=true+ckpt+chunked_ce+offload"]
+# found by this test and not fixed yet (issue 22): the tracker counts less than the allocator holds
+KNOWN_GAPS = {
+    ("tiny-decoder.yaml", "offload_states:params=true+optim_in_bwd"):
+        "432,656 B under with optim_in_bwd (each alone agrees): found, not explained yet",
+    ("hf-llama", "optim8bit"): "252,880 B under on a Hugging Face llama (none on memopt's models)",
+}
+LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 176, "vocab_size": 500, "max_position_embeddings": 128}
 
 
 def _stepped(spec) -> Session:
@@ -74,13 +84,24 @@ def _measure(spec, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, int, list
     return untracked.peak_bytes, tracked.peak_bytes, tracker.result().peak_bytes - start, rng
 
 
-@pytest.mark.parametrize("config", ["tiny.yaml", "tiny-decoder.yaml"])
-def test_the_tracker_observes_without_changing_what_runs_and_agrees_with_the_allocator(config, monkeypatch):
-    base = load_spec(CONFIGS / config)
+def _base(config: str, tmp_path) -> Spec:
+    if config != "hf-llama":
+        return load_spec(CONFIGS / config)
+    pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    return load_spec(CONFIGS / "tiny.yaml", {"hf": str(tmp_path / "config.json"), "batch_size": 2, "seq_len": 32})
+
+
+@pytest.mark.parametrize("config", ["tiny.yaml", "tiny-decoder.yaml", "hf-llama"])
+def test_the_tracker_observes_without_changing_what_runs_and_agrees_with_the_allocator(config, monkeypatch,
+                                                                                       tmp_path):
+    base = _base(config, tmp_path)
     problems = []
-    for setting in ["", *TRAINING]:
+    for setting in ["", *TRAINING, *MIXES]:
+        if (config, setting) in KNOWN_GAPS:
+            continue
         try:
-            spec = spec_from_data(base.to_dict(), strategies=[setting] if setting else None)
+            spec = spec_from_data(base.to_dict(), strategies=setting.split("+") if setting else None)
             untracked, tracked, tracker, rng = _measure(spec, monkeypatch)
         except MemoptError:
             continue  # refused here (sdpa on an eager-less model, ...): refusals are tested elsewhere
@@ -91,7 +112,7 @@ def test_the_tracker_observes_without_changing_what_runs_and_agrees_with_the_all
         if not _explained(unseen, rng):
             problems.append(f"{setting or 'baseline'}: tracker {tracker:,} B above the step's start, allocator "
                             f"{untracked:,} B, checkpointing's RNG states {sum(rng):,} B: {unseen:+,} B unexplained")
-    assert problems == []
+    assert problems == [], "\n".join(problems)
 
 
 def test_the_allocator_replay_sees_what_no_dispatch_mode_does():
@@ -159,3 +180,12 @@ def test_track_around_a_users_hf_loop_agrees_with_the_allocator(loop, monkeypatc
     assert t.result.memory is not None
     unseen = untracked.peak_bytes - (t.result.memory.peak_bytes - start)
     assert _explained(unseen, rng), (untracked.peak_bytes, t.result.memory.peak_bytes - start, rng)
+
+
+@pytest.mark.parametrize("config,setting", [pytest.param(*key, marks=pytest.mark.xfail(strict=True, reason=why))
+                                            for key, why in KNOWN_GAPS.items()])
+def test_known_gaps_between_the_tracker_and_the_allocator(config, setting, monkeypatch, tmp_path):
+    """Strict xfails: each fails while its gap is there, and fails the suite once it is closed (then move it back)."""
+    spec = spec_from_data(_base(config, tmp_path).to_dict(), strategies=setting.split("+"))
+    untracked, tracked, tracker, rng = _measure(spec, monkeypatch)
+    assert abs(tracked - untracked) <= MODE_SCALARS_BYTES and _explained(untracked - tracker, rng)
