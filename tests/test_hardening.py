@@ -204,7 +204,8 @@ def test_a_rank_whose_factory_exits_names_the_rank_and_the_entry_point(user_modu
     done = memopt(["profile", "--model", "usermod:exits0", "--batch-size", "2", "--seq-len", "8", "--world-size",
                    "2", "--no-fit-check"], user_module)
     assert done.returncode == 1
-    assert "model.python: usermod:exits0 called sys.exit(0)" in " ".join(done.stderr.split())
+    shown = " ".join(done.stderr.split())
+    assert "of 2 failed: model.python: usermod:exits0 called sys.exit(0)" in shown and "every rank was stopped" in shown
 
 
 def test_a_model_without_parameters_is_a_clear_error(user_module, monkeypatch):
