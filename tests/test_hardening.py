@@ -293,3 +293,17 @@ def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_
         pytest.skip("the write finished before it could be killed")
     write_output(tmp_path / "out.bin", b"new")
     assert list(tmp_path.glob(".out.bin.*.tmp")) == [] and (tmp_path / "out.bin").read_bytes() == b"new"
+
+
+def test_the_preflight_covers_hf_and_python_models(user_module, monkeypatch, tmp_path):
+    """A run larger than the machine is refused before anything is allocated, whatever kind of model it is."""
+    import memopt.analysis.preflight as preflight
+
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: (2**14, "available memory (a test's)"))
+    monkeypatch.chdir(user_module)
+    refused = invoke(["profile", "--model", "usermod:tiny", *SMALL])
+    assert refused.exit_code == 1 and "estimated peak" in refused.output and "nothing was run" in refused.output
+    if __import__("importlib").util.find_spec("transformers") is not None:
+        (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+        refused = invoke(["profile", "--hf", tmp_path / "config.json", *SMALL])
+        assert refused.exit_code == 1 and "estimated peak" in refused.output, refused.output
