@@ -189,3 +189,44 @@ def test_known_gaps_between_the_tracker_and_the_allocator(config, setting, monke
     spec = spec_from_data(_base(config, tmp_path).to_dict(), strategies=setting.split("+"))
     untracked, tracked, tracker, rng = _measure(spec, monkeypatch)
     assert abs(tracked - untracked) <= MODE_SCALARS_BYTES and _explained(untracked - tracker, rng)
+
+
+def _inference_measure(spec) -> tuple[int, int, int]:
+    """(allocator peak of one infer/generate pass without the tracker, with it, the tracker's peak above start)."""
+    from memopt.engine.inference import _one_pass
+    from memopt.engine.step import reporting_to
+
+    def warmed() -> Session:
+        with torch.inference_mode():
+            session = prepare(spec)
+            _one_pass(session, None)
+        return session
+
+    session = warmed()
+    with torch.inference_mode(), allocator_replay() as untracked:
+        _one_pass(session, None)
+    session = warmed()
+    tracker = TensorTracker("cpu", mode=spec.run.mode)
+    with torch.inference_mode(), allocator_replay() as tracked, tracker, reporting_to(session.saved, tracker):
+        watch = ModelWatch(tracker, session.model, None)  # the weights: there before the pass
+        tracker.begin_step()
+        start = tracker.total
+        _one_pass(session, tracker)
+        watch.close()
+    return untracked.peak_bytes, tracked.peak_bytes, tracker.result().peak_bytes - start
+
+
+INFERENCE_GAP = ("under inference_mode the tracker runs composite ops (matmul, linear, reshape, repeat_interleave, "
+                 "rms_norm, softmax) as their decompositions, which on memopt's decoder allocate more than the ops "
+                 "run whole (+458,752 B on the tiny decoder's forward): found, not fixed yet")
+
+
+@pytest.mark.parametrize("config,mode", [
+    ("tiny.yaml", "infer"),
+    pytest.param("tiny-decoder.yaml", "infer", marks=pytest.mark.xfail(strict=True, reason=INFERENCE_GAP)),
+    pytest.param("tiny-decoder.yaml", "generate", marks=pytest.mark.xfail(strict=True, reason=INFERENCE_GAP)),
+])
+def test_inference_runs_against_the_allocator(config, mode):
+    overrides = {"mode": mode, **({"prompt_len": 24, "new_tokens": 8} if mode == "generate" else {})}
+    untracked, tracked, tracker = _inference_measure(load_spec(CONFIGS / config, overrides))
+    assert abs(tracked - untracked) <= MODE_SCALARS_BYTES and 0 <= untracked - tracker <= SCALARS_BYTES
