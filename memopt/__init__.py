@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import memopt.strategies  # noqa: F401 - provides the strategy catalog to the spec layer below it (no torch)
+from memopt.core import catalog as _catalog
 from memopt.core.version import __version__
 
 if TYPE_CHECKING:
@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from memopt.app.track import Tracking
 
 
+def _load_strategies() -> None:
+    import memopt.strategies  # noqa: F401 - importing it provides the spec layer's strategy catalog
+
+
+_catalog.set_loader(_load_strategies)  # run when a strategy is first validated: import memopt stays light
 
 __all__ = ["__version__", "track"]
 

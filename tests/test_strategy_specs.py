@@ -36,6 +36,19 @@ def _runtime_imports(path: Path) -> set[str]:
     return {name for name in found if name == "memopt" or name.startswith("memopt.")}
 
 
+def test_memopt_help_imports_neither_the_strategies_nor_pydantic_nor_torch():
+    code = ("import sys, memopt, memopt.cli; "
+            "print(*(m in sys.modules for m in ('memopt.strategies', 'pydantic', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "False"]
+
+
+def test_a_spec_finds_the_strategy_catalog_on_its_own():
+    code = "from memopt.spec import spec_from_data; print(spec_from_data({}, strategies=['ckpt']).strategies[0].label)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ckpt"]
+
+
 def test_importing_memopt_and_the_strategy_registry_loads_no_torch():
     code = ("import sys, memopt, memopt.strategies, memopt.spec, memopt.cli; "
             "print('memopt.spec.strategy_spec' in sys.modules, 'torch' in sys.modules)")

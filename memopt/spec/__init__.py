@@ -1,28 +1,53 @@
 """The spec layer: what a run is (schema), how it is read (load), Hugging Face configs (hf_config), the strategy
-grammar and a strategy's validated options (strategy_args, strategy_spec). Imports only memopt.core."""
+grammar and a strategy's validated options (strategy_args, strategy_spec). Imports only memopt.core.
 
-from memopt.spec.load import (
-    MODEL_OVERRIDES,
-    OVERRIDE_PATHS,
-    PRESETS,
-    config_note,
-    load_spec,
-    read_yaml,
-    spec_from_data,
-)
-from memopt.spec.schema import (
-    DTYPE_ALIASES,
-    DTYPE_BYTES,
-    AnyModelSpec,
-    GenerateSpec,
-    HfModelSpec,
-    ModelSpec,
-    PythonModelSpec,
-    RunSpec,
-    Spec,
-    TrainSpec,
-)
-from memopt.spec.strategy_spec import Options, StrategySpec, strategy_spec
+The names below are loaded on first use (PEP 562): ``import memopt`` provides the strategy catalog through
+memopt.spec.strategy_spec, which must not pull in the pydantic models and the YAML loader (``memopt --help``)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from memopt.spec.load import (
+        MODEL_OVERRIDES,
+        OVERRIDE_PATHS,
+        PRESETS,
+        config_note,
+        load_spec,
+        read_yaml,
+        spec_from_data,
+    )
+    from memopt.spec.schema import (
+        DTYPE_ALIASES,
+        DTYPE_BYTES,
+        AnyModelSpec,
+        GenerateSpec,
+        HfModelSpec,
+        ModelSpec,
+        PythonModelSpec,
+        RunSpec,
+        Spec,
+        TrainSpec,
+    )
+    from memopt.spec.strategy_spec import Options, StrategySpec, strategy_spec
+
+_HOMES = {
+    **dict.fromkeys(("MODEL_OVERRIDES", "OVERRIDE_PATHS", "PRESETS", "config_note", "load_spec", "read_yaml",
+                     "spec_from_data"), "load"),
+    **dict.fromkeys(("DTYPE_ALIASES", "DTYPE_BYTES", "AnyModelSpec", "GenerateSpec", "HfModelSpec", "ModelSpec",
+                     "PythonModelSpec", "RunSpec", "Spec", "TrainSpec"), "schema"),
+    **dict.fromkeys(("Options", "StrategySpec", "strategy_spec"), "strategy_spec"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'memopt.spec' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"memopt.spec.{home}"), name)
+
 
 __all__ = ["DTYPE_ALIASES", "DTYPE_BYTES", "MODEL_OVERRIDES", "OVERRIDE_PATHS", "PRESETS", "AnyModelSpec",
            "GenerateSpec", "HfModelSpec", "ModelSpec", "Options", "PythonModelSpec", "RunSpec", "Spec", "StrategySpec",

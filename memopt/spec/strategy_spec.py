@@ -2,8 +2,8 @@
 Options model.
 
 The spec sits below the strategies, so it does not know them: the strategies package provides the catalog
-(name -> Options model) with ``provide_catalog`` when it is imported, and ``memopt/__init__.py`` imports it, so the
-catalog is there whenever any memopt module is.
+(name -> Options model) with ``provide_catalog`` when it is imported; the first time a strategy is validated
+without it, memopt.core.catalog's loader (set by ``memopt/__init__.py``) imports that package.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, SerializeAsAny, ValidationError
 
+from memopt.core import catalog as loader
 from memopt.core.errors import SpecError
 from memopt.core.wording import describe, suggest
 from memopt.spec.strategy_args import StrategyEntry, strategy_text
@@ -43,8 +44,8 @@ def provide_catalog(catalog: Catalog) -> None:
 
 
 def catalog() -> Catalog:
-    if not _catalog:  # memopt/__init__.py imports memopt.strategies, which provides it
-        raise RuntimeError("no strategy catalog: memopt.strategies was not imported")
+    if not _catalog:
+        loader.load()  # imports memopt.strategies, which provides it
     return _catalog[0]
 
 
