@@ -16,6 +16,7 @@ import torch
 
 from memopt.analysis.estimate import analytic, estimate, fits
 from memopt.core.errors import MemoptError, OutOfMemory, StrategyError
+from memopt.core.results import RunResult
 from memopt.core.units import format_bytes
 from memopt.engine.devices import resolve_device
 from memopt.spec import Spec
@@ -39,19 +40,11 @@ def ensure_fits_here(spec: Spec, device_memory: int | None, say: Callable[[str],
         budget, what = device_memory, "--device-memory"
     else:
         budget, what = available_bytes(device)
-    rough = sum(v for k, v in analytic(spec).items() if k != "peak" and v is not None)
-    if device_memory is None and rough < LOOK_CLOSER * budget:
+    traced = _traced_if_close(spec, budget, device_memory is not None, say,
+                              "checking that the run fits (estimate on fake tensors)")
+    if traced is None or traced.memory is None or traced.memory.peak_bytes <= budget:
         return
-    say("checking that the run fits (estimate on fake tensors)")
-    try:
-        traced = estimate(spec)
-    except StrategyError as exc:  # a strategy that cannot be traced (bitsandbytes' layers): the run's own
-        say(f"not checked up front ({exc}); live tensors are watched as the run goes")  # tracker holds the limit
-        return
-    assert traced.memory is not None
     peak = traced.memory.peak_bytes
-    if peak <= budget:
-        return
     where = f" in {traced.memory.peak_module}" if traced.memory.peak_module else ""
     message = (f"out of memory: the step's estimated peak is {format_bytes(peak)} (during "
                f"{traced.memory.peak_phase}{where}), over the {format_bytes(budget)} of {what}; nothing was run")
@@ -66,6 +59,22 @@ def ensure_fits_here(spec: Spec, device_memory: int | None, say: Callable[[str],
     raise OutOfMemory(message)
 
 
+def _traced_if_close(spec: Spec, budget: int, limit_given: bool, say: Callable[[str], None],
+                     checking: str) -> RunResult | None:
+    """The spec's estimate (one rank's, on ranks) when the formulas reach LOOK_CLOSER of ``budget`` or a limit was
+    given; None when it is far from it, or when a strategy cannot be traced (bitsandbytes' layers, ddp): the run's
+    own tracker then holds the limit as it goes."""
+    rough = sum(v for k, v in analytic(spec).items() if k != "peak" and v is not None)
+    if not limit_given and rough < LOOK_CLOSER * budget:
+        return None
+    say(checking)
+    try:
+        return estimate(spec)
+    except StrategyError as exc:
+        say(f"not checked up front ({exc}); live tensors are watched as the run goes")
+        return None
+
+
 def interpreter_bytes() -> int:
     """What one more memopt process takes before its model: this process's resident memory (torch imported)."""
     return int(psutil.Process().memory_info().rss)
@@ -76,10 +85,9 @@ def ensure_ranks_fit(spec: Spec, device_memory: int | None, say: Callable[[str],
     estimated peak (one rank traced in a fake process group) in what is left per rank (or ``--device-memory``).
     Raise MemoptError / OutOfMemory saying which, having started nothing."""
     world, device = spec.world_size, resolve_device(spec.run.device)
-    if device == "cuda":
-        if world > torch.cuda.device_count():
-            raise MemoptError(f"--world-size: {world} ranks need {world} CUDA devices (one each), this machine has "
-                              f"{torch.cuda.device_count()}; nothing was started")
+    if device == "cuda" and world > torch.cuda.device_count():
+        raise MemoptError(f"--world-size: {world} ranks need {world} CUDA devices (one each), this machine has "
+                          f"{torch.cuda.device_count()}; nothing was started")
     host, what = available_bytes("cpu")
     interpreters = world * interpreter_bytes()
     if interpreters > host:
@@ -92,16 +100,10 @@ def ensure_ranks_fit(spec: Spec, device_memory: int | None, say: Callable[[str],
         budget, what = available_bytes("cuda")
     else:
         budget, what = (host - interpreters) // world, f"{what} left to each of the {world} ranks"
-    rough = sum(v for k, v in analytic(spec).items() if k != "peak" and v is not None)  # per rank
-    if device_memory is None and rough < LOOK_CLOSER * budget:
+    traced = _traced_if_close(spec, budget, device_memory is not None, say,
+                              f"checking that {world} ranks fit (one rank traced on fake tensors)")
+    if traced is None or traced.memory is None:
         return
-    say(f"checking that {world} ranks fit (one rank traced on fake tensors)")
-    try:
-        traced = estimate(spec)
-    except StrategyError as exc:  # e.g. ddp, which cannot be traced: each rank's tracker holds the limit
-        say(f"not checked up front ({exc}); live tensors are watched as the run goes")
-        return
-    assert traced.memory is not None
     if traced.memory.peak_bytes > budget:
         raise OutOfMemory(f"--world-size {world}: each rank's estimated peak is "
                           f"{format_bytes(traced.memory.peak_bytes)} (during {traced.memory.peak_phase}), over the "

@@ -76,9 +76,9 @@ def prepare(spec: Spec, fake: bool = False) -> Session:
     if spec.run.mode == "train":
         trainable = [p for p in adapter.model.parameters() if p.requires_grad]
         if not trainable:
-            what = "has no parameters" if not any(True for _ in adapter.model.parameters()) else \
-                "has no trainable parameters (the strategies froze them all)" if strategies else \
-                "has no trainable parameters"
+            what = "has no trainable parameters" + (" (the strategies froze them all)" if strategies else "")
+            if next(adapter.model.parameters(), None) is None:
+                what = "has no parameters"
             raise MemoptError(f"model: {spec.model.title()} {what}: a training step has nothing to update "
                               "(--mode infer measures a forward pass)")
         for strategy in strategies:

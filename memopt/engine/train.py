@@ -67,8 +67,9 @@ class _Stage:
         self.tracker: TensorTracker | None = None
 
     def __str__(self) -> str:
-        measured = self.tracker is not None and self.stage == "measured step"
-        return f"{self.stage}, {self.tracker.phase}" if measured and self.tracker is not None else self.stage
+        if self.tracker is not None and self.stage == "measured step":
+            return f"{self.stage}, {self.tracker.phase}"
+        return self.stage
 
 
 def _warmed_up(spec: Spec, name: str, device_memory: int | None, say: Progress, grads_to: str | None, fake: bool,
