@@ -114,6 +114,13 @@ class _Interrupted:
             return {}
 
 
+def _interrupted() -> None:
+    """Exit 128 + the stop signal seen (130, 143, 129), nothing written."""
+    signum = _Interrupted.signum or signal.SIGINT
+    name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+    _fail(f"interrupted{name}; nothing was written", 128 + signum)
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """memopt errors -> one message and exit 1; anything else too, with the traceback only under MEMOPT_DEBUG=1;
     Ctrl-C (or SIGTERM, SIGHUP) -> exit 130 (143, 129) with nothing written."""
@@ -128,17 +135,15 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            signum = _Interrupted.signum or signal.SIGINT
-            name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
-            _fail(f"interrupted{name}; nothing was written", 128 + signum)
-        except MemoptError as exc:
-            if os.environ.get("MEMOPT_DEBUG"):
-                raise
-            _fail(str(exc).replace("[", "\\["))
+            _interrupted()
         except Exception as exc:
+            if _Interrupted.signum:  # the interrupt reached a library that wrapped it (pydantic: SchemaError)
+                _interrupted()
             if os.environ.get("MEMOPT_DEBUG"):
                 raise
-            _fail(f"{type(exc).__name__}: {exc} (run with MEMOPT_DEBUG=1 for the traceback)".replace("[", "\\["))
+            text = str(exc) if isinstance(exc, MemoptError) else \
+                f"{type(exc).__name__}: {exc} (run with MEMOPT_DEBUG=1 for the traceback)"
+            _fail(text.replace("[", "\\["))
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
