@@ -16,8 +16,9 @@ import torch
 
 from memopt.core._torch_private import saved_tensors_by_node, storage_key
 from memopt.engine.step import make_batch, prepare
-from memopt.spec import DTYPE_BYTES, HfModelSpec, ModelSpec, Spec, spec_from_data, strategy_spec
+from memopt.spec import DTYPE_BYTES, HfModelSpec, ModelSpec, Spec, spec_from_data
 from memopt.spec.strategy_args import one_set
+from memopt.spec.strategy_spec import strategy_spec
 from memopt.strategies import registry
 from memopt.strategies.accum import Accum
 from memopt.strategies.amp import Amp

@@ -2,7 +2,9 @@
 grammar and a strategy's validated options (strategy_args, strategy_spec). Imports only memopt.core.
 
 The names below are loaded on first use (PEP 562): ``import memopt`` provides the strategy catalog through
-memopt.spec.strategy_spec, which must not pull in the pydantic models and the YAML loader (``memopt --help``)."""
+memopt.spec.strategy_spec, which must not pull in the pydantic models and the YAML loader (``memopt --help``).
+The function ``strategy_spec`` is not re-exported here: its name is its module's, and once that submodule is imported
+``memopt.spec.strategy_spec`` is the module (import it from memopt.spec.strategy_spec)."""
 
 from __future__ import annotations
 
@@ -31,14 +33,14 @@ if TYPE_CHECKING:
         Spec,
         TrainSpec,
     )
-    from memopt.spec.strategy_spec import Options, StrategySpec, strategy_spec
+    from memopt.spec.strategy_spec import Options, StrategySpec
 
 _HOMES = {
     **dict.fromkeys(("MODEL_OVERRIDES", "OVERRIDE_PATHS", "PRESETS", "config_note", "load_spec", "read_yaml",
                      "spec_from_data"), "load"),
     **dict.fromkeys(("DTYPE_ALIASES", "DTYPE_BYTES", "AnyModelSpec", "GenerateSpec", "HfModelSpec", "ModelSpec",
                      "PythonModelSpec", "RunSpec", "Spec", "TrainSpec"), "schema"),
-    **dict.fromkeys(("Options", "StrategySpec", "strategy_spec"), "strategy_spec"),
+    **dict.fromkeys(("Options", "StrategySpec"), "strategy_spec"),
 }
 
 
@@ -51,4 +53,4 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["DTYPE_ALIASES", "DTYPE_BYTES", "MODEL_OVERRIDES", "OVERRIDE_PATHS", "PRESETS", "AnyModelSpec",
            "GenerateSpec", "HfModelSpec", "ModelSpec", "Options", "PythonModelSpec", "RunSpec", "Spec", "StrategySpec",
-           "TrainSpec", "config_note", "load_spec", "read_yaml", "spec_from_data", "strategy_spec"]
+           "TrainSpec", "config_note", "load_spec", "read_yaml", "spec_from_data"]
