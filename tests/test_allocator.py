@@ -28,20 +28,8 @@ MODE_SCALARS_BYTES = 64
 TRAINING = sorted(name for name, cls in registry().items()
                   if "train" in cls.modes and not any(s.on_ranks for s in candidate_specs(name)))
 MIXES = ["ckpt+offload", "offload_states+ckpt+chunked_ce", "offload_states:params=true+ckpt+chunked_ce+offload"]
-# found by this test and not fixed yet (issue 22): the tracker counts less than the allocator holds
-KNOWN_GAPS = {
-    ("tiny-decoder.yaml", "offload_states:params=true+optim_in_bwd"):
-        "432,656 B under with optim_in_bwd (each alone agrees): found, not explained yet",
-    ("hf-llama", "optim8bit"): "252,880 B under on a Hugging Face llama (none on memopt's models)",
-}
 LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 176, "vocab_size": 500, "max_position_embeddings": 128}
-
-
-def _stepped(spec) -> Session:
-    session = prepare(spec)
-    train_step(session)  # warm-up: optimizer state exists
-    return session
 
 
 def _rng_saves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -68,18 +56,23 @@ def _explained(unseen: int, rng: list[int]) -> bool:
 
 def _measure(spec, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, int, list[int]]:
     """(allocator peak without the tracker, with it, the tracker's peak above the step's start, RNG states kept)."""
-    session = _stepped(spec)
+    session = prepare(spec)
     with allocator_replay() as untracked:
+        train_step(session)  # warm-up: optimizer state exists
+        untracked.begin()
         train_step(session)
-    session = _stepped(spec)
+    session = prepare(spec)
     tracker = TensorTracker(session.device)
-    rng = _rng_saves(monkeypatch)
-    with allocator_replay() as tracked, tracker:
-        watch = ModelWatch(tracker, session.model, session.optimizer)
-        tracker.begin_step()
-        start = tracker.total
-        train_step(session, tracker, watch)
-        watch.close()
+    with allocator_replay() as tracked:
+        train_step(session)
+        tracked.begin()
+        rng = _rng_saves(monkeypatch)
+        with tracker:
+            watch = ModelWatch(tracker, session.model, session.optimizer)
+            tracker.begin_step()
+            start = tracker.total
+            train_step(session, tracker, watch)
+            watch.close()
     monkeypatch.undo()
     return untracked.peak_bytes, tracked.peak_bytes, tracker.result().peak_bytes - start, rng
 
@@ -98,8 +91,6 @@ def test_the_tracker_observes_without_changing_what_runs_and_agrees_with_the_all
     base = _base(config, tmp_path)
     problems = []
     for setting in ["", *TRAINING, *MIXES]:
-        if (config, setting) in KNOWN_GAPS:
-            continue
         try:
             spec = spec_from_data(base.to_dict(), strategies=setting.split("+") if setting else None)
             untracked, tracked, tracker, rng = _measure(spec, monkeypatch)
@@ -124,6 +115,18 @@ def test_the_allocator_replay_sees_what_no_dispatch_mode_does():
         kept = torch.ones(1000)
     assert replay.peak_bytes == state.numel() + kept.numel() * 4
     assert tracker.result().peak_bytes == kept.numel() * 4
+
+
+def test_the_replay_measures_from_begin_and_counts_frees_of_blocks_made_since_the_profiler_started():
+    """The profiler drops the free of a block allocated before it started (its size is unknown): this took two
+    agreements for gaps (offload_states:params=true with optim_in_bwd releases parameters the warm-up step
+    brought in). begin() measures from inside the block, where every free has a known size."""
+    with allocator_replay() as replay:
+        before = torch.ones(1000)
+        replay.begin()
+        after = torch.ones(500)
+        del before
+    assert (replay.peak_bytes, replay.end_bytes) == (after.numel() * 4, after.numel() * 4 - 4000)
 
 
 def _storage_bytes(tensors) -> int:
@@ -164,17 +167,20 @@ def test_track_around_a_users_hf_loop_agrees_with_the_allocator(loop, monkeypatc
         optimizer.zero_grad(set_to_none=True)
 
     model, optimizer = built()
-    step(model, optimizer)
     with allocator_replay() as untracked:
         step(model, optimizer)
-    model, optimizer = built()
-    step(model, optimizer)
-    live = [*model.parameters(), *model.buffers(),
-            *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
-    start = _storage_bytes(live)
-    rng = _rng_saves(monkeypatch)
-    with allocator_replay() as tracked, memopt.track(model, optimizer if loop != "inference_mode" else None) as t:
+        untracked.begin()
         step(model, optimizer)
+    model, optimizer = built()
+    with allocator_replay() as tracked:
+        step(model, optimizer)
+        tracked.begin()
+        live = [*model.parameters(), *model.buffers(),
+                *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
+        start = _storage_bytes(live)
+        rng = _rng_saves(monkeypatch)
+        with memopt.track(model, optimizer if loop != "inference_mode" else None) as t:
+            step(model, optimizer)
     monkeypatch.undo()
     assert abs(tracked.peak_bytes - untracked.peak_bytes) <= MODE_SCALARS_BYTES
     assert t.result.memory is not None
@@ -182,51 +188,50 @@ def test_track_around_a_users_hf_loop_agrees_with_the_allocator(loop, monkeypatc
     assert _explained(unseen, rng), (untracked.peak_bytes, t.result.memory.peak_bytes - start, rng)
 
 
-@pytest.mark.parametrize("config,setting", [pytest.param(*key, marks=pytest.mark.xfail(strict=True, reason=why))
-                                            for key, why in KNOWN_GAPS.items()])
-def test_known_gaps_between_the_tracker_and_the_allocator(config, setting, monkeypatch, tmp_path):
-    """Strict xfails: each fails while its gap is there, and fails the suite once it is closed (then move it back)."""
-    spec = spec_from_data(_base(config, tmp_path).to_dict(), strategies=setting.split("+"))
-    untracked, tracked, tracker, rng = _measure(spec, monkeypatch)
-    assert abs(tracked - untracked) <= MODE_SCALARS_BYTES and _explained(untracked - tracker, rng)
-
-
 def _inference_measure(spec) -> tuple[int, int, int]:
     """(allocator peak of one infer/generate pass without the tracker, with it, the tracker's peak above start)."""
     from memopt.engine.inference import _one_pass
     from memopt.engine.step import reporting_to
 
-    def warmed() -> Session:
-        with torch.inference_mode():
+    peaks = []
+    for tracked in (False, True):
+        with torch.inference_mode(), allocator_replay() as replay:
             session = prepare(spec)
-            _one_pass(session, None)
-        return session
-
-    session = warmed()
-    with torch.inference_mode(), allocator_replay() as untracked:
-        _one_pass(session, None)
-    session = warmed()
-    tracker = TensorTracker("cpu", mode=spec.run.mode)
-    with torch.inference_mode(), allocator_replay() as tracked, tracker, reporting_to(session.saved, tracker):
-        watch = ModelWatch(tracker, session.model, None)  # the weights: there before the pass
-        tracker.begin_step()
-        start = tracker.total
-        _one_pass(session, tracker)
-        watch.close()
-    return untracked.peak_bytes, tracked.peak_bytes, tracker.result().peak_bytes - start
-
-
-INFERENCE_GAP = ("under inference_mode the tracker decomposes aten.dropout with OpOverload.decompose, which takes "
-                 "torch._decomp's Python decomposition (input.clone() when not training) where the program returns "
-                 "its input: +458,752 B on the tiny decoder's forward; found, not fixed yet")
+            _one_pass(session, None)  # warm-up
+            replay.begin()
+            if not tracked:
+                _one_pass(session, None)
+                peaks.append(replay)
+                continue
+            tracker = TensorTracker("cpu", mode=spec.run.mode)
+            with tracker, reporting_to(session.saved, tracker):
+                watch = ModelWatch(tracker, session.model, None)  # the weights: there before the pass
+                tracker.begin_step()
+                start = tracker.total
+                _one_pass(session, tracker)
+                watch.close()
+            peaks.append(replay)
+        for strategy in session.strategies:
+            strategy.close()  # offload_states' temporary folder
+    return peaks[0].peak_bytes, peaks[1].peak_bytes, tracker.result().peak_bytes - start
 
 
-@pytest.mark.parametrize("config,mode", [
-    ("tiny.yaml", "infer"),
-    pytest.param("tiny-decoder.yaml", "infer", marks=pytest.mark.xfail(strict=True, reason=INFERENCE_GAP)),
-    pytest.param("tiny-decoder.yaml", "generate", marks=pytest.mark.xfail(strict=True, reason=INFERENCE_GAP)),
-])
-def test_inference_runs_against_the_allocator(config, mode):
+INFERENCE = sorted(name for name, cls in registry().items() if "infer" in cls.modes)
+
+
+@pytest.mark.parametrize("mode", ["infer", "generate"])
+@pytest.mark.parametrize("config", ["tiny.yaml", "tiny-decoder.yaml", "hf-llama"])
+def test_inference_runs_against_the_allocator(config, mode, tmp_path):
     overrides = {"mode": mode, **({"prompt_len": 24, "new_tokens": 8} if mode == "generate" else {})}
-    untracked, tracked, tracker = _inference_measure(load_spec(CONFIGS / config, overrides))
-    assert abs(tracked - untracked) <= MODE_SCALARS_BYTES and 0 <= untracked - tracker <= SCALARS_BYTES
+    base = _base(config, tmp_path)
+    problems = []
+    for setting in ["", *INFERENCE]:
+        try:
+            spec = spec_from_data(base.to_dict(), overrides, strategies=[setting] if setting else None)
+            untracked, tracked, tracker = _inference_measure(spec)
+        except MemoptError:
+            continue  # refused here (generate on an encoder, ...)
+        if abs(tracked - untracked) > MODE_SCALARS_BYTES or not 0 <= untracked - tracker <= SCALARS_BYTES:
+            problems.append(f"{setting or 'baseline'}: allocator {untracked:,} B without the tracker, {tracked:,} B "
+                            f"with it; tracker {tracker:,} B")
+    assert problems == [], "\n".join(problems)

@@ -141,8 +141,9 @@ def decompose_composite(mode: TorchDispatchMode, func: Any, args: Any, kwargs: d
             not _has_own_kernel(func, device)
     if not composite:
         return NotImplemented
-    with mode:
-        return func.decompose(*args, **kwargs)
+    with mode:  # the C++ decomposition, as the dispatcher runs it (decompose() would prefer torch._decomp's Python
+        # one, which differs: its aten.dropout clones its input when not training, the C++ one returns it)
+        return func._op_dk(torch._C.DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
 
 
 def _has_own_kernel(func: Any, device: str) -> bool:
@@ -274,3 +275,9 @@ def cpu_allocator_events(prof: Any) -> list[tuple[int, int]]:
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
               and e.device_type() == torch._C._autograd.DeviceType.CPU]
     return sorted((e.start_ns(), e.nbytes()) for e in events)
+
+
+def profiler_mark_times(prof: Any, name: str) -> list[int]:
+    """Start times in ns (the clock of cpu_allocator_events) of the ``record_function(name)`` ranges a profile
+    recorded, in order."""
+    return sorted(e.start_ns() for e in prof.profiler.kineto_results.events() if e.name() == name)
