@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memopt.core.errors import MemoptError
-from memopt.engine.step import Session, prepare, train_step
+from memopt.engine.step import prepare, train_step
 from memopt.measure.allocator import allocator_replay
 from memopt.measure.tracker import ModelWatch, TensorTracker
 from memopt.spec import Spec, load_spec, spec_from_data
