@@ -5,6 +5,7 @@ memopt.app is imported when a command runs (``_commands``), so that ``memopt --h
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import signal
@@ -400,7 +401,18 @@ def main() -> None:  # pragma: no cover - console entry point
     for stream in (sys.stdout, sys.stderr):  # an ASCII or Latin-1 locale: replace what it cannot show
         if hasattr(stream, "reconfigure") and "utf" not in (stream.encoding or "").lower():
             stream.reconfigure(errors="replace")
-    app(prog_name="memopt")
+    try:
+        app(prog_name="memopt")
+    except SystemExit as stop:
+        if not (_Interrupted.signum and stop.code == 128 + _Interrupted.signum):
+            raise
+        # Stopped by a signal: exit 128 + signum every time. Left to the interpreter, CPython sometimes dies by the
+        # SIGINT itself after a KeyboardInterrupt it saw pass through C code (same $? in a shell, -2 to a parent's
+        # subprocess); the exit functions (temporary folders' cleanup) run first.
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(stop.code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ from memopt.core.results import RunResult
 from memopt.core.units import format_bytes
 from memopt.engine.devices import resolve_device
 from memopt.spec import Spec
+from memopt.strategies import allocated_view
 
 LOOK_CLOSER = 0.25      # trace an estimate when the formulas reach this share of what is available
 SUGGEST_SECONDS = 20.0  # how long to look for strategies that would fit
@@ -69,7 +70,7 @@ def _traced_if_close(spec: Spec, budget: int, limit_given: bool, say: Callable[[
         return None
     say(checking)
     try:
-        return estimate(spec)
+        return estimate(allocated_view(spec))
     except StrategyError as exc:
         say(f"not checked up front ({exc}); live tensors are watched as the run goes")
         return None

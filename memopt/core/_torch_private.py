@@ -281,3 +281,4 @@ def profiler_mark_times(prof: Any, name: str) -> list[int]:
     """Start times in ns (the clock of cpu_allocator_events) of the ``record_function(name)`` ranges a profile
     recorded, in order."""
     return sorted(e.start_ns() for e in prof.profiler.kineto_results.events() if e.name() == name)
+

@@ -89,6 +89,23 @@ class HostPeaks:
                    python_heap_peak_bytes=data.get("python_heap_peak_bytes", 0), cuda=data.get("cuda"))
 
 
+def cuda_reconciliation(memory: StepMemory, cuda: dict[str, int]) -> dict[str, int]:
+    """The tracker's peak against the CUDA allocator's, itemised where memopt can name the difference (bytes):
+
+    - ``outside_at_start``: allocated when the measured steps began and not a model state the tracker counts
+      (cuBLAS workspaces, memory a library allocated outside any dispatched op);
+    - ``unexplained``: the rest of ``max_allocated - tracker peak`` (negative: the tracker counted more);
+    - ``reserved_not_allocated``: the allocator's cache at its peak, fragmentation included (what the
+      ``allocator`` strategy's settings change)."""
+    allocated, reserved = cuda["max_allocated_bytes"], cuda["max_reserved_bytes"]
+    states = sum(memory.state_bytes.values())
+    outside = max(0, cuda.get("allocated_at_start_bytes", states) - states)
+    difference = allocated - memory.peak_bytes
+    return {"tracker_peak": memory.peak_bytes, "max_allocated": allocated, "difference": difference,
+            "outside_at_start": outside, "unexplained": difference - outside,
+            "max_reserved": reserved, "reserved_not_allocated": reserved - allocated}
+
+
 @dataclass
 class VsBaseline:
     """A run against the baseline of the same compare (set by memopt.analysis.compare)."""

@@ -354,9 +354,11 @@ def host_peaks(device_type: str, python_heap: bool = True) -> Iterator[HostPeaks
     """RSS peak, Python-heap peak (tracemalloc, unless ``python_heap`` is off) and CUDA allocator peaks."""
     peaks = HostPeaks()
     cuda = device_type == "cuda"
+    at_start = 0
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        at_start = torch.cuda.memory_allocated()
     if not python_heap:
         with RssSampler() as rss:
             yield peaks
@@ -378,4 +380,4 @@ def host_peaks(device_type: str, python_heap: bool = True) -> Iterator[HostPeaks
     peaks.rss_peak_bytes = rss.peak
     if cuda:
         peaks.cuda = {"max_allocated_bytes": torch.cuda.max_memory_allocated(),
-                      "max_reserved_bytes": torch.cuda.max_memory_reserved()}
+                      "max_reserved_bytes": torch.cuda.max_memory_reserved(), "allocated_at_start_bytes": at_start}

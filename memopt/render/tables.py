@@ -10,7 +10,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from memopt.core.results import RunResult
+from memopt.core.results import RunResult, StepMemory, cuda_reconciliation
 from memopt.core.units import format_bytes
 from memopt.render.text import (
     CATEGORY_HELP,
@@ -60,13 +60,25 @@ def _memory_rows(result: RunResult) -> list[Row]:
     where = f" in {mem.peak_module}" if mem.peak_module else ""
     rows = [("Peak tensor memory", format_bytes(mem.peak_bytes), f"during {mem.peak_phase}{where}")]
     if result.host.cuda:
-        rows += [("CUDA max allocated", format_bytes(result.host.cuda["max_allocated_bytes"]),
-                  "torch.cuda.max_memory_allocated"),
-                 ("CUDA max reserved", format_bytes(result.host.cuda["max_reserved_bytes"]), "allocator cache")]
+        rows += _cuda_rows(mem, result.host.cuda)
     rows.append(("Process RSS peak", format_bytes(result.host.rss_peak_bytes), "OS view of the process"))
     if not result.estimated:
         rows.append(("Python heap peak", format_bytes(result.host.python_heap_peak_bytes), "tracemalloc: not tensors"))
     return rows
+
+
+def _cuda_rows(mem: StepMemory, cuda: dict[str, int]) -> list[Row]:
+    """The CUDA allocator's peaks beside the tracker's, the difference named where it can be."""
+    r = cuda_reconciliation(mem, cuda)
+    d = r["difference"]
+    share = f", {abs(d) / r['tracker_peak']:.1%}" if r["tracker_peak"] else ""
+    versus = f"{format_bytes(abs(d))}{share} {'above' if d >= 0 else 'below'} the tracker's peak"
+    named = f", {format_bytes(r['outside_at_start'])} of it allocated outside any op before the step" \
+        if r["outside_at_start"] and d > 0 else ""
+    return [("CUDA max allocated", format_bytes(r["max_allocated"]),
+             f"torch.cuda.max_memory_allocated: {versus}{named}"),
+            ("CUDA max reserved", format_bytes(r["max_reserved"]),
+             f"{format_bytes(r['reserved_not_allocated'])} reserved and not allocated (cache, fragmentation)")]
 
 
 def _run_rows(result: RunResult, warmed_up: bool) -> list[Row]:

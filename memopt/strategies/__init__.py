@@ -63,6 +63,13 @@ def shards_model_states(spec: Any) -> bool:
     return any(known[s.name].shards_model_states for s in spec.strategies)
 
 
+def allocated_view(spec: Any) -> Any:
+    """``spec`` without the strategies that change only what the allocator reserves: what a trace can measure (the
+    preflight's estimate of a run with ``allocator`` settings)."""
+    known = registry()
+    return spec.with_strategies([s for s in spec.strategies if known[s.name].changes_allocated])
+
+
 def build_strategies(spec: Any, device: str, saved: SavedTensors | None = None) -> list[Strategy[Any]]:
     """Instantiate the spec's strategies for ``device`` in composition order, refusing combinations that
     cannot work; ``saved`` is where they report tensors they keep for backward (the runner's tracker)."""
@@ -95,5 +102,5 @@ def _options_models() -> dict[str, type[Options]]:
 
 provide_catalog(Catalog(options=_options_models, on_ranks="fsdp"))
 
-__all__ = ["REGISTRY", "Options", "StepPlan", "Strategy", "StrategySpec", "build_strategies", "candidate_specs",
-           "lossy", "register", "registry", "shards_model_states", "strategy_spec"]
+__all__ = ["REGISTRY", "Options", "StepPlan", "Strategy", "StrategySpec", "allocated_view", "build_strategies",
+           "candidate_specs", "lossy", "register", "registry", "shards_model_states", "strategy_spec"]

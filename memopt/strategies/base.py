@@ -90,6 +90,7 @@ class Strategy(Generic[OptionsT]):
     unshards: ClassVar[bool] = False
     shards_model_states: ClassVar[bool] = False  # each of the N ranks holds 1/N of params, grads, optimizer state
     searched: ClassVar[bool] = True  # tried by optimize and --fits (not the ones that change how many processes run)
+    changes_allocated: ClassVar[bool] = True  # False: only how the allocator reserves (nothing for a trace to see)
 
     @classmethod
     def idle_at(cls, options: Any, spec: Spec) -> bool:
