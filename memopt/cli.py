@@ -19,6 +19,7 @@ import typer
 from memopt.core.errors import MemoptError
 from memopt.core.processes import user_output_to_stderr
 from memopt.core.version import __version__
+from memopt.render.progress import PlainProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Memory profiler and optimizer for Transformer language models.\n\n"
@@ -160,11 +161,14 @@ class _StderrUi:
         self.status: Any = None
         self.runs: Any = None
         self.current: list[Any] = []
+        self.plain = PlainProgress(self.note)
 
     def progress(self, message: str) -> None:
         _Interrupted.check()
         if self.status is not None:
             self.status.update(message)
+        elif self.runs is None:
+            self.plain.update(message)
 
     def note(self, message: str) -> None:
         self.console.print(message, highlight=False, soft_wrap=True)
@@ -172,6 +176,8 @@ class _StderrUi:
     def run_started(self, name: str, total: int) -> None:
         _Interrupted.check()
         if self.runs is None:
+            self.plain.update(f"run {len(self.current) + 1}/{total}: {name}")
+            self.current.append(name)
             return
         if self.current:
             self.runs.update(self.current[-1], completed=1, total=1)

@@ -212,3 +212,29 @@ def test_an_output_that_is_the_input_spec_is_refused_before_running(tmp_path, op
     assert spec.read_text() == TINY and "run 1/" not in result.output
     update = invoke(["check", spec, "--baseline", spec, "--update"])
     assert update.exit_code == 1 and spec.read_text() == TINY
+
+
+def test_progress_on_a_stderr_that_is_not_a_terminal_is_plain_lines(tmp_path):
+    """CI logs and ``2> log``: a line per stage (a run, a phase), none repeated for each step within 10 s."""
+    done = subprocess.run([sys.executable, "-m", "memopt", "compare", str(CONFIGS / "tiny.yaml"), "-s", "ckpt",
+                           "--steps", "2"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert any(line.endswith("run 2/2: ckpt") for line in lines)
+    assert all(line.startswith("[") and " s] " in line for line in lines), lines
+
+
+def test_plain_progress_prints_a_stage_once_and_long_work_every_10_s():
+    from memopt.render.progress import PlainProgress
+
+    now = [0.0]
+    seen: list[str] = []
+    plain = PlainProgress(seen.append, clock=lambda: now[0])
+    plain.update("baseline: building the model")  # the first 2 s are quiet
+    for step in range(1, 6):
+        now[0] += 3
+        plain.update(f"baseline: measured step {step}/5")
+    now[0] += 1
+    plain.update("ckpt: building the model")
+    assert seen == ["[    3 s] baseline: measured step 1/5", "[   15 s] baseline: measured step 5/5",
+                    "[   16 s] ckpt: building the model"]
