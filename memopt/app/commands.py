@@ -24,7 +24,9 @@ from memopt.engine.devices import resolve_device
 from memopt.render import documents, plot, tables, text
 from memopt.render import markdown as md
 from memopt.render.outputs import CommandOutput, Outputs
-from memopt.spec import Spec, config_note, load_spec
+from memopt.spec import HfModelSpec, Spec, config_note, load_spec
+from memopt.spec.hf_config import shadow_note
+from memopt.spec.load import absolute_paths
 from memopt.spec.strategy_args import one_set, parse_sets
 from memopt.strategies import registry
 
@@ -56,7 +58,11 @@ def load(given: SpecOptions, ui: Ui, **defaults: Any) -> Spec:
     overrides = {**(given.overrides or {})}
     for key, value in defaults.items():
         overrides[key] = overrides.get(key) or value
-    return load_spec(given.config, overrides, one_set(given.strategies))
+    spec = load_spec(given.config, overrides, one_set(given.strategies))
+    shadowed = shadow_note(spec.model.hf) if isinstance(spec.model, HfModelSpec) else None
+    if shadowed:
+        ui.note(f"note: {shadowed}")
+    return spec
 
 
 def _size(text: str | None, option: str) -> int | None:
@@ -177,6 +183,6 @@ def optimize(given: SpecOptions, ui: Ui, budget: str, *, allow_lossy: bool = Fal
                               max_drift=cap, progress=ui.progress)
     best = winner_spec(spec, outcome)
     if output is not None:
-        outputs.add("--output", documents.winner_yaml(best, outcome, budget))
+        outputs.add("--output", documents.winner_yaml(absolute_paths(best), outcome, budget))
     outputs.set_json(documents.optimize_document(best, outcome, cap))
     return CommandOutput(outputs, lambda: tables.print_optimize(outcome, top, cap, output))

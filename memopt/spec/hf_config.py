@@ -42,9 +42,33 @@ def _causal_types() -> dict[str, str]:
     return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def is_bare_name(source: str) -> bool:
+    """A name with no path in it (``phi3``), which means a model_type when transformers knows one by that name."""
+    return "/" not in source and not source.endswith(".json") and source not in ("", ".", "..")
+
+
+def is_model_type(source: str) -> bool:
+    """Whether transformers knows ``source`` as a model_type (False without transformers)."""
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return False
+    return source in CONFIG_MAPPING
+
+
+def shadow_note(source: str) -> str | None:
+    """What to tell the user when ``source`` is a model_type and a file or folder of that name exists here too."""
+    if is_bare_name(source) and Path(source).exists() and is_model_type(source):
+        return f"model.hf: {source} is the model_type; for the folder of that name write ./{source}"
+    return None
+
+
 def config_file(source: str) -> Path | None:
-    """The config.json that ``source`` names (a file or a folder holding one), or None for a model_type name."""
+    """The config.json that ``source`` names (a file or a folder holding one), or None for a model_type name. A
+    model_type's name means the model_type even where a folder of that name exists (that folder is ./NAME)."""
     path = Path(source)
+    if is_bare_name(source) and is_model_type(source):
+        return None
     if path.is_dir():
         return path / "config.json"
     if path.exists() or source.endswith(".json") or "/" in source:

@@ -18,7 +18,7 @@ from memopt.core.entry_points import load_entry_point
 from memopt.core.errors import MemoptError, SpecError
 from memopt.core.files import read_input
 from memopt.core.wording import describe, describe_value_error, suggest
-from memopt.spec.hf_config import load_config
+from memopt.spec.hf_config import is_bare_name, is_model_type, load_config
 from memopt.spec.schema import DTYPE_ALIASES, AnyModelSpec, HfModelSpec, ModelSpec, PythonModelSpec, Spec
 from memopt.spec.strategy_args import parse_strategy
 from memopt.spec.strategy_spec import StrategySpec, catalog, strategy_spec
@@ -165,8 +165,66 @@ def load_spec(config: str | Path | None = None, overrides: dict[str, Any] | None
             data = read_yaml(text, source)
             if data is None:
                 raise SpecError([f"{path}: the file is empty; expected a mapping with model/train/run"])
-    return spec_from_data(data, overrides, strategies, source,
+            data = _paths_from(data, path.parent)
+    spec = spec_from_data(data, overrides, strategies, source,
                           strategies_option="--strategies" if strategies is not None else None)
+    if config is not None and strategies is None and str(config) not in PRESETS:
+        spec = spec.with_strategies([_folder_from(s, Path(config).parent) for s in spec.strategies])
+    return spec
+
+
+def _relative_to(value: Any, folder: Path) -> Any:
+    """A relative path written in a spec file, made relative to the spec's folder (unchanged otherwise)."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or folder == Path("."):
+        return value
+    return str(folder / value)
+
+
+def _paths_from(data: Any, folder: Path) -> Any:
+    """The spec file's paths (model.hf, train.data) resolved against its folder, not the working directory; a bare
+    name in model.hf stays a model_type when transformers knows one by that name."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    model, train = data.get("model"), data.get("train")
+    if isinstance(model, dict) and isinstance(model.get("hf"), str):
+        hf = model["hf"]
+        if not is_bare_name(hf) or ((folder / hf).exists() and not is_model_type(hf)):
+            data["model"] = {**model, "hf": _relative_to(hf, folder)}
+    if isinstance(train, dict) and "data" in train:
+        data["train"] = {**train, "data": _relative_to(train["data"], folder)}
+    return data
+
+
+def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """A spec's data (``Spec.to_dict()``) with its paths absolute, for a spec file written elsewhere (``optimize
+    -o``): read back, it names the same files from any folder."""
+    data = dict(data)
+    model, train = data.get("model"), data.get("train")
+    if isinstance(model, dict) and isinstance(model.get("hf"), str) and not (
+            is_bare_name(model["hf"]) and is_model_type(model["hf"])):
+        data["model"] = {**model, "hf": str(Path(model["hf"]).resolve())}
+    if isinstance(train, dict) and isinstance(train.get("data"), str):
+        data["train"] = {**train, "data": str(Path(train["data"]).resolve())}
+    entries = []
+    for entry in data.get("strategies") or []:
+        if isinstance(entry, dict) and len(entry) == 1:
+            (name, options), = entry.items()
+            if isinstance(options, dict) and isinstance(options.get("folder"), str):
+                entry = {name: {**options, "folder": str(Path(options["folder"]).resolve())}}
+        entries.append(entry)
+    if "strategies" in data:
+        data["strategies"] = entries
+    return data
+
+
+def _folder_from(setting: StrategySpec, folder: Path) -> StrategySpec:
+    """A strategy's ``folder`` option written in a spec file, resolved against the spec's folder."""
+    written = getattr(setting.options, "folder", None)
+    if not isinstance(written, str):
+        return setting
+    options = setting.options.model_copy(update={"folder": _relative_to(written, folder)})
+    return setting.model_copy(update={"options": options})
 
 
 def config_note(config: str | Path | None) -> str | None:
