@@ -328,6 +328,42 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
     _finish(out, json_stdout)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "allow_interspersed_args": False})
+@handle_errors
+def run(ctx: typer.Context, script: Annotated[str, typer.Argument(
+            metavar="SCRIPT [ARGS]...", help="A Python script and its arguments (with -m: a module), run unchanged.",
+            show_default=False)],
+        module: Annotated[bool, typer.Option("-m", help="SCRIPT is a module, run as python -m would.")] = False,
+        steps: Annotated[Optional[int], typer.Option(
+            "--steps", help="End the script after this many measured steps (the report written, exit 0).",
+            show_default=False)] = None,
+        device: Annotated[str, typer.Option("--device", help="The device whose tensors are counted: cpu, cuda or "
+                                                             "auto.")] = "auto",
+        json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> None:
+    """Run your training script unchanged and show where every byte of its steps went.
+
+    Example: [bold]memopt run train.py --lr 3e-4[/bold]   (memopt's options go before the script: what follows
+    it is the script's)
+
+    A module, ended after 5 measured steps: [bold]memopt run --steps 5 -m mypkg.train --epochs 1[/bold]
+
+    The models and optimizers are found as they run (Hugging Face Trainer, accelerate, Lightning or your own loop);
+    a step is what lies between optimizer steps and the first one is the warm-up. The exit code is the script's
+    own (0 when --steps ended it).
+    """
+    with _ui() as ui:
+        out = _run_script().run_script(script, list(ctx.args), ui, module=module, steps=steps, device=device,
+                                       json_out=json_out)
+    _finish(out, json_stdout)
+
+
+def _run_script() -> Any:
+    from memopt.app import run_script  # here, not at the top: ``memopt --help`` answers without importing torch
+
+    return run_script
+
+
 @app.command()
 @handle_errors
 def strategies(*, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> None:

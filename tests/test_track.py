@@ -225,7 +225,8 @@ def test_to_json_is_a_valid_strict_schema_1_document(tiny, tmp_path):
     json.dumps(doc, allow_nan=False)
     assert doc["schema"] == 1 and doc["device"] == "cpu" and len(doc["runs"]) == 1
     assert doc["spec"] == {"model": {"python": "memopt.model.transformer.LanguageModel"},
-                           "train": {"optimizer": {"python": "torch.optim.adamw.AdamW"}, "steps": 1},
+                           "train": {"optimizer": {"python": "torch.optim.adamw.AdamW"}, "steps": 1,
+                                     "warmup_steps": 0, "step_peak_bytes": [t.result.memory.peak_bytes]},
                            "run": {"device": "cpu", "dtype": "float32"}, "strategies": []}
     path = tmp_path / "baseline.json"
     path.write_text(json_text(doc))

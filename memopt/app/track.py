@@ -17,10 +17,16 @@ phases come from hooks, so the loop is not changed:
   optimizer  from ``optimizer.step``'s pre-hook; its post-hook records the state bytes (the optimizer's
              state created lazily by a first step is classified there) and ends a step
 
-The numbers are over the whole block (one measurement window: the peak of all its steps). Tensors that
-exist before the block count from the start only as what they are to the model and optimizer: parameters,
-buffers, gradients and optimizer state. A module called several times in one step and frozen parameters are
-fine (PyTorch's ``MemTracker`` raises on both: tests/test_track.py).
+The numbers are over the whole block (one measurement window: the peak of all its steps), or with
+``warmup_steps=N`` over the steps after the first N (``memopt run`` and the framework callbacks: the first step
+creates the optimizer state). Tensors that exist before the block count from the start only as what they are to
+the model and optimizer: parameters, buffers, gradients and optimizer state. A module called several times in one
+step and frozen parameters are fine (PyTorch's ``MemTracker`` raises on both: tests/test_track.py).
+
+Without a model or an optimizer, they are found through PyTorch's global hooks (memopt.measure.discover): the
+top-level modules that run, the optimizers that step (also one created inside the block); optimizer state created
+inside the block counts as optimizer state, also in the peak's breakdown. A step then ends at the first-found
+optimizer's step.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from torch import nn
 
 from memopt.core._torch_private import is_fake
 from memopt.core.errors import MemoptError
-from memopt.core.results import HostPeaks, RunResult
+from memopt.core.results import Category, HostPeaks, RunResult
+from memopt.measure.discover import Discovery, optimizer_parameters
 from memopt.measure.tracker import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
 from memopt.model.transformer import count_parameters
 from memopt.render import documents, tables
@@ -48,9 +55,15 @@ NAME = "track"
 _MAX_DEPTH = 4  # how deep a model's output (tuples, mappings) is searched for tensors
 
 
-def track(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Tracking:
-    """Measure the tensor memory of the training steps run inside the ``with`` block (see the module)."""
+def track(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> Tracking:
+    """Measure the tensor memory of the training steps run inside the ``with`` block (see the module); a model or
+    optimizer not given is found as it runs."""
     return Tracking(model, optimizer)
+
+
+class StopTracking(BaseException):
+    """Raised from an optimizer step's hook when ``stop_after`` steps were measured (``memopt run --steps``): a
+    BaseException, so that a training framework's own ``except Exception`` lets it through."""
 
 
 def _type_name(obj: Any) -> str:
@@ -97,11 +110,21 @@ def _loss_of(output: Any) -> torch.Tensor | None:
 class Tracking:
     """The context manager ``memopt.app.track`` returns; after the block: ``result``, ``report()``, ``to_json()``."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
-        if not isinstance(model, nn.Module):
+    def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
+                 warmup_steps: int = 0, stop_after: int | None = None, device: str | None = None):
+        if model is not None and not isinstance(model, nn.Module):
             raise MemoptError(f"memopt.track: expected a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not callable(getattr(optimizer, "register_step_pre_hook", None)):
+            raise MemoptError(f"memopt.track: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.optimizer = model, optimizer
-        self.device = _device_of(model)
+        self.models: list[nn.Module] = [model] if model is not None else []
+        self.optimizers: list[Any] = [optimizer] if optimizer is not None else []
+        self.device = _device_of(model) if model is not None else \
+            device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.warmup_steps, self.stop_after = warmup_steps, stop_after
+        self.step_peaks: list[int] = []  # each optimizer step's peak (bytes), warm-up steps included
+        self._watches: list[ModelWatch] = []
+        self._optimizer_hooked = optimizer is not None  # its own step hooks drive the steps (else discovery's)
         self.steps = 0  # optimizer steps taken inside the block
         self._state = "new"  # new -> running -> done | failed
         self._result: RunResult | None = None
@@ -131,8 +154,15 @@ class Tracking:
             tracker = TensorTracker(self.device, round_to=CUDA_BLOCK if self.device == "cuda" else 1)
             self._tracker = stack.enter_context(tracker)
             stack.callback(self._remove_hooks)
-            self._watch = ModelWatch(tracker, self.model, optimizer)
+            if self.model is not None:
+                self._watch = ModelWatch(tracker, self.model, optimizer)
+                self._watches.append(self._watch)
             self._install_hooks()
+            if self.model is None or optimizer is None:
+                discovery = Discovery(self._found_model, self._found_optimizer, self._on_any_step)
+                discovery.models.extend(self.models)
+                discovery.optimizers.extend(self.optimizers)
+                stack.enter_context(discovery)
             # our (pack, unpack) pair first: the tracker's saved-tensor observer wraps it
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._on_pack, self._on_unpack))
             stack.enter_context(tracker.saved_tensors())
@@ -188,17 +218,25 @@ class Tracking:
         return strict(documents.runs_document(self.spec(), [result], result.device))
 
     def spec(self) -> dict[str, Any]:
-        """The document's ``spec``: what is true of the loop (no model spec: memopt did not build the model)."""
+        """The document's ``spec``: what is true of the loop (no model spec: memopt did not build the model);
+        ``train.step_peak_bytes``: each optimizer step's peak, warm-up steps included."""
         optimizer = None if self.optimizer is None else {"python": _type_name(self.optimizer)}
-        return {"model": {"python": _type_name(self.model)},
-                "train": {"optimizer": optimizer, "steps": self.steps},
-                "run": {"device": self.device, "dtype": _dtype_of(self.model)},
+        models = ", ".join(_type_name(m) for m in self.models) or None
+        return {"model": {"python": models},
+                "train": {"optimizer": optimizer, "steps": self.steps, "warmup_steps": self.warmup_steps,
+                          "step_peak_bytes": list(self.step_peaks)},
+                "run": {"device": self.device, "dtype": self._dtype()},
                 "strategies": []}
 
+    def _dtype(self) -> str | None:
+        """The models' one parameter dtype, None when they differ (or no model was seen)."""
+        dtypes = {_dtype_of(m) for m in self.models}
+        return dtypes.pop() if len(dtypes) == 1 else None
+
     def title(self) -> str:
-        parts = [type(self.model).__name__,
+        parts = [" + ".join(type(m).__name__ for m in self.models) or "no model seen",
                  type(self.optimizer).__name__ if self.optimizer is not None else "no optimizer",
-                 _dtype_of(self.model) or "mixed dtypes", self.device,
+                 self._dtype() or "mixed dtypes", self.device,
                  f"{self.steps} optimizer step{'s' if self.steps != 1 else ''}"]
         return "memopt track - " + ", ".join(parts)
 
@@ -211,17 +249,19 @@ class Tracking:
 
     def _build_result(self) -> RunResult:
         assert self._tracker is not None and self._host is not None
-        total, trainable = count_parameters(self.model)
+        total, trainable = self._parameter_counts()
         result = RunResult(name=NAME, strategies=[], device=self.device, params_total=total,
                            params_trainable=trainable)
         result.memory = self._tracker.result()
         result.host = self._host
-        result.step_times_s = list(self._step_times)
-        result.step_time_s = statistics.median(self._step_times)
+        result.step_times_s = list(self._step_times) or [time.perf_counter() - self._block_start]
+        result.step_time_s = statistics.median(result.step_times_s)
         result.loss = self._loss
         steps = (f"{self.steps} optimizer steps" if self.steps != 1 else "1 optimizer step") if self.steps else \
             "no optimizer step (the block is one step)"
-        result.notes.append(f"memopt.track: {steps} of your loop; the peak is over the whole block")
+        window = "the whole block" if not self.warmup_steps or self.steps <= self.warmup_steps else \
+            f"the steps after the first {self.warmup_steps} (warm-up)"
+        result.notes.append(f"memopt.track: {steps} of your loop; the peak is over {window}")
         if self.optimizer is not None and not self._warmed_up and getattr(self.optimizer, "state", None):
             result.notes.append("no optimizer state before the block: its first step created it (a steady-state "
                                 "step may peak lower; take a step before the block to measure one)")
@@ -233,19 +273,64 @@ class Tracking:
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._on_forward, prepend=True))
-        self._handles.append(self.model.register_forward_hook(self._on_output))
+        if self.model is not None:
+            self._watch_model_phases(self.model)
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_step_begins))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_step_ends))
+
+    def _watch_model_phases(self, model: nn.Module) -> None:
+        self._handles.append(model.register_forward_pre_hook(self._on_forward, prepend=True))
+        self._handles.append(model.register_forward_hook(self._on_output))
 
     def _remove_hooks(self) -> None:
         for handle in (*self._handles, *self._node_handles):
             handle.remove()
         self._handles.clear()
         self._node_handles.clear()
-        if self._watch is not None:
-            self._watch.close()
+        for watch in self._watches:
+            watch.close()
+
+    def _parameter_counts(self) -> tuple[int, int]:
+        if self.models:
+            counts = [count_parameters(m) for m in self.models]
+            return sum(c[0] for c in counts), sum(c[1] for c in counts)
+        params = {id(p): p for o in self.optimizers for p in optimizer_parameters(o)}
+        return sum(p.numel() for p in params.values()), sum(p.numel() for p in params.values() if p.requires_grad)
+
+    # -- what the global hooks find (memopt.measure.discover) ----------------------------------------------------
+    def _found_model(self, model: nn.Module, args: Any) -> None:
+        """A top-level module starts its first forward in the block: its tensors are known from now on."""
+        assert self._tracker is not None
+        self.models.append(model)
+        self._watches.append(ModelWatch(self._tracker, model, None))
+        self._watch_model_phases(model)
+        self._on_forward(model, args)  # its own pre-hook, added now, runs from its next call
+
+    def _found_optimizer(self, optimizer: Any) -> None:
+        """An optimizer steps for the first time in the block (created in it, perhaps)."""
+        self.optimizers.append(optimizer)
+        if self.optimizer is None:
+            self.optimizer = optimizer
+        assert self._tracker is not None
+        for p in optimizer_parameters(optimizer):
+            self._tracker.mark(p, Category.PARAMS)
+
+    def _on_any_step(self, optimizer: Any, ended: bool) -> None:
+        """Around every step of a found optimizer: gradients and state classified (also at the peak, when they
+        were alive then); the first-found optimizer's steps are the loop's."""
+        tracker = self._tracker
+        assert tracker is not None
+        for p in optimizer_parameters(optimizer):
+            if p.grad is not None:
+                tracker.mark(p.grad, Category.GRADS, retroactive=True)
+        if ended:
+            for state in getattr(optimizer, "state", {}).values():
+                for value in state.values() if isinstance(state, dict) else ():
+                    if isinstance(value, torch.Tensor):
+                        tracker.mark(value, Category.OPTIMIZER, retroactive=True)
+        if optimizer is self.optimizer and not self._optimizer_hooked:
+            (self._on_step_ends if ended else self._on_step_begins)(optimizer, (), {})
 
     def _switch(self, phase: str, keep_module: bool = False) -> None:
         tracker = self._tracker
@@ -298,14 +383,24 @@ class Tracking:
         self._switch("optimizer")
 
     def _on_step_ends(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        assert self._watch is not None and self._tracker is not None
-        self._watch.rescan_optimizer()  # state made by this (first) step is optimizer state, not temporaries
-        self._tracker.record_state()
+        tracker = self._tracker
+        assert tracker is not None
+        if self._watch is not None and self._watch.optimizer is not None:
+            self._watch.rescan_optimizer(retroactive=True)  # state made by this (first) step is optimizer state
+        tracker.record_state()
         self.steps += 1
         self._sync()
         now = time.perf_counter()
-        self._step_times.append(now - self._step_start)
+        self.step_peaks.append(tracker.step_peak)
+        tracker.new_step()
+        if self.steps > self.warmup_steps:
+            self._step_times.append(now - self._step_start)
+        elif self.steps == self.warmup_steps:  # the warm-up ends: the measurement window starts again
+            tracker.begin_step()
+            self._warmed_up = True
         self._step_start = now
+        if self.stop_after is not None and self.steps - self.warmup_steps >= self.stop_after:
+            raise StopTracking
 
     def _sync(self) -> None:
         if self.device == "cuda":

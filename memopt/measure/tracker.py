@@ -73,7 +73,9 @@ class TensorTracker(TorchDispatchMode):
         self._depth = 0  # entered how many times: re-entered to see inside composite ops (inference_mode)
         self.round_to = round_to or (CUDA_BLOCK if device_type == "cuda" else 1)
         self.limit_bytes = limit_bytes
-        self._live: dict[int, list[Any]] = {}  # storage key -> [weakref, category, nbytes]
+        self._live: dict[int, list[Any]] = {}  # storage key -> [weakref, category, nbytes, allocation number]
+        self._allocations = 0  # storages added so far (numbers them)
+        self._peak_allocation = 0  # the number of the allocation that reached the peak
         self.bytes = dict.fromkeys(self.categories, 0)
         self.total = 0
         self.phase = self.phases[0]
@@ -92,6 +94,8 @@ class TensorTracker(TorchDispatchMode):
         self.peak_phase = self.phase
         self.peak_module = self.module
         self._at_peak = True
+        self._peak_allocation = self._allocations
+        self.step_peak = self.total  # the peak since new_step() (a user's loop: one optimizer step's)
         self.category_peak = dict(self.bytes)
         self.phase_peak = dict.fromkeys(self.phases, 0)
         self.record_state()
@@ -112,9 +116,12 @@ class TensorTracker(TorchDispatchMode):
         key = storage_key(storage)
         n = self._nbytes(storage)
         ref = weakref.ref(storage, lambda _ref, k=key: self._free(k))  # type: ignore[misc]
-        self._live[key] = [ref, category, n]
+        self._allocations += 1
+        self._live[key] = [ref, category, n, self._allocations]
         self.bytes[category] += n
         self.total += n
+        if self.total > self.step_peak:
+            self.step_peak = self.total
         if self.bytes[category] > self.category_peak[category]:
             self.category_peak[category] = self.bytes[category]
         if self.total > self.phase_peak[self.phase]:
@@ -125,6 +132,7 @@ class TensorTracker(TorchDispatchMode):
             self.peak_phase = self.phase
             self.peak_module = self.module
             self._at_peak = True
+            self._peak_allocation = self._allocations
         else:
             self._at_peak = False
         self._tick()
@@ -187,8 +195,15 @@ class TensorTracker(TorchDispatchMode):
         else:
             self.mark(tensor, category)
 
-    def mark(self, tensor: torch.Tensor, category: Category, only_from: Category | None = None) -> None:
-        """Put ``tensor``'s storage in ``category`` (tracking it if new); a DTensor's local shard."""
+    def new_step(self) -> None:
+        """Start a new step's peak (``step_peak``) inside the measurement window."""
+        self.step_peak = self.total
+
+    def mark(self, tensor: torch.Tensor, category: Category, only_from: Category | None = None,
+             retroactive: bool = False) -> None:
+        """Put ``tensor``'s storage in ``category`` (tracking it if new); a DTensor's local shard. ``retroactive``:
+        also in the peak's breakdown when it was allocated by then (live now, so live at the peak): optimizer
+        state a user's first step created, found only after the step."""
         tensor = local_tensor(tensor)
         try:
             storage = tensor.untyped_storage()
@@ -209,6 +224,11 @@ class TensorTracker(TorchDispatchMode):
             self.category_peak[category] = self.bytes[category]
         if self._at_peak:
             self.peak_breakdown = dict(self.bytes)
+        elif retroactive and entry[3] <= self._peak_allocation:
+            moved = min(entry[2], self.peak_breakdown[old])
+            self.peak_breakdown[old] -= moved
+            self.peak_breakdown[category] += moved
+            self.category_peak[category] = max(self.category_peak[category], self.peak_breakdown[category])
 
     def mark_all(self, tensors: Iterable[torch.Tensor], category: Category) -> None:
         for t in tensors:
@@ -308,14 +328,15 @@ class ModelWatch:
         if param.grad is not None:
             self.tracker.mark(param.grad, Category.GRADS)
 
-    def rescan_optimizer(self) -> None:
-        """Classify tensors in ``optimizer.state`` (created lazily by the first step)."""
+    def rescan_optimizer(self, retroactive: bool = False) -> None:
+        """Classify tensors in ``optimizer.state`` (created lazily by the first step); ``retroactive``: in the
+        peak's breakdown too (see TensorTracker.mark)."""
         if self.optimizer is None:
             return
         for state in getattr(self.optimizer, "state", {}).values():
             for value in state.values():
                 if isinstance(value, torch.Tensor):
-                    self.tracker.mark(value, Category.OPTIMIZER)
+                    self.tracker.mark(value, Category.OPTIMIZER, retroactive=retroactive)
 
     def close(self) -> None:
         for h in self._handles:
