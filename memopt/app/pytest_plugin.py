@@ -3,9 +3,12 @@
     @pytest.mark.memopt_limit(peak="300 MiB", activations="120 MiB", device="cpu")
     def test_training_step(): ...
 
-Like pytest-memray for host memory, but for tensors: the test body runs under memopt's tracker
-(every storage allocated during the test, tensors saved for backward counted as activations, the
-rest as temporaries; the ``peak`` limit is the total). Registered through the ``pytest11`` entry point.
+Like pytest-memray for host memory, but for tensors: the test body runs under ``memopt.track()`` (every storage
+allocated during the test; the models that run and the optimizers that step are found through PyTorch's global
+hooks, so parameters, gradients and optimizer state are known as such; tensors saved for backward count as
+activations, the rest as temporaries; the ``peak`` limit is the total). A limit on something the test never ran
+(``optimizer`` in a test whose optimizer never steps) fails the test as a usage error. Registered through the
+``pytest11`` entry point.
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "its tensor memory passes a limit (sizes like '300 MiB')")
 
 
+# what must have run for a limit to be measurable: a model (its parameters), a backward, an optimizer step
+NEEDS = {"params": "a module with parameters ran no forward", "buffers": "a module with parameters ran no forward",
+         "grads": "no optimizer stepped, so no parameter's gradient was known",
+         "optimizer": "no optimizer stepped"}
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     marker = item.get_closest_marker("memopt_limit")
     if marker is None:
         return (yield)
+    from memopt.app.track import Tracking
     from memopt.core.units import format_bytes, parse_size
-    from memopt.measure.tracker import TensorTracker
 
     options = dict(marker.kwargs)
     device = options.pop("device", "cpu")
@@ -37,10 +46,17 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     if unknown:
         raise pytest.UsageError(f"memopt_limit: unknown limit {sorted(unknown)}; use {', '.join(LIMIT_KEYS)}")
     limits = {key: parse_size(value) for key, value in options.items()}
-    tracker = TensorTracker(device)
-    with tracker, tracker.saved_tensors():
+    tracking = Tracking(device=device, label="memopt_limit")
+    with tracking:
         result = yield
-    memory = tracker.result()
+    memory = tracking.result.memory
+    assert memory is not None
+    seen_models, stepped = bool(tracking.models), tracking.steps > 0
+    blind = [f"{key} ({NEEDS[key]})" for key in limits if key in NEEDS and not (
+        stepped if key in ("grads", "optimizer") else seen_models or stepped)]
+    if blind:
+        pytest.fail("memopt_limit: cannot measure " + "; ".join(blind) + " in this test: a limit that cannot "
+                    "fail is a usage error", pytrace=False)
     seen = {"peak": memory.peak_bytes, **memory.category_peak_bytes}
     over = [f"{key} {format_bytes(seen[key])} > limit {format_bytes(limit)}"
             for key, limit in limits.items() if seen[key] > limit]

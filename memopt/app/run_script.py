@@ -42,7 +42,7 @@ def run_script(target: str, args: list[str], ui: object, *, module: bool = False
         raise MemoptError(f"--steps: expected a number of measured steps >= 1, got {steps}")
     path = None if module else _script(target)
     outputs = Outputs({"script": str(path) if path else None}, json_out=json_out)
-    tracking = Tracking(warmup_steps=1, stop_after=steps, device=resolve_device(device))
+    tracking = Tracking(warmup_steps=1, stop_after=steps, device=resolve_device(device), label="memopt run")
     ended = ScriptRun()
     with tracking:
         ended = _run(target, path, args, module)
@@ -121,7 +121,7 @@ def _report(tracking: Tracking, outputs: Outputs, target: str) -> CommandOutput:
     result = tracking.result
     spec = {**tracking.spec(), "script": target}
     outputs.set_json(strict(documents.runs_document(spec, [result], result.device)))
-    title = f"memopt run {target} - " + tracking.title().removeprefix("memopt track - ")
+    title = f"memopt run {target} - " + tracking.title().removeprefix("memopt run - ")
 
     def show() -> None:
         tables.print_tables(tables.profile_tables(None, result, title=title, warmed_up=tracking.steps > 1))

@@ -111,7 +111,8 @@ class Tracking:
     """The context manager ``memopt.app.track`` returns; after the block: ``result``, ``report()``, ``to_json()``."""
 
     def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
-                 warmup_steps: int = 0, stop_after: int | None = None, device: str | None = None):
+                 warmup_steps: int = 0, stop_after: int | None = None, device: str | None = None,
+                 label: str = "memopt.track"):
         if model is not None and not isinstance(model, nn.Module):
             raise MemoptError(f"memopt.track: expected a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not callable(getattr(optimizer, "register_step_pre_hook", None)):
@@ -121,7 +122,7 @@ class Tracking:
         self.optimizers: list[Any] = [optimizer] if optimizer is not None else []
         self.device = _device_of(model) if model is not None else \
             device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.warmup_steps, self.stop_after = warmup_steps, stop_after
+        self.warmup_steps, self.stop_after, self.label = warmup_steps, stop_after, label
         self.step_peaks: list[int] = []  # each optimizer step's peak (bytes), warm-up steps included
         self._watches: list[ModelWatch] = []
         self._optimizer_hooked = optimizer is not None  # its own step hooks drive the steps (else discovery's)
@@ -159,7 +160,8 @@ class Tracking:
                 self._watches.append(self._watch)
             self._install_hooks()
             if self.model is None or optimizer is None:
-                discovery = Discovery(self._found_model, self._found_optimizer, self._on_any_step)
+                discovery = Discovery(self._found_model, self._found_optimizer, self._on_any_step,
+                                      self._found_tensor)
                 discovery.models.extend(self.models)
                 discovery.optimizers.extend(self.optimizers)
                 stack.enter_context(discovery)
@@ -238,7 +240,7 @@ class Tracking:
                  type(self.optimizer).__name__ if self.optimizer is not None else "no optimizer",
                  self._dtype() or "mixed dtypes", self.device,
                  f"{self.steps} optimizer step{'s' if self.steps != 1 else ''}"]
-        return "memopt track - " + ", ".join(parts)
+        return f"{self.label.replace('.', ' ')} - " + ", ".join(parts)
 
     def _not_ready(self) -> str:
         if self._state == "failed":
@@ -261,7 +263,7 @@ class Tracking:
             "no optimizer step (the block is one step)"
         window = "the whole block" if not self.warmup_steps or self.steps <= self.warmup_steps else \
             f"the steps after the first {self.warmup_steps} (warm-up)"
-        result.notes.append(f"memopt.track: {steps} of your loop; the peak is over {window}")
+        result.notes.append(f"{self.label}: {steps} of your loop; the peak is over {window}")
         if self.optimizer is not None and not self._warmed_up and getattr(self.optimizer, "state", None):
             result.notes.append("no optimizer state before the block: its first step created it (a steady-state "
                                 "step may peak lower; take a step before the block to measure one)")
@@ -306,6 +308,11 @@ class Tracking:
         self._watches.append(ModelWatch(self._tracker, model, None))
         self._watch_model_phases(model)
         self._on_forward(model, args)  # its own pre-hook, added now, runs from its next call
+
+    def _found_tensor(self, tensor: torch.Tensor, is_parameter: bool) -> None:
+        """A parameter or buffer registered on a module inside the block (a model built in it)."""
+        if self._tracker is not None:
+            self._tracker.mark(tensor, Category.PARAMS if is_parameter else Category.BUFFERS)
 
     def _found_optimizer(self, optimizer: Any) -> None:
         """An optimizer steps for the first time in the block (created in it, perhaps)."""

@@ -3,6 +3,7 @@
 
 - a model is a top-level module: one whose forward starts while no other module's forward runs (a module with no
   parameters or buffers, such as a loss, is not one);
+- a parameter or buffer registered on a module in the block (a model built inside it) is one from then on;
 - an optimizer is one whose ``step`` runs (``torch.optim.Optimizer``'s global step hooks), found at its first step,
   so an optimizer created lazily (Hugging Face ``Trainer``) is found as well.
 """
@@ -24,8 +25,10 @@ class Discovery:
     every optimizer step (``ended`` False before it, True after)."""
 
     def __init__(self, on_model: Callable[[nn.Module, Any], None], on_optimizer: Callable[[Any], None],
-                 on_step: Callable[[Any, bool], None]):
+                 on_step: Callable[[Any, bool], None],
+                 on_tensor: Callable[[torch.Tensor, bool], None] = lambda _t, _is_param: None):
         self.on_model, self.on_optimizer, self.on_step = on_model, on_optimizer, on_step
+        self.on_tensor = on_tensor  # a parameter (True) or buffer (False) registered on a module in the block
         self.models: list[nn.Module] = []
         self.optimizers: list[Any] = []
         self._depth = 0  # module forwards running now
@@ -35,7 +38,9 @@ class Discovery:
         self._handles = [nn_module.register_module_forward_pre_hook(self._forward_starts),
                          nn_module.register_module_forward_hook(self._forward_ends, always_call=True),
                          optim_module.register_optimizer_step_pre_hook(self._step_starts),
-                         optim_module.register_optimizer_step_post_hook(self._step_ends)]
+                         optim_module.register_optimizer_step_post_hook(self._step_ends),
+                         nn_module.register_module_parameter_registration_hook(self._parameter_registered),
+                         nn_module.register_module_buffer_registration_hook(self._buffer_registered)]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -64,6 +69,15 @@ class Discovery:
 
     def _step_ends(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.on_step(optimizer, True)
+
+
+    def _parameter_registered(self, module: nn.Module, name: str, param: Any) -> None:
+        if isinstance(param, torch.Tensor):
+            self.on_tensor(param, True)
+
+    def _buffer_registered(self, module: nn.Module, name: str, buffer: Any) -> None:
+        if isinstance(buffer, torch.Tensor):
+            self.on_tensor(buffer, False)
 
 
 def _holds_tensors(module: nn.Module) -> bool:
