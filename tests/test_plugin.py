@@ -20,7 +20,7 @@ def test_pytest_marker_fails_over_and_passes_under(pytester):
             x = torch.ones(512, 1024)
             (x @ w).relu().sum().backward()   # saved: x for the matmul (2 MiB), the relu output (2 MiB)
     """)
-    result = pytester.runpytest()  # the plugin loads through its pytest11 entry point
+    result = pytester.runpytest_subprocess()  # the plugin loads through its pytest11 entry point
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*memopt_limit exceeded: activations 4.00 MiB > limit 1.00 MiB*"])
 
