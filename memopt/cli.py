@@ -343,14 +343,13 @@ def run(ctx: typer.Context, script: Annotated[str, typer.Argument(
         json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> None:
     """Run your training script unchanged and show where every byte of its steps went.
 
-    Example: [bold]memopt run train.py --lr 3e-4[/bold]   (memopt's options go before the script: what follows
-    it is the script's)
+    Example: [bold]memopt run train.py --lr 3e-4[/bold] (memopt's options before the script, the rest is the script's)
 
     A module, ended after 5 measured steps: [bold]memopt run --steps 5 -m mypkg.train --epochs 1[/bold]
 
-    The models and optimizers are found as they run (Hugging Face Trainer, accelerate, Lightning or your own loop);
-    a step is what lies between optimizer steps and the first one is the warm-up. The exit code is the script's
-    own (0 when --steps ended it).
+    Models and optimizers are found as they run (HF Trainer, accelerate, Lightning, your own loop).
+
+    A step lies between optimizer steps; the first is the warm-up. Exit code: the script's own.
     """
     with _ui() as ui:
         out = _run_script().run_script(script, list(ctx.args), ui, module=module, steps=steps, device=device,

@@ -10,6 +10,7 @@ stop signal 130/143/129, as for every command.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import sys
@@ -41,6 +42,8 @@ def run_script(target: str, args: list[str], ui: object, *, module: bool = False
     if steps is not None and steps < 1:
         raise MemoptError(f"--steps: expected a number of measured steps >= 1, got {steps}")
     path = None if module else _script(target)
+    if module:
+        _module(target)
     outputs = Outputs({"script": str(path) if path else None}, json_out=json_out)
     tracking = Tracking(warmup_steps=1, stop_after=steps, device=resolve_device(device), label="memopt run")
     ended = ScriptRun()
@@ -69,6 +72,19 @@ def _script(target: str) -> Path:
     if not os.access(path, os.R_OK):
         raise MemoptError(f"{target}: cannot be read (permission denied)")
     return path
+
+
+def _module(target: str) -> None:
+    """The module must be importable from here (as ``python -m`` finds it: the working directory first)."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError) as exc:
+        raise MemoptError(f"-m {target}: no such module ({exc})") from None
+    finally:
+        sys.path.pop(0)
+    if found is None:
+        raise MemoptError(f"-m {target}: no such module")
 
 
 @contextmanager
@@ -106,11 +122,6 @@ def _run(target: str, path: Path | None, args: list[str], module: bool) -> Scrip
         return ScriptRun(1, f"it exited: {code}")
     except KeyboardInterrupt:
         raise
-    except ImportError as exc:
-        if module and getattr(exc, "name", None) == target.split(".")[0]:
-            raise MemoptError(f"-m {target}: no such module ({exc})") from None
-        traceback.print_exc()
-        return ScriptRun(1, f"{type(exc).__name__}: {exc}")
     except Exception as exc:
         traceback.print_exc()
         return ScriptRun(1, f"{type(exc).__name__}: {exc}")
