@@ -35,8 +35,13 @@ JsonOutOpt = Annotated[Optional[str], typer.Option(
     "--json-out", metavar="FILE", help="Also write JSON to FILE (only when the command succeeds).",
     show_default=False)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or auto.", show_default=False)]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16.",
-                                                 show_default=False)]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="float32, bfloat16 or float16: parameters, gradients, optimizer state and compute all in it "
+    "(what --precision bf16-true means).", show_default=False)]
+PrecisionOpt = Annotated[Optional[str], typer.Option(
+    "--precision", help="As Lightning names it: fp32, bf16-mixed or fp16-mixed (fp32 parameters, gradients and "
+    "AdamW moments, autocast compute: Trainer bf16=True), bf16-true or fp16-true (all in 16 bits).",
+    show_default=False)]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Override train.batch_size.",
                                                  show_default=False)]
 SeqOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Override train.seq_len.", show_default=False)]
@@ -250,7 +255,7 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
 @app.command()
 @handle_errors
 def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
-            device: DeviceOpt = None, dtype: DtypeOpt = None,
+            device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
             hf: HfOpt = None, model: ModelOpt = None,
             data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
@@ -268,7 +273,8 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
     Serving: [bold]memopt profile configs/tiny-decoder.yaml --mode generate --prompt-len 48 --new-tokens 16
     -s kv_quant:bits=4[/bold]
     """
-    spec = _spec(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
+    spec = _spec(config, strategies, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
+                 seq_len=seq_len,
                  steps=steps, hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len,
                  new_tokens=new_tokens, cache=cache, world_size=world_size)
     with _ui() as ui:
@@ -286,7 +292,7 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
             json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
             plot: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png",
                                                         help="Bar chart of peak by category per run.")] = None,
-            device: DeviceOpt = None, dtype: DtypeOpt = None,
+            device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
             hf: HfOpt = None, model: ModelOpt = None,
             data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None,
@@ -296,7 +302,8 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
 
     Example: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
     """
-    spec = _spec(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
+    spec = _spec(config, None, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
+                 seq_len=seq_len, steps=steps,
                  hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
                  cache=cache, world_size=world_size)
     with _ui(runs=True) as ui:
@@ -312,7 +319,7 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
           tolerance: Annotated[str, typer.Option("--tolerance", help="Allowed growth, e.g. 2%.")] = "2%",
           update: Annotated[bool, typer.Option("--update", help="Write the new baseline (atomically).")] = False,
           json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
-          device: DeviceOpt = None, dtype: DtypeOpt = None,
+          device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
           hf: HfOpt = None, model: ModelOpt = None, data: DataOpt = None, strategies: StrategiesOpt = None,
           device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None, prompt_len: PromptLenOpt = None,
           new_tokens: NewTokensOpt = None, cache: CacheOpt = None, no_fit_check: FitCheckOpt = False) -> None:
@@ -320,7 +327,8 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
 
     Example: [bold]memopt check configs/tiny.yaml --baseline tests/baselines/tiny.json --tolerance 1%[/bold]
     """
-    spec = _spec(config, strategies, device=device, dtype=dtype, hf=hf, python=model, data=data, mode=mode,
+    spec = _spec(config, strategies, device=device, dtype=dtype, precision=precision, hf=hf, python=model, data=data,
+                 mode=mode,
                  prompt_len=prompt_len, new_tokens=new_tokens, cache=cache)
     with _ui() as ui:
         out = _commands().check(spec, ui, baseline, tolerance=tolerance, update=update, json_out=json_out,
@@ -376,7 +384,7 @@ def strategies(*, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> 
 @app.command()
 @handle_errors
 def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
-             device: DeviceOpt = None, dtype: DtypeOpt = None,
+             device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
              hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None,
              seq_len: SeqOpt = None, strategies: StrategiesOpt = None, fits: Annotated[Optional[str], typer.Option(
                  "--fits", metavar="SIZE", help="Answer whether it fits in SIZE (e.g. 24GiB); if not, which "
@@ -394,7 +402,8 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
     Serving: [bold]memopt estimate llama-7b --mode generate --prompt-len 3968 --new-tokens 128 --dtype fp16
     --device cuda --fits 24GiB[/bold]
     """
-    spec = _spec(config, strategies, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, hf=hf,
+    spec = _spec(config, strategies, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
+                 seq_len=seq_len, hf=hf,
                  python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,
                  world_size=world_size)
     with _ui() as ui:
@@ -419,7 +428,7 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
                  "of the logits) stays under PCT, e.g. 1%; implies --allow-lossy, needs the model to run here.",
                  show_default=False)] = None,
              json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, device: DeviceOpt = None,
-             dtype: DtypeOpt = None,
+             dtype: DtypeOpt = None, precision: PrecisionOpt = None,
              hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
              steps: StepsOpt = None, mode: ModeOpt = None, prompt_len: PromptLenOpt = None,
              new_tokens: NewTokensOpt = None, cache: CacheOpt = None, world_size: WorldOpt = None) -> None:
@@ -428,7 +437,8 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
     Example: [bold]memopt optimize configs/seed.yaml --budget 1GiB --output best.yaml[/bold],
     then [bold]memopt profile best.yaml[/bold]
     """
-    spec = _spec(config, None, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len, steps=steps,
+    spec = _spec(config, None, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
+                 seq_len=seq_len, steps=steps,
                  hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,
                  world_size=world_size)
     with _ui() as ui:

@@ -19,7 +19,7 @@ from memopt.core.errors import MemoptError, SpecError
 from memopt.core.files import read_input
 from memopt.core.wording import describe, describe_value_error, suggest
 from memopt.spec.hf_config import is_bare_name, is_model_type, load_config
-from memopt.spec.schema import DTYPE_ALIASES, AnyModelSpec, HfModelSpec, ModelSpec, PythonModelSpec, Spec
+from memopt.spec.schema import DTYPE_ALIASES, PRECISIONS, AnyModelSpec, HfModelSpec, ModelSpec, PythonModelSpec, Spec
 from memopt.spec.strategy_args import parse_strategy
 from memopt.spec.strategy_spec import StrategySpec, catalog, strategy_spec
 
@@ -42,7 +42,12 @@ OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "s
                   "steps": ("train", "steps"), "device": ("run", "device"), "dtype": ("run", "dtype"),
                   "optimizer": ("train", "optimizer"), "data": ("train", "data"), "mode": ("run", "mode"),
                   "prompt_len": ("generate", "prompt_len"), "new_tokens": ("generate", "new_tokens"),
-                  "cache": ("generate", "cache")}
+                  "cache": ("generate", "cache"), "precision": ("run", "precision")}
+# how users spell a precision (Lightning's old names among them) -> memopt's
+PRECISION_ALIASES = {"32": "fp32", "32-true": "fp32", "fp32-true": "fp32", "float32": "fp32", "bf16": "bf16-mixed",
+                     "16": "fp16-mixed", "16-mixed": "fp16-mixed", "16-true": "fp16-true", "fp16": "fp16-mixed",
+                     "bfloat16-mixed": "bf16-mixed", "float16-mixed": "fp16-mixed", "bfloat16-true": "bf16-true",
+                     "float16-true": "fp16-true"}
 
 
 SPEC_LIMIT_BYTES = 2**20     # a spec is a few hundred bytes; anything near this is not one
@@ -281,6 +286,7 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
     if spec is not None:
         problems += _cross_problems(spec) if "model" in data else []
         problems += _unused_options(spec, overrides)
+        parsed = _with_mixed_precision(spec, parsed, problems)
     if problems:
         raise SpecError(problems)
     assert spec is not None
@@ -303,9 +309,48 @@ def _with_overrides(data: dict[str, Any], overrides: dict[str, Any], problems: l
         if isinstance(data.get(section, {}), dict):  # not a mapping: reported by validation
             data[section] = {**data.get(section, {}), field: value}
     run = data.get("run")
+    if isinstance(run, dict) and overrides.get("precision") is not None and overrides.get("dtype") is None:
+        data["run"] = run = {k: v for k, v in run.items() if k != "dtype"}  # --precision over the file's dtype
+    if isinstance(run, dict) and overrides.get("dtype") is not None and overrides.get("precision") is None:
+        data["run"] = run = {k: v for k, v in run.items() if k != "precision"}  # and --dtype over its precision
     if isinstance(run, dict) and isinstance(run.get("dtype"), str):
-        data["run"] = {**run, "dtype": DTYPE_ALIASES.get(run["dtype"], run["dtype"])}
+        data["run"] = run = {**run, "dtype": DTYPE_ALIASES.get(run["dtype"], run["dtype"])}
+    if isinstance(run, dict) and isinstance(run.get("precision"), str):
+        data["run"] = _with_precision(run, problems)
     return data
+
+
+def _with_precision(run: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """run.precision spelled as memopt names it, and the dtype it implies (a different run.dtype is a problem)."""
+    given = run["precision"]
+    precision = PRECISION_ALIASES.get(given.strip().lower(), given.strip().lower())
+    implied = PRECISIONS.get(precision)
+    if implied is None:
+        return run  # validation names the choices
+    if run.get("dtype", implied) != implied:
+        problems.append(f"run.precision: {given} keeps parameters, gradients and optimizer state in {implied}, but "
+                        f"run.dtype is {run['dtype']}: give one of them")
+    return {**run, "precision": precision, "dtype": implied}
+
+
+def _with_mixed_precision(spec: Spec, parsed: list[StrategySpec], problems: list[str]) -> list[StrategySpec]:
+    """``*-mixed``: the amp strategy with that compute dtype (added unless the spec has it already)."""
+    precision = spec.run.precision
+    if precision is None or not precision.endswith("-mixed"):
+        return parsed
+    compute = precision.removesuffix("-mixed")
+    if spec.run.mode != "train":
+        problems.append(f"run.precision: {precision} is a training precision (fp32 master weights, autocast); for "
+                        f"--mode {spec.run.mode} use {compute}-true")
+        return parsed
+    amp = [s for s in parsed if s.name == "amp"]
+    if not amp:
+        return [*parsed, strategy_spec("amp", {"dtype": compute})]
+    said = getattr(amp[0].options, "dtype", compute)
+    if said != compute:
+        problems.append(f"run.precision: {precision} computes in {compute}, but the amp strategy says {said}: give "
+                        "one of them")
+    return parsed
 
 
 GENERATE_ONLY = ("prompt_len", "new_tokens", "cache")

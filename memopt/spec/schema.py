@@ -183,9 +183,16 @@ class TrainSpec(_Frozen):
 Mode = Literal["train", "infer", "generate"]
 
 
+PRECISIONS = {"fp32": "float32", "bf16-mixed": "float32", "fp16-mixed": "float32", "bf16-true": "bfloat16",
+              "fp16-true": "float16"}  # precision -> the dtype of parameters, gradients and optimizer state
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true", "fp16-true"]
+
+
 class RunSpec(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: DType = "float32"
+    precision: Precision | None = Field(None, description="as Lightning names it: *-mixed = fp32 states with "
+                                        "autocast compute (the amp strategy), *-true = run.dtype")
     seed: int = Field(0, ge=0, le=2**63 - 1)
     mode: Mode = Field("train", description="train: a training step; infer: one forward under inference_mode "
                        "(train.batch_size x train.seq_len); generate: prefill + greedy decode with a KV cache")
@@ -220,6 +227,8 @@ class Spec(_Frozen):
         data = self.model_dump(exclude={"strategies"})
         if self.run.mode == "train":
             del data["run"]["mode"]
+        if self.run.precision is None:  # as before precision existed: run.dtype says it
+            del data["run"]["precision"]
         if self.run.mode != "generate":
             del data["generate"]
         data["strategies"] = [s.to_dict() for s in self.strategies]

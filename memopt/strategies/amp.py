@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from pydantic import field_validator
 
+from memopt.core._torch_private import in_fake_mode
 from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
@@ -15,6 +17,13 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class AmpOptions(Options):
     dtype: Literal["bf16", "fp16"] = "bf16"
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _spelled(cls, value: Any) -> Any:
+        """bfloat16, float16 and half as users write them."""
+        aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+        return aliases.get(value.strip().lower(), value.strip().lower()) if isinstance(value, str) else value
 
 
 @register
@@ -34,4 +43,5 @@ class Amp(Strategy[AmpOptions]):
 
     def configure(self, plan: StepPlan) -> None:
         dtype = AMP_DTYPES[self.options.dtype]
-        plan.contexts.append(lambda: torch.autocast(self.device, dtype=dtype))
+        # an estimate traces on the CPU whatever the device (autocast for a CUDA this build may lack is disabled)
+        plan.contexts.append(lambda: torch.autocast("cpu" if in_fake_mode() else self.device, dtype=dtype))
