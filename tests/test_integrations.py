@@ -242,3 +242,44 @@ def test_memopt_run_takes_a_module(tmp_path):
     assert json.loads(done.stdout)["spec"]["train"]["steps"] == 3
     missing = _memopt_run("-m", "nosuchpkg.train", cwd=tmp_path, timeout=120)
     assert missing.returncode == 1 and "no such module" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("targets,saved", [(["q_proj", "v_proj"], ["lm_head"]), ("all-linear", None),
+                                           (["mlp.down_proj", "o_proj"], None)])
+@pytest.mark.parametrize("backend", ["memopt", "peft"])
+def test_a_peft_adapter_config_trains_what_get_peft_model_trains(llama, tmp_path, targets, saved, backend):
+    """r, lora_alpha, target_modules (peft's suffix matching) and modules_to_save read from adapter_config.json: the
+    trainable parameters are get_peft_model's, counted by peft itself."""
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+
+    config = {"r": 4, "lora_alpha": 8, "target_modules": targets, "modules_to_save": saved, "peft_type": "LORA"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**LLAMA))
+    reference = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                           modules_to_save=saved))
+    trainable, _ = reference.get_nb_trainable_parameters()
+    spec = load_spec(CONFIGS / "tiny.yaml", {"hf": str(llama / "config.json"), "batch_size": 2, "seq_len": 16,
+                                             "steps": 1}, [f"lora:peft_config={tmp_path},backend={backend}"])
+    result = run(spec, fake=True)
+    assert result.params_trainable == trainable
+    assert result.memory is not None and result.memory.state_bytes["grads"] == trainable * 4
+
+
+def test_a_peft_config_that_cannot_be_used_is_one_clear_message(llama, tmp_path):
+    from memopt.core.errors import StrategyError
+
+    def refused(options: str, says: str) -> None:
+        spec = load_spec(CONFIGS / "tiny.yaml", {"hf": str(llama / "config.json")}, [f"lora:{options}"])
+        with pytest.raises(StrategyError, match=says):
+            run(spec, fake=True)
+
+    refused(f"peft_config={tmp_path}", "adapter_config.json: cannot read: No such file")
+    (tmp_path / "adapter_config.json").write_text('{"r": 0, "target_modules": ["q_proj"]}')
+    refused(f"peft_config={tmp_path}", "r must be a whole number >= 1")
+    (tmp_path / "adapter_config.json").write_text('{"r": 4, "target_modules": ".*proj"}')
+    refused(f"peft_config={tmp_path}", "regular expression is not supported")
+    (tmp_path / "adapter_config.json").write_text('{"r": 4, "target_modules": ["q_proj"]}')
+    refused(f"peft_config={tmp_path},rank=8", "drop rank")

@@ -215,21 +215,25 @@ def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     for entry in data.get("strategies") or []:
         if isinstance(entry, dict) and len(entry) == 1:
             (name, options), = entry.items()
-            if isinstance(options, dict) and isinstance(options.get("folder"), str):
-                entry = {name: {**options, "folder": str(Path(options["folder"]).resolve())}}
+            if isinstance(options, dict):
+                entry = {name: {**options, **{key: str(Path(options[key]).resolve()) for key in PATH_OPTIONS
+                                              if isinstance(options.get(key), str)}}}
         entries.append(entry)
     if "strategies" in data:
         data["strategies"] = entries
     return data
 
 
+PATH_OPTIONS = ("folder", "peft_config")  # strategy options that name a file or folder
+
+
 def _folder_from(setting: StrategySpec, folder: Path) -> StrategySpec:
-    """A strategy's ``folder`` option written in a spec file, resolved against the spec's folder."""
-    written = getattr(setting.options, "folder", None)
-    if not isinstance(written, str):
+    """A strategy's path options written in a spec file, resolved against the spec's folder."""
+    update = {name: _relative_to(getattr(setting.options, name), folder) for name in PATH_OPTIONS
+              if isinstance(getattr(setting.options, name, None), str)}
+    if not update:
         return setting
-    options = setting.options.model_copy(update={"folder": _relative_to(written, folder)})
-    return setting.model_copy(update={"options": options})
+    return setting.model_copy(update={"options": setting.options.model_copy(update=update)})
 
 
 def config_note(config: str | Path | None) -> str | None:

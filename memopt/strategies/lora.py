@@ -15,7 +15,9 @@ peft wraps bitsandbytes' layers with its QLoRA layers (it does not know memopt's
 from __future__ import annotations
 
 import fnmatch
-from typing import Literal
+import json
+from pathlib import Path
+from typing import Any, Literal
 from unittest import mock
 
 import torch
@@ -24,7 +26,8 @@ from torch import nn
 
 from memopt.adapters import ModelAdapter
 from memopt.core._torch_private import in_fake_mode
-from memopt.core.errors import StrategyError
+from memopt.core.errors import MemoptError, StrategyError
+from memopt.core.files import read_input
 from memopt.model.quantize import LoraLinear, QuantLinear
 from memopt.strategies import register
 from memopt.strategies.base import Strategy
@@ -36,6 +39,48 @@ class LoraStrategyOptions(LoraOptions):
                                "that get adapters; default every Linear inside the blocks")
     backend: Literal["memopt", "peft"] = Field("memopt", description=(
         "memopt: memopt's LoRA layer; peft: peft.inject_adapter_in_model (pip install 'memopt[hf]')"))
+    peft_config: str | None = Field(None, description=(
+        "a peft adapter_config.json (or its folder): its r, lora_alpha, target_modules (peft's suffix matching) "
+        "and modules_to_save, instead of rank/alpha/targets"))
+
+
+PEFT_CONFIG_LIMIT_BYTES = 2**20
+
+
+def read_peft_config(source: str) -> dict[str, Any]:
+    """rank, alpha, targets (fnmatch patterns: peft matches a name equal to a target or ending in ".target") and
+    modules_to_save from a peft adapter_config.json; StrategyError naming lora.peft_config when it is unusable."""
+    path = Path(source)
+    path = path / "adapter_config.json" if path.is_dir() else path
+    try:
+        data = json.loads(read_input(path, "peft adapter config", PEFT_CONFIG_LIMIT_BYTES))
+    except MemoptError as exc:
+        raise StrategyError(f"lora.peft_config: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise StrategyError(f"lora.peft_config: {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise StrategyError(f"lora.peft_config: {path}: expected a JSON object")
+    rank, alpha, targets = data.get("r", 8), data.get("lora_alpha", 8), data.get("target_modules")
+    if type(rank) is not int or rank < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise StrategyError(f"lora.peft_config: {path}: r must be a whole number >= 1 and lora_alpha > 0, got "
+                            f"r={rank!r}, lora_alpha={alpha!r}")
+    if targets == "all-linear" or targets is None:
+        patterns = ["*"]
+    elif isinstance(targets, str):
+        raise StrategyError(f"lora.peft_config: {path}: target_modules as a regular expression is not supported; "
+                            "list the module names")
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        patterns = [p for t in targets for p in (t, f"*.{t}")]
+    else:
+        raise StrategyError(f"lora.peft_config: {path}: target_modules must be a list of module names")
+    saved = data.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise StrategyError(f"lora.peft_config: {path}: modules_to_save must be a list of module names")
+    return {"rank": rank, "alpha": float(alpha), "targets": patterns, "modules_to_save": saved}
+
+
+def _suffix_match(name: str, wanted: list[str]) -> bool:
+    return any(name == w or name.endswith(f".{w}") for w in wanted)
 
 
 def _block_prefix(model: ModelAdapter) -> str:
@@ -78,6 +123,7 @@ class Lora(Strategy[LoraStrategyOptions]):
     candidates = ({"rank": 8},)
 
     def check(self) -> None:
+        self._from_peft()  # a peft_config that cannot be read or clashes: refused before anything runs
         quant = next((s for s in self.spec.strategies if s.name == "quant"), None)
         if quant is not None and getattr(quant.options, "lora", None) is not None:
             raise StrategyError("lora+quant: refused: quant's own lora option already adds adapters; drop one "
@@ -88,8 +134,20 @@ class Lora(Strategy[LoraStrategyOptions]):
                 raise StrategyError("lora.backend peft: peft cannot wrap memopt's quantized layers; use "
                                     "lora backend memopt, or quant:backend=bitsandbytes (peft's QLoRA layers)")
 
+    def _from_peft(self) -> tuple[LoraStrategyOptions, list[str]]:
+        """The options with a peft_config's r, lora_alpha and target_modules, and its modules_to_save."""
+        if self.options.peft_config is None:
+            return self.options, []
+        given = self.options.model_fields_set & {"rank", "alpha", "targets"}
+        if given:
+            raise StrategyError(f"lora.peft_config: the adapter config sets r, lora_alpha and target_modules; "
+                                f"drop {', '.join(sorted(given))}")
+        read = read_peft_config(self.options.peft_config)
+        saved = read.pop("modules_to_save")
+        return self.options.model_copy(update=read), saved
+
     def apply(self, model: ModelAdapter) -> None:
-        opts = self.options
+        opts, modules_to_save = self._from_peft()
         targets = lora_targets(model, opts.targets)
         if opts.backend == "peft":
             adapters = self._inject_peft(model, list(targets))
@@ -104,12 +162,15 @@ class Lora(Strategy[LoraStrategyOptions]):
                     wrapped = LoraLinear(layer, opts.rank, opts.alpha, float_dtype(layer, model.model), device)
                     model.model.set_submodule(name, wrapped)
                 adapters |= {id(wrapped.lora_a), id(wrapped.lora_b)}
+        for name, module in model.model.named_modules():  # peft trains these whole (its modules_to_save)
+            if modules_to_save and _suffix_match(name, modules_to_save):
+                adapters |= {id(p) for p in module.parameters()}
         for p in model.model.parameters():
             p.requires_grad_(id(p) in adapters)
 
     def _inject_peft(self, model: ModelAdapter, names: list[str]) -> set[int]:
         peft = require("peft", "lora.backend peft")
-        opts = self.options
+        opts, _ = self._from_peft()
         config = peft.LoraConfig(r=opts.rank, lora_alpha=opts.alpha, target_modules=names, lora_dropout=0.0,
                                  bias="none")
         if not in_fake_mode():
