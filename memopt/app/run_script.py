@@ -45,7 +45,9 @@ def run_script(target: str, args: list[str], ui: object, *, module: bool = False
     if module:
         _module(target)
     outputs = Outputs({"script": str(path) if path else None}, json_out=json_out)
-    tracking = Tracking(warmup_steps=1, stop_after=steps, device=resolve_device(device), label="memopt run")
+    # no tracemalloc: over a whole script (its imports, its model build) it would slow it down by half
+    tracking = Tracking(warmup_steps=1, stop_after=steps, device=resolve_device(device), label="memopt run",
+                        python_heap=False)
     ended = ScriptRun()
     with tracking:
         ended = _run(target, path, args, module)

@@ -112,7 +112,7 @@ class Tracking:
 
     def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
                  warmup_steps: int = 0, stop_after: int | None = None, device: str | None = None,
-                 label: str = "memopt.track"):
+                 label: str = "memopt.track", python_heap: bool = True):
         if model is not None and not isinstance(model, nn.Module):
             raise MemoptError(f"memopt.track: expected a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not callable(getattr(optimizer, "register_step_pre_hook", None)):
@@ -123,6 +123,7 @@ class Tracking:
         self.device = _device_of(model) if model is not None else \
             device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.warmup_steps, self.stop_after, self.label = warmup_steps, stop_after, label
+        self.python_heap = python_heap  # tracemalloc's peak too (it slows Python-heavy code: imports, model builds)
         self.step_peaks: list[int] = []  # each optimizer step's peak (bytes), warm-up steps included
         self._watches: list[ModelWatch] = []
         self._optimizer_hooked = optimizer is not None  # its own step hooks drive the steps (else discovery's)
@@ -151,7 +152,7 @@ class Tracking:
         self._warmed_up = optimizer is not None and bool(getattr(optimizer, "state", None))
         stack = contextlib.ExitStack()
         try:
-            self._host = stack.enter_context(host_peaks(self.device))
+            self._host = stack.enter_context(host_peaks(self.device, python_heap=self.python_heap))
             tracker = TensorTracker(self.device, round_to=CUDA_BLOCK if self.device == "cuda" else 1)
             self._tracker = stack.enter_context(tracker)
             stack.callback(self._remove_hooks)

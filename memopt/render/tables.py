@@ -62,7 +62,7 @@ def _memory_rows(result: RunResult) -> list[Row]:
     if result.host.cuda:
         rows += _cuda_rows(mem, result.host.cuda)
     rows.append(("Process RSS peak", format_bytes(result.host.rss_peak_bytes), "OS view of the process"))
-    if not result.estimated:
+    if not result.estimated and result.host.python_heap_peak_bytes:  # 0: not traced (memopt run)
         rows.append(("Python heap peak", format_bytes(result.host.python_heap_peak_bytes), "tracemalloc: not tensors"))
     return rows
 
