@@ -41,7 +41,8 @@ g = torch.Generator().manual_seed(0)
 rows = [{{"input_ids": ids, "labels": ids}} for ids in torch.randint(500, (64, 32), generator=g)]
 args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=2, max_steps=3, learning_rate=1e-3,
                          report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
-                         gradient_accumulation_steps={accumulation}, bf16={bf16}, dataloader_num_workers=0)
+                         gradient_accumulation_steps={accumulation}, bf16={bf16}, dataloader_num_workers=0,
+                         gradient_checkpointing={checkpointing})
 callbacks = []
 if "--callback" in sys.argv:
     from memopt.integrations.transformers import MemoptCallback
@@ -131,27 +132,29 @@ def _profiled(llama, batch: int, strategies: list[str] | None = None) -> int:
     return memory.peak_bytes
 
 
-@pytest.mark.parametrize("accumulation,bf16,profile_as", [
-    (1, False, (2, None)),
-    (2, False, (4, ["accum:micro_batches=2"])),
-    (1, True, (2, ["amp:dtype=bf16"])),
-], ids=["fp32", "accumulation2", "bf16"])
-def test_a_hugging_face_trainer_under_memopt_run(llama, tmp_path, accumulation, bf16, profile_as):
+@pytest.mark.parametrize("accumulation,bf16,checkpointing,profile_as,within", [
+    (1, False, False, (2, None), 0.01),
+    (2, False, False, (4, ["accum:micro_batches=2"]), 0.01),
+    (1, True, False, (2, ["amp:dtype=bf16"]), 0.01),
+    (1, False, True, (2, ["ckpt"]), 0.03),  # HF's own checkpointing against memopt's ckpt: -2.4%, see the README
+], ids=["fp32", "accumulation2", "bf16", "gradient_checkpointing"])
+def test_a_hugging_face_trainer_under_memopt_run(llama, tmp_path, accumulation, bf16, checkpointing, profile_as,
+                                                 within):
     """The Trainer's steady-state step is memopt profile's of the same config, batch and precision within 1%: the
     Trainer computes its loss its own way (labels shifted inside the model, averaged over the batch's tokens)."""
     script = tmp_path / "train.py"
-    script.write_text(TRAINER.format(config=LLAMA, accumulation=accumulation, bf16=bf16))
+    script.write_text(TRAINER.format(config=LLAMA, accumulation=accumulation, bf16=bf16, checkpointing=checkpointing))
     done = _memopt_run("--json", str(script), str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (result,) = json.loads(done.stdout)["runs"]
     _states_are_analytic(result, LLAMA_PARAMS, LLAMA_TENSORS)
     profiled = _profiled(llama, *profile_as)
-    assert abs(result["peak_bytes"] - profiled) <= 0.01 * profiled, (result["peak_bytes"], profiled)
+    assert abs(result["peak_bytes"] - profiled) <= within * profiled, (result["peak_bytes"], profiled)
 
 
 def test_the_trainer_callback(llama, tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(TRAINER.format(config=LLAMA, accumulation=1, bf16=False))
+    script.write_text(TRAINER.format(config=LLAMA, accumulation=1, bf16=False, checkpointing=False))
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), "--callback"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
