@@ -286,3 +286,33 @@ def test_a_peft_config_that_cannot_be_used_is_one_clear_message(llama, tmp_path)
     refused(f"peft_config={tmp_path}", "regular expression is not supported")
     (tmp_path / "adapter_config.json").write_text('{"r": 4, "target_modules": ["q_proj"]}')
     refused(f"peft_config={tmp_path},rank=8", "drop rank")
+
+
+ACCELERATE = """
+import torch, transformers
+from accelerate import Accelerator
+torch.manual_seed(0)
+model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{config}))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+data = torch.utils.data.DataLoader(torch.randint(500, (8, 32), generator=torch.Generator().manual_seed(0)),
+                                   batch_size=2)
+accelerator = Accelerator(cpu=True)
+model, optimizer, data = accelerator.prepare(model, optimizer, data)
+for ids in data:
+    accelerator.backward(model(input_ids=ids, labels=ids).loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+"""
+
+
+def test_an_accelerate_script_under_memopt_run(llama, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(ACCELERATE.format(config=LLAMA))
+    done = _memopt_run("--json", str(script), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    (result,) = doc["runs"]
+    assert doc["spec"]["train"]["steps"] == 4
+    _states_are_analytic(result, LLAMA_PARAMS, LLAMA_TENSORS)
+    profiled = _profiled(llama, 2)
+    assert abs(result["peak_bytes"] - profiled) <= 0.01 * profiled, (result["peak_bytes"], profiled)
