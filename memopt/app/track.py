@@ -197,6 +197,12 @@ class Tracking:
         self._result = self._build_result()
         self._state = "done"
 
+    def live_bytes(self) -> dict[str, int]:
+        """The bytes live now, by category (while the block runs; a framework callback logs them each step)."""
+        if self._tracker is None:
+            return {}
+        return {category.value: n for category, n in self._tracker.bytes.items()}
+
     # -- results -----------------------------------------------------------------------------------------------
     @property
     def result(self) -> RunResult:

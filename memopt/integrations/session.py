@@ -29,9 +29,9 @@ class CallbackSession:
     def step_logs(self) -> dict[str, int]:
         """The last optimizer step's peak and the live bytes by category now, for the framework's logs."""
         tracking = self.tracking
-        if tracking is None or tracking._tracker is None or not tracking.step_peaks:
+        if tracking is None or not tracking.step_peaks:
             return {}
-        live = {f"memopt/{category.value}_bytes": n for category, n in tracking._tracker.bytes.items()}
+        live = {f"memopt/{category}_bytes": n for category, n in tracking.live_bytes().items()}
         return {"memopt/step_peak_bytes": tracking.step_peaks[-1], **live}
 
     def stop(self, failed: bool = False) -> None:
