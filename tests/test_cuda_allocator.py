@@ -14,8 +14,8 @@ import torch
 from memopt.core.results import StepMemory, cuda_reconciliation
 from memopt.render.tables import _cuda_rows
 from memopt.spec import load_spec
-from memopt.strategies import allocated_view
-from memopt.strategies.allocator import ENV, AllocatorOptions, alloc_conf, merged_conf, set_for_this_process
+from memopt.strategies import allocated_view, set_up_process
+from memopt.strategies.allocator import ENV, AllocatorOptions, alloc_conf, merged_conf
 
 from .helpers import CONFIGS, ROOT
 
@@ -35,7 +35,7 @@ def test_ours_go_over_the_users_and_theirs_stay():
 def test_set_before_cuda_initialises(monkeypatch):
     monkeypatch.setenv(ENV, "garbage_collection_threshold:0.8")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    set_for_this_process(load_spec(CONFIGS / "tiny.yaml", strategies=["allocator:expandable_segments=true"]))
+    set_up_process(load_spec(CONFIGS / "tiny.yaml", strategies=["allocator:expandable_segments=true"]))
     assert __import__("os").environ[ENV] == "garbage_collection_threshold:0.8,expandable_segments:True"
 
 

@@ -12,8 +12,7 @@ from memopt.engine.devices import resolve_device
 from memopt.engine.run import run
 from memopt.engine.step import Progress
 from memopt.spec import Spec
-from memopt.strategies import build_strategies
-from memopt.strategies.allocator import set_for_this_process
+from memopt.strategies import build_strategies, set_up_process
 
 
 def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
@@ -24,7 +23,7 @@ def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, devic
     ranks: the batch split, the device), then, unless ``fit_check`` is off, whether the run (or its N ranks, their
     interpreters included) fits in this machine's memory or ``device_memory``."""
     say = progress or (lambda _msg: None)
-    set_for_this_process(spec)  # the allocator strategy's settings, before anything here initialises CUDA
+    set_up_process(spec)  # e.g. the allocator strategy's settings, before anything here initialises CUDA
     build_strategies(spec, resolve_device(spec.run.device))  # refused combinations: refused before anything runs
     if fit_check and spec.world_size == 1:
         ensure_fits_here(spec, device_memory, say)

@@ -43,7 +43,7 @@ def run_script(target: str, args: list[str], ui: object, *, module: bool = False
         raise MemoptError(f"--steps: expected a number of measured steps >= 1, got {steps}")
     path = None if module else _script(target)
     if module:
-        _module(target)
+        _checked_module(target)
     outputs = Outputs({"script": str(path) if path else None}, json_out=json_out)
     # no tracemalloc: over a whole script (its imports, its model build) it would slow it down by half
     tracking = Tracking(warmup_steps=1, stop_after=steps, device=resolve_device(device), label="memopt run",
@@ -76,8 +76,8 @@ def _script(target: str) -> Path:
     return path
 
 
-def _module(target: str) -> None:
-    """The module must be importable from here (as ``python -m`` finds it: the working directory first)."""
+def _checked_module(target: str) -> None:
+    """The module must be importable from here (as ``python -m`` finds it: the working directory first); no path."""
     sys.path.insert(0, os.getcwd())
     try:
         found = importlib.util.find_spec(target)

@@ -46,7 +46,7 @@ from memopt.core._torch_private import is_fake
 from memopt.core.errors import MemoptError
 from memopt.core.results import Category, HostPeaks, RunResult
 from memopt.measure.discover import Discovery, optimizer_parameters
-from memopt.measure.tracker import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks
+from memopt.measure.tracker import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks, mark_optimizer_state
 from memopt.model.transformer import count_parameters
 from memopt.render import documents, tables
 from memopt.render.outputs import strict
@@ -335,14 +335,12 @@ class Tracking:
         were alive then); the first-found optimizer's steps are the loop's."""
         tracker = self._tracker
         assert tracker is not None
-        for p in optimizer_parameters(optimizer):
-            if p.grad is not None:
-                tracker.mark(p.grad, Category.GRADS, retroactive=True)
         if ended:
-            for state in getattr(optimizer, "state", {}).values():
-                for value in state.values() if isinstance(state, dict) else ():
-                    if isinstance(value, torch.Tensor):
-                        tracker.mark(value, Category.OPTIMIZER, retroactive=True)
+            mark_optimizer_state(tracker, optimizer, retroactive=True)
+        else:  # the gradients it is about to use
+            for p in optimizer_parameters(optimizer):
+                if p.grad is not None:
+                    tracker.mark(p.grad, Category.GRADS, retroactive=True)
         if optimizer is self.optimizer and not self._optimizer_hooked:
             (self._on_step_ends if ended else self._on_step_begins)(optimizer, (), {})
 

@@ -331,17 +331,21 @@ class ModelWatch:
     def rescan_optimizer(self, retroactive: bool = False) -> None:
         """Classify tensors in ``optimizer.state`` (created lazily by the first step); ``retroactive``: in the
         peak's breakdown too (see TensorTracker.mark)."""
-        if self.optimizer is None:
-            return
-        for state in getattr(self.optimizer, "state", {}).values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    self.tracker.mark(value, Category.OPTIMIZER, retroactive=retroactive)
+        if self.optimizer is not None:
+            mark_optimizer_state(self.tracker, self.optimizer, retroactive)
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def mark_optimizer_state(tracker: TensorTracker, optimizer: Any, retroactive: bool = False) -> None:
+    """Classify the tensors in ``optimizer.state`` as optimizer state (see TensorTracker.mark for ``retroactive``)."""
+    for state in getattr(optimizer, "state", {}).values():
+        for value in state.values() if isinstance(state, dict) else ():
+            if isinstance(value, torch.Tensor):
+                tracker.mark(value, Category.OPTIMIZER, retroactive=retroactive)
 
 
 class RssSampler:

@@ -201,6 +201,9 @@ def _paths_from(data: Any, folder: Path) -> Any:
     return data
 
 
+PATH_OPTIONS = ("folder", "peft_config")  # strategy options that name a file or folder
+
+
 def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     """A spec's data (``Spec.to_dict()``) with its paths absolute, for a spec file written elsewhere (``optimize
     -o``): read back, it names the same files from any folder."""
@@ -222,9 +225,6 @@ def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     if "strategies" in data:
         data["strategies"] = entries
     return data
-
-
-PATH_OPTIONS = ("folder", "peft_config")  # strategy options that name a file or folder
 
 
 def _folder_from(setting: StrategySpec, folder: Path) -> StrategySpec:

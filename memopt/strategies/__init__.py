@@ -63,6 +63,13 @@ def shards_model_states(spec: Any) -> bool:
     return any(known[s.name].shards_model_states for s in spec.strategies)
 
 
+def set_up_process(spec: Any) -> None:
+    """Each of the spec's strategies prepares the run's process, before any device is initialised there."""
+    known = registry()
+    for setting in spec.strategies:
+        known[setting.name].set_up_process(setting.options)
+
+
 def allocated_view(spec: Any) -> Any:
     """``spec`` without the strategies that change only what the allocator reserves: what a trace can measure (the
     preflight's estimate of a run with ``allocator`` settings)."""
@@ -103,4 +110,4 @@ def _options_models() -> dict[str, type[Options]]:
 provide_catalog(Catalog(options=_options_models, on_ranks="fsdp"))
 
 __all__ = ["REGISTRY", "Options", "StepPlan", "Strategy", "StrategySpec", "allocated_view", "build_strategies",
-           "candidate_specs", "lossy", "register", "registry", "shards_model_states", "strategy_spec"]
+           "candidate_specs", "lossy", "register", "registry", "set_up_process", "shards_model_states", "strategy_spec"]

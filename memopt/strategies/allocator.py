@@ -50,15 +50,6 @@ def merged_conf(ours: str, theirs: str) -> str:
     return ",".join([*kept, ours] if ours else kept)
 
 
-def set_for_this_process(spec: Any) -> None:
-    """Put the spec's allocator settings in this process's environment, before CUDA initialises (app.profile
-    calls it first)."""
-    for setting in spec.strategies:
-        if setting.name == "allocator" and not torch.cuda.is_initialized():
-            assert isinstance(setting.options, AllocatorOptions)
-            os.environ[ENV] = merged_conf(alloc_conf(setting.options), os.environ.get(ENV, ""))
-
-
 @register
 class Allocator(Strategy[AllocatorOptions]):
     name = "allocator"
@@ -71,6 +62,12 @@ class Allocator(Strategy[AllocatorOptions]):
     candidates = ({"expandable_segments": True},)
     searched = False  # allocated bytes stay the same: optimize and --fits work on those
     changes_allocated = False
+
+    @classmethod
+    def set_up_process(cls, options: Any) -> None:
+        """Put the settings in this process's environment, merged over the user's, before CUDA initialises."""
+        if not torch.cuda.is_initialized():
+            os.environ[ENV] = merged_conf(alloc_conf(options), os.environ.get(ENV, ""))
 
     def check(self) -> None:
         conf = alloc_conf(self.options)

@@ -98,6 +98,11 @@ class Strategy(Generic[OptionsT]):
         return False
 
     @classmethod
+    def set_up_process(cls, options: Any) -> None:
+        """Called in the run's own process before anything there initialises a device (``allocator`` sets the CUDA
+        allocator's environment)."""
+
+    @classmethod
     def micro_batches(cls, options: Any) -> int:
         """Into how many micro-batches it splits the step's batch."""
         return 1
