@@ -62,6 +62,9 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", metavar="FILE", help="Batches from this text file (train.data): a Hugging Face checkpoint's tokenizer "
     "when it has one, else UTF-8 bytes. Default: seeded random token ids.", show_default=False)]
+HeldOutOpt = Annotated[Optional[str], typer.Option(
+    "--held-out", metavar="FILE", help="A text file the model did not train on (train.held_out): lossy strategies "
+    "report the change of the loss on it, tokenized as --data.", show_default=False)]
 WorldOpt = Annotated[Optional[int], typer.Option(
     "--world-size", help="Run on N ranks (processes) with FSDP2 (the spec's fsdp/ddp strategy on N ranks, or fsdp "
     "added): memopt launches them, or runs under torchrun's (torchrun ... -m memopt profile).", show_default=False)]
@@ -257,7 +260,7 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
 def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
             device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
             hf: HfOpt = None, model: ModelOpt = None,
-            data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+            data: DataOpt = None, held_out: HeldOutOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
             mode: ModeOpt = None, prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None,
             cache: CacheOpt = None, world_size: WorldOpt = None, no_fit_check: FitCheckOpt = False,
@@ -275,7 +278,7 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
     """
     spec = _spec(config, strategies, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
                  seq_len=seq_len,
-                 steps=steps, hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len,
+                 steps=steps, hf=hf, python=model, data=data, held_out=held_out, mode=mode, prompt_len=prompt_len,
                  new_tokens=new_tokens, cache=cache, world_size=world_size)
     with _ui() as ui:
         out = _commands().profile(spec, ui, json_out=json_out, timeline=timeline, device_memory=device_memory,
@@ -294,7 +297,7 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
                                                         help="Bar chart of peak by category per run.")] = None,
             device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
             hf: HfOpt = None, model: ModelOpt = None,
-            data: DataOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
+            data: DataOpt = None, held_out: HeldOutOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None,
             prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None, cache: CacheOpt = None,
             world_size: WorldOpt = None) -> None:
@@ -304,8 +307,8 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
     """
     spec = _spec(config, None, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
                  seq_len=seq_len, steps=steps,
-                 hf=hf, python=model, data=data, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens,
-                 cache=cache, world_size=world_size)
+                 hf=hf, python=model, data=data, held_out=held_out, mode=mode, prompt_len=prompt_len,
+                 new_tokens=new_tokens, cache=cache, world_size=world_size)
     with _ui(runs=True) as ui:
         out = _commands().compare(spec, ui, strategies, json_out=json_out, markdown=markdown, plot_path=plot,
                                   device_memory=device_memory)
@@ -320,7 +323,8 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
           update: Annotated[bool, typer.Option("--update", help="Write the new baseline (atomically).")] = False,
           json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
           device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
-          hf: HfOpt = None, model: ModelOpt = None, data: DataOpt = None, strategies: StrategiesOpt = None,
+          hf: HfOpt = None, model: ModelOpt = None, data: DataOpt = None, held_out: HeldOutOpt = None,
+          strategies: StrategiesOpt = None,
           device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None, prompt_len: PromptLenOpt = None,
           new_tokens: NewTokensOpt = None, cache: CacheOpt = None, no_fit_check: FitCheckOpt = False) -> None:
     """CI memory-regression gate: exit 3 when the peak, a category or a phase grew past the tolerance.
@@ -328,8 +332,7 @@ def check(config: ConfigArg = None, *, baseline: Annotated[str, typer.Option(
     Example: [bold]memopt check configs/tiny.yaml --baseline tests/baselines/tiny.json --tolerance 1%[/bold]
     """
     spec = _spec(config, strategies, device=device, dtype=dtype, precision=precision, hf=hf, python=model, data=data,
-                 mode=mode,
-                 prompt_len=prompt_len, new_tokens=new_tokens, cache=cache)
+                 held_out=held_out, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache)
     with _ui() as ui:
         out = _commands().check(spec, ui, baseline, tolerance=tolerance, update=update, json_out=json_out,
                                 markdown=markdown, device_memory=device_memory, fit_check=not no_fit_check)
@@ -418,7 +421,8 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
              allow_lossy: Annotated[bool, typer.Option(
                  "--allow-lossy",
                  help="Also try lossy strategies (quantization, pruning, 8-bit states, amp).")] = False,
-             top: Annotated[int, typer.Option("--top", min=1, max=20, help="Candidates to measure for real.")] = 3,
+             top: Annotated[int, typer.Option("--top", min=1, max=20, help="Candidates to measure for real at least "
+                                              "(more when the cost model cannot tell them apart).")] = 3,
              output: Annotated[Optional[str], typer.Option(
                  "--output", "-o", metavar="FILE.yaml", help="Write the winning spec here.")] = None,
              no_measure: Annotated[bool, typer.Option(
@@ -427,6 +431,14 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
                  "--max-drift", metavar="PCT", help="Allow lossy strategies whose measured drift (relative error "
                  "of the logits) stays under PCT, e.g. 1%; implies --allow-lossy, needs the model to run here.",
                  show_default=False)] = None,
+             max_loss_increase: Annotated[Optional[str], typer.Option(
+                 "--max-loss-increase", metavar="PCT", help="Allow lossy strategies whose loss on --held-out text "
+                 "rises by at most PCT, e.g. 1%; implies --allow-lossy (use trained weights: see "
+                 "scripts/train_reference.py).", show_default=False)] = None,
+             rounds: Annotated[int, typer.Option(
+                 "--rounds", min=1, max=20, help="Measuring rounds at most: each runs the baseline, then every "
+                 "contender still open, side by side.")] = 3,
+             data: DataOpt = None, held_out: HeldOutOpt = None,
              json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, device: DeviceOpt = None,
              dtype: DtypeOpt = None, precision: PrecisionOpt = None,
              hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
@@ -438,12 +450,13 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
     then [bold]memopt profile best.yaml[/bold]
     """
     spec = _spec(config, None, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
-                 seq_len=seq_len, steps=steps,
+                 seq_len=seq_len, steps=steps, data=data, held_out=held_out,
                  hf=hf, python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,
                  world_size=world_size)
     with _ui() as ui:
         out = _commands().optimize(spec, ui, budget, allow_lossy=allow_lossy, top=top, output=output,
-                                   measure=not no_measure, max_drift=max_drift, json_out=json_out)
+                                   measure=not no_measure, max_drift=max_drift,
+                                   max_loss_increase=max_loss_increase, rounds=rounds, json_out=json_out)
     _finish(out, json_stdout)
 
 

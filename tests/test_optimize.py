@@ -9,15 +9,17 @@ import yaml
 
 from memopt.analysis.optimize import (
     MICRO_BATCH_OVERHEAD,
+    NOMINAL_BANDWIDTH,
     NOMINAL_FLOPS,
-    OFFLOAD_BANDWIDTH,
     Candidate,
+    DriftCap,
     Search,
     by_prediction,
     non_dominated,
     search_options,
     within_drift,
 )
+from memopt.analysis.probes import Rates
 from memopt.spec import load_spec
 from memopt.strategies import candidate_specs, strategy_spec
 
@@ -33,16 +35,18 @@ def test_half_budget_yaml_reproduces_under_budget_and_reports_ordering(tmp_path,
     budget = tiny_peak // 2
     best, out = tmp_path / "best.yaml", tmp_path / "opt.json"
     result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", f"{budget}B", "--allow-lossy", "--top", "2",
-                     "--output", best, "--json-out", out])
+                     "--rounds", "1", "--output", best, "--json-out", out])
     assert result.exit_code == 0, result.output
     assert run(load_spec(best)).memory.peak_bytes <= budget
     doc = json.loads(out.read_text())
-    measured = [c for c in doc["candidates"] if c["measured_s"] is not None and c["measured_peak"] <= budget]
+    measured = [c for c in doc["candidates"] if c["ratio"] is not None and c["measured_peak"] <= budget]
     winner = doc["candidates"][0]
     assert "+".join(winner["strategies"]) in result.output
-    # the winner is the fastest measured set that fits, among those with the fewest lossy strategies
+    # the winner is the fastest measured set that fits (its ratio to the baseline measured beside it), among those
+    # with the fewest lossy strategies
     fewest = min(c["lossy"] for c in measured)
-    assert winner["measured_s"] == min(c["measured_s"] for c in measured if c["lossy"] == fewest)
+    assert winner["ratio"]["ratio"] == min(c["ratio"]["ratio"] for c in measured if c["lossy"] == fewest)
+    assert doc["baseline_step_s"] > 0 and winner["ratio"]["rounds"] == 1
     assert yaml.safe_load(best.read_text())["strategies"]
 
 
@@ -80,7 +84,7 @@ def test_bad_budget_is_a_clear_error():
 def test_max_drift_leaves_out_what_drifts_more_and_the_winner_stays_under_it(tmp_path, tiny_peak):
     budget, out = tiny_peak // 2, tmp_path / "opt.json"
     result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", f"{budget}B", "--max-drift", "1%", "--top", "2",
-                     "--json-out", out])
+                     "--rounds", "1", "--json-out", out])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     # on random weights pruning drifts by tens of percent and 4-bit quantization by a few: both left out
@@ -97,8 +101,13 @@ def test_max_drift_leaves_out_what_drifts_more_and_the_winner_stays_under_it(tmp
     assert winner["drift"] is None or winner["drift"]["logits_rel_error"] <= 0.01
 
 
-@pytest.mark.parametrize("args, message", [(["--max-drift", "1%", "--no-measure"], "--max-drift: drift is measured"),
-                                           (["--max-drift", "lots"], "--max-drift 'lots': expected a percentage")])
+@pytest.mark.parametrize("args, message", [
+    (["--max-drift", "1%", "--no-measure"], "--max-drift: drift is measured"),
+    (["--max-drift", "lots"], "--max-drift 'lots': expected a percentage"),
+    (["--max-loss-increase", "1%"], "--max-loss-increase: the loss is measured on held-out text; give it with "
+                                    "--held-out FILE"),
+    (["--max-loss-increase", "1%", "--max-drift", "1%", "--held-out", "x.txt"], "give one cap, not both"),
+    (["--max-loss-increase", "a bit"], "--max-loss-increase 'a bit': expected a percentage")])
 def test_max_drift_errors_are_clear(args, message):
     result = invoke(["optimize", CONFIGS / "tiny.yaml", "--budget", "4MiB", *args])
     assert result.exit_code == 1 and message in result.output
@@ -159,23 +168,32 @@ def test_the_drift_cap_leaves_out_only_a_measured_drift_over_it():
     def drifting(error: float | None) -> Candidate:
         return cand("quant", lossy=1, drift=None if error is None else {"logits_rel_error": error, "loss_delta": 0.0})
 
+    def cap(limit: float) -> DriftCap:
+        return DriftCap("logits_rel_error", limit, "--max-drift")
+
     assert within_drift(drifting(0.5), None)     # no cap: anything goes
-    assert within_drift(drifting(None), 0.01)    # lossless, or not measured (yet): kept
-    assert within_drift(drifting(0.004), 0.01)
-    assert within_drift(drifting(0.01), 0.01)    # the cap itself is within it
-    assert not within_drift(drifting(0.0101), 0.01)
-    assert within_drift(drifting(0.0), 0.0) and not within_drift(drifting(1e-9), 0.0)
+    assert within_drift(drifting(None), cap(0.01))    # lossless, or not measured (yet): kept
+    assert within_drift(drifting(0.004), cap(0.01))
+    assert within_drift(drifting(0.01), cap(0.01))    # the cap itself is within it
+    assert not within_drift(drifting(0.0101), cap(0.01))
+    assert within_drift(drifting(0.0), cap(0.0)) and not within_drift(drifting(1e-9), cap(0.0))
+    loss_cap = DriftCap("held_out_loss_increase", 0.01, "--max-loss-increase")
+    held = cand("quant", lossy=1, drift={"logits_rel_error": 0.5, "held_out_loss_increase": 0.004})
+    assert within_drift(held, loss_cap) and not within_drift(held, cap(0.01))
+    held.drift = {"logits_rel_error": 0.001, "held_out_loss_increase": 0.02}
+    assert not within_drift(held, loss_cap) and loss_cap.describe(held.drift) == "held-out loss +2.00%"
 
 
 def test_predicted_time_is_flops_at_the_rate_plus_overheads_without_a_model():
     search = Search(load_spec(CONFIGS / "tiny.yaml"))  # builds nothing: estimates come only from evaluate()
-    rate, bandwidth = NOMINAL_FLOPS["cpu"], OFFLOAD_BANDWIDTH["cpu"]
+    rate, bandwidth = NOMINAL_FLOPS["cpu"], NOMINAL_BANDWIDTH["cpu"]
     assert (search.device, search.flop_rate) == ("cpu", rate)
     assert search.predict(Candidate(())) == 0.0
     assert search.predict(Candidate((), flops=int(3 * rate))) == pytest.approx(3.0)
     accum = Candidate((strategy_spec("accum", {"micro_batches": 4}),), flops=int(3 * rate), micro_batches=4)
     assert search.predict(accum) == pytest.approx(3.0 * (1 + 3 * MICRO_BATCH_OVERHEAD))
-    offload = Candidate((strategy_spec("offload"),), flops=int(3 * rate), offload_bytes=10**9)
+    offload = Candidate((strategy_spec("offload"),), flops=int(3 * rate), moved_off_bytes=10**9,
+                        moved_back_bytes=10**9)
     assert search.predict(offload) == pytest.approx(3.0 + 2 * 10**9 / bandwidth)  # written, then read back
     search.flop_rate = rate / 2  # as calibrate() would set it from a measured baseline
     assert search.predict(Candidate((), flops=int(3 * rate))) == pytest.approx(6.0)
@@ -183,7 +201,11 @@ def test_predicted_time_is_flops_at_the_rate_plus_overheads_without_a_model():
 
     on_cuda = Search(load_spec(CONFIGS / "tiny.yaml", {"device": "cuda"}))
     assert (on_cuda.device, on_cuda.flop_rate) == ("cuda", NOMINAL_FLOPS["cuda"])
-    assert on_cuda.predict(Candidate((), offload_bytes=10**9)) == pytest.approx(2 * 10**9 / OFFLOAD_BANDWIDTH["cuda"])
+    assert on_cuda.predict(Candidate((), moved_off_bytes=10**9, moved_back_bytes=10**9)) == pytest.approx(
+        2 * 10**9 / NOMINAL_BANDWIDTH["cuda"])
+    probed = Search(load_spec(CONFIGS / "tiny.yaml"), rates=Rates(2e9, 1e8, 4e8))  # this machine's probes
+    assert probed.predict(Candidate((), flops=int(2e9), moved_off_bytes=10**8, moved_back_bytes=2 * 10**8)) == \
+        pytest.approx(1.0 + 1.0 + 0.5)
 
 
 def test_the_search_ranks_what_fits_by_prediction_from_its_cache():

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from rich.console import Console
 
 from memopt.core.results import RunResult, StepMemory, VsBaseline
+from memopt.core.timing import Ratio
 from memopt.measure.tracker import CATEGORIES
 from memopt.render import documents, markdown, tables, text
 
@@ -54,9 +55,10 @@ def test_piped_output_is_never_cut():
 
 def test_optimize_table_keeps_whole_strategy_sets_when_piped():
     cand = SimpleNamespace(strategies=tuple(LONG.split("+")), label=LONG, peak=2**20, measured_peak=2**20,
-                           predicted_s=1.0, measured_s=1.1, lossy=1, error=None, drift=None)
+                           predicted_s=1.0, measured_s=1.1, lossy=1, error=None, drift=None, ratio=Ratio(1.3, 0.02))
     outcome = SimpleNamespace(baseline=cand, budget=2**21, evaluated=12, seconds=3.0, ranked=[cand], winner=cand)
-    assert LONG in _render([tables.optimize_table(outcome, 3)], 80, terminal=False)
+    rendered = _render([tables.optimize_table(outcome, 3)], 80, terminal=False)
+    assert LONG in rendered and "1.30x ±0.02" in rendered and "± half their range" in rendered
 
 
 def test_compare_columns_say_what_they_are():
@@ -75,7 +77,7 @@ def test_compare_rows_read_run_results_and_name_failures():
     rows = text.compare_rows([base, smaller, failed])
     assert rows[0] == {"run": "baseline", "peak": "6.00 MiB", "saving": "-", "changed": "-", "time": "500 ms",
                        "slowdown": "-", "loss": "6.9000", "cosine": "-", "drift": "-", "status": "ok"}
-    assert rows[1]["saving"] == "50.0%" and rows[1]["slowdown"] == "1.25x" and rows[1]["loss"] == "-2.00e-03"
+    assert rows[1]["saving"] == "50.0%" and rows[1]["slowdown"] == "1.25x ±?" and rows[1]["loss"] == "-2.00e-03"
     assert rows[1]["changed"] == "activations -88%, temporaries -50%" and rows[1]["cosine"] == "-"
     assert rows[2]["status"] == "failed: out of memory during backward" and rows[2]["peak"] == "-"
     written = markdown.compare_markdown([base, smaller, failed], "t")

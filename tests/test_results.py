@@ -17,7 +17,8 @@ BASELINE = ROOT / "tests" / "baselines" / "tiny.json"
 # a schema-1 run dict, key by key in the order memopt writes it (vs_baseline only in a compare)
 RUN_KEYS = ["name", "strategies", "ok", "error", "estimated", "params", "state_bytes", "peak_bytes", "peak_breakdown",
             "category_peak_bytes", "phase_peak_bytes", "peak_phase", "peak_module", "python_heap_peak_bytes",
-            "rss_peak_bytes", "cuda", "step_time_s", "loss", "drift", "strategy_facts", "notes", "warnings", "pid"]
+            "rss_peak_bytes", "cuda", "step_time_s", "loss", "drift", "strategy_facts", "notes",
+            "warnings", "pid"]
 
 
 def _ok_run(**changes: object) -> RunResult:
@@ -46,7 +47,8 @@ def test_an_ok_run_round_trips_with_memory_drift_vs_baseline_and_warnings():
     data = run.to_json()
     assert list(data) == [*RUN_KEYS, "vs_baseline"]
     assert data["params"] == {"total": 1000, "trainable": 10} and data["peak_bytes"] == 80_000
-    assert data["vs_baseline"] == {"saving": 0.4, "slowdown": 1.3, "loss_delta": -0.02, "grad_cosine": 0.998}
+    assert data["vs_baseline"] == {"saving": 0.4, "slowdown": 1.3, "loss_delta": -0.02, "grad_cosine": 0.998,
+                                   "slowdown_spread": None, "same_time": False}
     back = RunResult.from_json(json.loads(json.dumps(data)), device="cuda")
     assert back == run
     assert back.to_json() == data and list(back.to_json()) == list(data)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from memopt.core.errors import StrategyError
 from memopt.core.results import RunOne, RunResult, VsBaseline
+from memopt.core.timing import ratio_of
 from memopt.spec import Spec, spec_from_data
 from memopt.spec.strategy_args import StrategyEntry, set_label
 from memopt.strategies import build_strategies
@@ -72,7 +74,9 @@ def compare(planned: list[tuple[str, Spec]], *, run_one: RunOne, device_memory: 
             if run.ok and base.ok and run.memory and base.memory:
                 run.vs_baseline = VsBaseline(
                     saving=1 - run.memory.peak_bytes / base.memory.peak_bytes,
-                    slowdown=run.step_time_s / base.step_time_s,
+                    slowdown=(ratio := ratio_of([(run.step_times_s or [run.step_time_s],
+                                                base.step_times_s or [base.step_time_s])])).value,
+                    slowdown_spread=None if math.isinf(ratio.spread) else ratio.spread,
                     loss_delta=run.loss - base.loss,
                     grad_cosine=gradient_cosine(Path(tmp) / "0.pt", Path(tmp) / f"{i}.pt"),
                 )

@@ -6,6 +6,12 @@ Where a strategy's cost shows decides when it is measured:
 - optimizer state (optim8bit): the weights are unchanged until the optimizer steps, so both models train
   ``DRIFT_STEPS`` identical steps (same batches) and are then compared on a batch neither has seen.
 
+With a held-out text (``train.held_out``) both models are also scored on it, the text the model did not train on:
+the mean next-token loss over its first ``HELD_OUT_ROWS`` windows of seq_len + 1 tokens (in generation: the
+prompts are held-out text and the loss is that of its continuation, fed through the KV cache), and
+``held_out_loss_increase`` is the changed model's loss over the unchanged one's, minus 1. On trained weights
+(scripts/train_reference.py) this is the accuracy a user gives up; on random weights it is noise.
+
 Each measurement builds its own models, before the profiled run is built.
 """
 
@@ -21,12 +27,15 @@ import torch.nn.functional as F
 
 from memopt.adapters import ModelAdapter
 from memopt.adapters.build import build_adapter
+from memopt.core.errors import MemoptError
+from memopt.engine.data import held_out_rows
 from memopt.engine.inference import generate, prompt_batch
 from memopt.engine.step import make_batch, prepare, split_batch, train_step
 from memopt.spec import PythonModelSpec, Spec
 from memopt.strategies import lossy
 
 DRIFT_STEPS = 3  # identical training steps before comparing, for strategies whose cost shows in training
+HELD_OUT_ROWS = 16  # windows of the held-out text each model is scored on
 
 
 @torch.no_grad()
@@ -92,8 +101,45 @@ def strategy_drift(spec: Spec) -> dict[str, float] | None:
             train_step(unchanged, step=step)
         reference = unchanged.adapter
     batch = make_batch(spec, session.device, step=steps)  # after training: a batch neither has seen
+    if reference is None:
+        torch.manual_seed(spec.run.seed)
+        reference = build_adapter(spec, session.device)
     drift = measure_drift(spec, session.adapter, batch, session.device, session.plan.contexts, reference)
+    if spec.train.held_out is not None:
+        drift.update(held_out_drift(spec, session.adapter, reference, session.device, session.plan.contexts))
     return {**drift, "after_steps": steps}
+
+
+def _check_held_out(spec: Spec) -> None:
+    if isinstance(spec.model, PythonModelSpec):
+        raise MemoptError("train.held_out: the held-out loss is read from the model's logits, which memopt finds in "
+                          "its own and Hugging Face models, not in a python: model")
+
+
+def _held_out(new: float, ref: float, rows: int, tokens: int) -> dict[str, float]:
+    return {"held_out_loss": new, "held_out_loss_ref": ref, "held_out_loss_increase": new / ref - 1 if ref else 0.0,
+            "held_out_perplexity": math.exp(min(new, 700.0)), "held_out_rows": rows, "held_out_tokens": tokens}
+
+
+@torch.no_grad()
+def held_out_drift(spec: Spec, model: ModelAdapter, reference: ModelAdapter, device: str,
+                   contexts: Sequence[Callable[[], Any]] = ()) -> dict[str, float]:
+    """Both models' mean next-token loss on the held-out text, one window at a time."""
+    _check_held_out(spec)
+    rows = held_out_rows(spec, device, HELD_OUT_ROWS, spec.train.seq_len + 1)
+    was_training = model.model.training
+    model.model.eval()
+    reference.model.eval()
+    new = ref = 0.0
+    for row in rows.split(1):
+        inputs, target = row[:, :-1], row[:, 1:].flatten()
+        ref += F.cross_entropy(reference.logits((inputs, row[:, 1:])).float().flatten(0, -2), target).item()
+        with contextlib.ExitStack() as stack:
+            for make_context in contexts:
+                stack.enter_context(make_context())
+            new += F.cross_entropy(model.logits((inputs, row[:, 1:])).float().flatten(0, -2), target).item()
+    model.model.train(was_training)
+    return _held_out(new / len(rows), ref / len(rows), len(rows), len(rows) * spec.train.seq_len)
 
 
 def inference_drift(spec: Spec) -> dict[str, float] | None:
@@ -106,14 +152,27 @@ def inference_drift(spec: Spec) -> dict[str, float] | None:
     """
     if spec.run.mode == "infer":
         return strategy_drift(spec)
+    held: dict[str, float] = {}
     with torch.inference_mode():
         session = prepare(spec)
         if not any(s.lossy for s in session.strategies):
             return None
-        prompt = prompt_batch(spec, session.device)
+        prompt, continuation = prompt_batch(spec, session.device), None
+        if spec.train.held_out is not None:
+            _check_held_out(spec)
+            gen = spec.generate
+            rows = held_out_rows(spec, session.device, spec.train.batch_size, gen.prompt_len + gen.new_tokens)
+            prompt, continuation = rows[:, :gen.prompt_len], rows[:, gen.prompt_len:]
         changed = generate(session, prompt, keep_logits=True)
+        forced = generate(session, prompt, keep_logits=True, feed=continuation) if continuation is not None else None
         del session
-        reference = generate(prepare(spec.with_strategies(())), prompt, keep_logits=True)
+        unchanged = prepare(spec.with_strategies(()))
+        reference = generate(unchanged, prompt, keep_logits=True)
+        if continuation is not None and forced is not None:
+            forced_ref = generate(unchanged, prompt, keep_logits=True, feed=continuation)
+            loss_new, loss_ref = (F.cross_entropy(torch.stack(g.logits, 1).flatten(0, 1), continuation.flatten()).item()
+                                  for g in (forced, forced_ref))
+            held = _held_out(loss_new, loss_ref, len(prompt), continuation.numel())
     differ = changed.tokens != reference.tokens                                   # b, new_tokens
     first = torch.where(differ.any(1), differ.float().argmax(1), differ.shape[1] - 1)  # b: last comparable step
     diff2 = ref2 = 0.0
@@ -122,4 +181,4 @@ def inference_drift(spec: Spec) -> dict[str, float] | None:
         diff2 += (new[rows] - ref[rows]).pow(2).sum().item()
         ref2 += ref[rows].pow(2).sum().item()
     return {"logits_rel_error": math.sqrt(diff2 / ref2) if ref2 else 0.0,
-            "tokens_differ": differ.float().mean().item(), "loss_delta": 0.0, "after_steps": 0}
+            "tokens_differ": differ.float().mean().item(), "loss_delta": 0.0, "after_steps": 0, **held}

@@ -172,15 +172,17 @@ def estimate(given: SpecOptions, ui: Ui, *, json_out: str | None = None, budget:
 
 def optimize(given: SpecOptions, ui: Ui, budget: str, *, allow_lossy: bool = False, top: int = 3,
              output: str | None = None, measure: bool = True, max_drift: str | None = None,
-             json_out: str | None = None) -> CommandOutput:
+             max_loss_increase: str | None = None, rounds: int = 3, json_out: str | None = None) -> CommandOutput:
     """``memopt optimize``: the fastest strategy set that fits the budget, written as a spec."""
     spec = load(given, ui)
     limit = _size(budget, "--budget")
     assert limit is not None
-    cap = parse_percent(max_drift, "--max-drift") if max_drift is not None else None
+    drift = parse_percent(max_drift, "--max-drift") if max_drift is not None else None
+    loss = parse_percent(max_loss_increase, "--max-loss-increase") if max_loss_increase is not None else None
     outputs = Outputs({"spec": given.config}, json_out=json_out, output=output)
     outcome = optimize_search(spec, limit, run_one=run_isolated, allow_lossy=allow_lossy, top=top, measure=measure,
-                              max_drift=cap, progress=ui.progress)
+                              max_drift=drift, max_loss_increase=loss, rounds=rounds, progress=ui.progress)
+    cap = outcome.cap
     best = winner_spec(spec, outcome)
     if output is not None:
         outputs.add("--output", documents.winner_yaml(absolute_paths(best), outcome, budget))

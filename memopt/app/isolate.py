@@ -18,10 +18,11 @@ from memopt.spec import Spec, spec_from_data
 
 
 def run_isolated(spec: Spec, name: str, *, device_memory: int | None = None, timeout: float | None = None,
-                 grads_to: str | None = None) -> RunResult:
-    """The run, read back from the child's JSON; a run that dies comes back failed (``ok`` false) with why."""
+                 grads_to: str | None = None, drift: bool = True) -> RunResult:
+    """The run, read back from the child's JSON; a run that dies comes back failed (``ok`` false) with why.
+    ``drift`` false: the lossy strategies' drift is not measured again (a repeated run of the same set)."""
     request = json.dumps({"spec": spec.to_dict(), "name": name, "device_memory": device_memory,
-                          "grads_to": grads_to})
+                          "grads_to": grads_to, "drift": drift})
     env = child_env()
     try:
         proc = subprocess.run([sys.executable, "-m", "memopt.app.isolate"], input=request, capture_output=True,
@@ -47,7 +48,7 @@ def main() -> None:
         spec = spec_from_data(request["spec"])
         try:
             result = profile(spec, request["name"], device_memory=request.get("device_memory"),
-                             grads_to=request.get("grads_to"))
+                             grads_to=request.get("grads_to"), drift=request.get("drift", True))
         except MemoptError as exc:
             result = _failed(spec, request["name"], str(exc))
         except MemoryError:

@@ -16,12 +16,13 @@ from memopt.strategies import build_strategies, set_up_process
 
 
 def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
-            progress: Progress | None = None, grads_to: str | None = None, fit_check: bool = True) -> RunResult:
+            progress: Progress | None = None, grads_to: str | None = None, fit_check: bool = True,
+            drift: bool = True) -> RunResult:
     """Preflight, drift, then the measured run (see memopt.engine.run.run). Raises MemoptError.
 
     Every check that can be made before a process starts is made here: the strategies' refusals and checks (for
     ranks: the batch split, the device), then, unless ``fit_check`` is off, whether the run (or its N ranks, their
-    interpreters included) fits in this machine's memory or ``device_memory``."""
+    interpreters included) fits in this machine's memory or ``device_memory``. ``drift`` false: not measured."""
     say = progress or (lambda _msg: None)
     set_up_process(spec)  # e.g. the allocator strategy's settings, before anything here initialises CUDA
     build_strategies(spec, resolve_device(spec.run.device))  # refused combinations: refused before anything runs
@@ -29,7 +30,8 @@ def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, devic
         ensure_fits_here(spec, device_memory, say)
     elif fit_check and not (ranks.in_process_group() or ranks.under_launcher()):  # torchrun started them already
         ensure_ranks_fit(spec, device_memory, say)
-    drift = drift_of(spec, lambda: say(f"{name}: measuring accuracy drift against the unchanged model"))
+    measured = drift_of(spec, lambda: say(f"{name}: measuring accuracy drift against the unchanged model")) \
+        if drift else None
     result = run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress, grads_to=grads_to)
-    result.drift = drift
+    result.drift = measured
     return result

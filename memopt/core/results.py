@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from memopt.core.timing import Ratio
+
 
 def _number(value: float | None) -> float:
     """A float from JSON, where strict writers put null for NaN and infinities."""
@@ -114,15 +116,22 @@ class VsBaseline:
     slowdown: float              # step time / baseline step time
     loss_delta: float            # loss - baseline loss (same batch, after one identical update)
     grad_cosine: float | None    # warm-up gradients against the baseline's; None when the trainable sets differ
+    slowdown_spread: float | None = None  # slowdown +- this (memopt.core.timing); None: not known
+
+    @property
+    def time_ratio(self) -> Ratio:
+        return Ratio(self.slowdown, math.inf if self.slowdown_spread is None else self.slowdown_spread)
 
     def to_json(self) -> dict[str, Any]:
         return {"saving": self.saving, "slowdown": self.slowdown, "loss_delta": self.loss_delta,
-                "grad_cosine": self.grad_cosine}
+                "grad_cosine": self.grad_cosine, "slowdown_spread": self.slowdown_spread,
+                "same_time": self.time_ratio.to_json()["same"]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VsBaseline:
         return cls(saving=_number(data["saving"]), slowdown=_number(data["slowdown"]),
-                   loss_delta=_number(data["loss_delta"]), grad_cosine=data.get("grad_cosine"))
+                   loss_delta=_number(data["loss_delta"]), grad_cosine=data.get("grad_cosine"),
+                   slowdown_spread=data.get("slowdown_spread"))
 
 
 @dataclass
@@ -173,7 +182,10 @@ class RunResult:
         if self.memory is not None:
             data.update(self.memory.to_json())
         data.update(self.host.to_json())
-        data.update({"step_time_s": self.step_time_s, "loss": self.loss, "drift": self.drift,
+        data["step_time_s"] = self.step_time_s
+        if self.step_times_s:  # each measured step (a result written before they were kept has none)
+            data["step_times_s"] = self.step_times_s
+        data.update({"loss": self.loss, "drift": self.drift,
                      "strategy_facts": self.strategy_facts, "notes": self.notes, "warnings": self.warnings,
                      "pid": self.pid})
         if self.vs_baseline is not None:
@@ -199,6 +211,7 @@ class RunResult:
                    params_total=params.get("total", 0), params_trainable=params.get("trainable", 0),
                    memory=StepMemory.from_json(data) if "peak_bytes" in data else None,
                    host=HostPeaks.from_json(data), step_time_s=_number(data.get("step_time_s")),
+                   step_times_s=data.get("step_times_s", []),
                    loss=_number(data.get("loss")), drift=data.get("drift"),
                    strategy_facts=data.get("strategy_facts", {}), notes=data.get("notes", []),
                    warnings=data.get("warnings", []), pid=data.get("pid", 0),

@@ -1,4 +1,5 @@
-"""Batches from a text file (``train.data``): its tokens in windows of seq_len + 1, cycled.
+"""Batches from a text file (``train.data``): its tokens in windows of seq_len + 1, cycled; and the windows of the
+held-out text (``train.held_out``) that lossy strategies are judged on.
 
 Tokenized with a Hugging Face checkpoint folder's tokenizer when the model has one, else as UTF-8 bytes (ids
 0-255, which needs a vocabulary of at least 256). Without ``train.data`` batches are seeded random token ids.
@@ -38,9 +39,25 @@ def text_batch(spec: Spec, device: str, step: int) -> tuple[torch.Tensor, torch.
     return rows[:, :-1], rows[:, 1:]
 
 
+def held_out_rows(spec: Spec, device: str, rows: int, length: int) -> torch.Tensor:
+    """The first ``rows`` windows of ``length`` tokens of ``train.held_out`` (rows, length), tokenized as train.data;
+    fewer rows when the text is shorter, an error when it has not one window."""
+    assert spec.train.held_out is not None
+    hf_source = spec.model.hf if isinstance(spec.model, HfModelSpec) else None
+    ids = _tokens(spec.train.held_out, hf_source, "train.held_out")
+    if len(ids) < length:
+        raise MemoptError(f"train.held_out: {spec.train.held_out} has {len(ids)} tokens, fewer than the {length} one "
+                          "window needs")
+    vocab = vocab_size(spec.model)
+    if max(ids) >= vocab:
+        raise MemoptError(f"train.held_out: token id {max(ids)} is outside the model's vocabulary of {vocab}")
+    count = min(rows, len(ids) // length)
+    return torch.tensor([ids[i * length:(i + 1) * length] for i in range(count)], dtype=torch.long).to(device)
+
+
 @functools.lru_cache(maxsize=4)
-def _tokens(path: str, hf_source: str | None) -> tuple[int, ...]:
-    text = read_input(path, "train.data", DATA_LIMIT_BYTES)
+def _tokens(path: str, hf_source: str | None, field: str = "train.data") -> tuple[int, ...]:
+    text = read_input(path, field, DATA_LIMIT_BYTES)
     tokenizer = None
     if hf_source is not None:
         tokenizer = tokenizer_for(hf_source)

@@ -54,8 +54,10 @@ def _traced(steps: list[int], fake: bool) -> list[int]:
 
 
 def generate(session: Any, prompt: torch.Tensor, tracker: TensorTracker | None = None,
-             keep_logits: bool = False) -> Generation:
-    """Greedy generation of ``generate.new_tokens`` tokens after ``prompt`` with the session's KV cache."""
+             keep_logits: bool = False, feed: torch.Tensor | None = None) -> Generation:
+    """Greedy generation of ``generate.new_tokens`` tokens after ``prompt`` with the session's KV cache; with
+    ``feed`` (batch, new_tokens - 1) those tokens are fed instead of the greedy ones (teacher forcing: the
+    logits of a known continuation through the same cache)."""
     adapter, plan, gen = session.adapter, session.plan, session.spec.generate
     fake = in_fake_mode()
     batch, prompt_len = prompt.shape
@@ -86,7 +88,8 @@ def generate(session: Any, prompt: torch.Tensor, tracker: TensorTracker | None =
         for position in _traced(positions, fake):
             if position != prompt_len + len(tokens) - 1:  # estimates jump ahead
                 adapter.skip_cache_to(cache, position)
-            logits = adapter.next_logits(token[:, None], cache, position)
+            fed = token if feed is None else feed[:, position - prompt_len]
+            logits = adapter.next_logits(fed[:, None], cache, position)
             token = logits.argmax(-1)
             tokens.append(token)
             if keep_logits:

@@ -54,8 +54,11 @@ def winner_yaml(best: dict[str, Any], outcome: Any, budget: str) -> str:
     return header + yaml.safe_dump(best, sort_keys=False)
 
 
-def optimize_document(best: dict[str, Any], outcome: Any, cap: float | None) -> dict[str, Any]:
+def optimize_document(best: dict[str, Any], outcome: Any, cap: Any) -> dict[str, Any]:
     return {"schema": SCHEMA, "budget_bytes": outcome.budget, "winner": best["strategies"],
             "candidates": [c.to_dict() for c in outcome.ranked], "evaluated": outcome.evaluated,
             "search_s": outcome.seconds, "measured_here": outcome.measured_here,
-            "max_drift": cap, "left_out_for_drift": outcome.rejected}
+            "max_drift": cap.limit if cap is not None and cap.option == "--max-drift" else None,
+            "max_loss_increase": cap.limit if cap is not None and cap.option == "--max-loss-increase" else None,
+            "left_out_for_drift": outcome.rejected,
+            "baseline_step_s": outcome.baseline.measured_s}

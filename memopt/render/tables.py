@@ -102,6 +102,12 @@ def _run_rows(result: RunResult, warmed_up: bool) -> list[Row]:
 def _strategy_rows(result: RunResult) -> list[Row]:
     """Accuracy drift, the strategies, what each reported, and the notes."""
     rows: list[Row] = []
+    drift = result.drift
+    if drift is not None and "held_out_loss" in drift:
+        rows.append(("Held-out loss", f"{drift['held_out_loss']:.4f}",
+                     f"unchanged model {drift['held_out_loss_ref']:.4f} "
+                     f"({100 * drift['held_out_loss_increase']:+.2f}%); "
+                     f"perplexity {drift['held_out_perplexity']:.2f}; {drift['held_out_tokens']:,} held-out tokens"))
     if result.drift is not None and "tokens_differ" in result.drift:
         rows.append(("Accuracy drift", drift_text(result.drift),
                      "greedy tokens that differ from the unchanged model's; logits' relative error up to "
@@ -296,31 +302,35 @@ def estimate_table(result: RunResult, formulas: dict[str, int | None]) -> Table:
 
 
 def optimize_table(outcome: Any, top: int) -> Table:
-    """The ranked sets that fit: peaks, predicted and measured time, drift, and why each is where it is."""
+    """The ranked sets that fit: peaks, predicted and measured step time against the baseline, drift, and why each
+    is where it is."""
     base = outcome.baseline
     table = Table(title=f"memopt optimize - budget {format_bytes(outcome.budget)}: {outcome.evaluated} sets estimated "
                         f"in {outcome.seconds:.0f} s", title_justify="left")
-    for col in ("#", "strategies", "est. peak", "measured peak", "predicted", "measured", "slowdown", "drift", "why"):
+    for col in ("#", "strategies", "est. peak", "measured peak", "predicted", "measured", "drift", "why"):
         table.add_column(col, justify="left" if col in ("strategies", "why") else "right")
-    base_time = base.measured_s or base.predicted_s
-    for i, c in enumerate(outcome.ranked[: max(top, 1) + 2], start=1):
-        slowdown = (c.measured_s or c.predicted_s) / base_time if base_time else None
+    shown = [c for c in outcome.ranked if c.ratio is not None or c.error]
+    shown += [c for c in outcome.ranked if c not in shown][:max(top, 1) + 2 - len(shown)]
+    for i, c in enumerate(shown, start=1):
         if c is outcome.winner:
-            why = "fastest measured set that fits" if c.measured_s is not None else "fastest predicted set that fits"
+            why = "fastest measured set that fits" if c.ratio is not None else "fastest predicted set that fits"
         elif c.error:
-            why = f"failed: {c.error}"
-        elif c.measured_peak is not None and c.measured_peak > outcome.budget:
-            why = "over budget when measured"
-        elif c.measured_s is not None:
-            why = "slower when measured"
+            why = c.error if c.error.startswith("over") else f"failed: {c.error}"
+        elif c.ratio is not None:
+            why = "slower when measured" if c.lossy <= outcome.winner.lossy else "more lossy strategies"
         else:
             why = "predicted slower" + (" (lossy)" if c.lossy else "")
+        predicted = f"{c.predicted_s / base.predicted_s:.2f}x" if base.predicted_s else "-"
         table.add_row(str(i), c.label, format_bytes(c.peak),
                       format_bytes(c.measured_peak) if c.measured_peak is not None else "-",
-                      f"{c.predicted_s:.2f} s", f"{c.measured_s:.2f} s" if c.measured_s is not None else "-",
-                      f"{slowdown:.2f}x" if slowdown else "-",
+                      predicted, c.ratio.text() if c.ratio is not None else "-",
                       drift_text(c.drift), why,
                       style="bold green" if c is outcome.winner else None)
+    measured = (f"baseline measured at {base.measured_s:.2f} s a step" if base.measured_s is not None
+                else "not measured here")
+    table.caption = (f"predicted and measured: step time / the baseline's ({measured}); measured: the mean ratio over "
+                     "rounds run side by side with the baseline, ± half their range; same: within that noise")
+    table.caption_justify = "left"
     return table
 
 
@@ -362,10 +372,11 @@ def capacity_table(spec: Spec, cap: Any) -> Table:
     return table
 
 
-def print_optimize(outcome: Any, top: int, cap: float | None, output: str | None) -> None:
+def print_optimize(outcome: Any, top: int, cap: Any, output: str | None) -> None:
     console = stdout_console()
     print_tables([optimize_table(outcome, top)], console)
     if outcome.rejected:
         assert cap is not None
-        console.print(f"left out for their own drift over {100 * cap:g}%: {', '.join(outcome.rejected)}")
+        console.print(f"left out for their own drift over {cap.option} {100 * cap.limit:g}%: "
+                      f"{', '.join(outcome.rejected)}")
     console.print(f"winner: [bold]{outcome.winner.label}[/bold]" + (f" -> {output}" if output else ""))

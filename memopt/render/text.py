@@ -70,7 +70,7 @@ def compare_rows(runs: list[RunResult]) -> list[dict[str, str]]:
             "saving": f"{100 * vs.saving:.1f}%" if vs else "-",
             "changed": _changed_categories(mem, base) if vs and base else "-",
             "time": f"{run.step_time_s * 1000:.0f} ms",
-            "slowdown": f"{vs.slowdown:.2f}x" if vs else "-",
+            "slowdown": vs.time_ratio.text() if vs else "-",
             "loss": "-" if run.inference is not None else f"{vs.loss_delta:+.2e}" if vs else f"{run.loss:.4f}",
             "cosine": f"{vs.grad_cosine:.6f}" if vs and vs.grad_cosine is not None else "-",
             "drift": drift_text(run.drift),
@@ -134,13 +134,17 @@ def drift_when(drift: dict[str, float]) -> str:
 
 
 def drift_text(drift: dict[str, float] | None) -> str:
-    """'0.37%': the logits' relative error against the unchanged model, or '-' for a lossless run."""
+    """'0.37%': the logits' relative error against the unchanged model, or '-' for a lossless run; with held-out
+    text, the loss's relative change on it first ('loss +0.42%, 1.20% logits')."""
     if not drift:
         return "-"
+    loss = drift.get("held_out_loss_increase")
+    held = f"loss {100 * loss:+.2f}%, " if loss is not None else ""
     if "tokens_differ" in drift:
-        return f"{100 * drift['tokens_differ']:.1f}% tokens, {100 * drift['logits_rel_error']:.2f}% logits"
+        return f"{held}{100 * drift['tokens_differ']:.1f}% tokens, {100 * drift['logits_rel_error']:.2f}% logits"
     steps = drift.get("after_steps", 0)
-    return f"{100 * drift['logits_rel_error']:.2f}%" + (f" @{steps:g}" if steps else "")
+    logits = f"{100 * drift['logits_rel_error']:.2f}%" + (f" @{steps:g}" if steps else "")
+    return f"{held}{logits} logits" if held else logits
 
 
 def growth_text(g: Any) -> str:

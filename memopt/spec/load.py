@@ -37,10 +37,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                       vocab_size=32000, ffn_dim=28672, max_seq_len=4096),
 }
 
+TEXT_FILES = ("data", "held_out")  # train's fields that name a text file
 MODEL_OVERRIDES = {"hf": "--hf", "python": "--model"}  # override key -> option: replaces the spec's model
 OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
                   "steps": ("train", "steps"), "device": ("run", "device"), "dtype": ("run", "dtype"),
-                  "optimizer": ("train", "optimizer"), "data": ("train", "data"), "mode": ("run", "mode"),
+                  "optimizer": ("train", "optimizer"), "data": ("train", "data"), "held_out": ("train", "held_out"),
+                  "mode": ("run", "mode"),
                   "prompt_len": ("generate", "prompt_len"), "new_tokens": ("generate", "new_tokens"),
                   "cache": ("generate", "cache"), "precision": ("run", "precision")}
 # how users spell a precision (Lightning's old names among them) -> memopt's
@@ -196,8 +198,8 @@ def _paths_from(data: Any, folder: Path) -> Any:
         hf = model["hf"]
         if not is_bare_name(hf) or ((folder / hf).exists() and not is_model_type(hf)):
             data["model"] = {**model, "hf": _relative_to(hf, folder)}
-    if isinstance(train, dict) and "data" in train:
-        data["train"] = {**train, "data": _relative_to(train["data"], folder)}
+    if isinstance(train, dict):
+        data["train"] = {**train, **{key: _relative_to(train[key], folder) for key in TEXT_FILES if key in train}}
     return data
 
 
@@ -212,8 +214,9 @@ def absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(model, dict) and isinstance(model.get("hf"), str) and not (
             is_bare_name(model["hf"]) and is_model_type(model["hf"])):
         data["model"] = {**model, "hf": str(Path(model["hf"]).resolve())}
-    if isinstance(train, dict) and isinstance(train.get("data"), str):
-        data["train"] = {**train, "data": str(Path(train["data"]).resolve())}
+    if isinstance(train, dict):
+        data["train"] = {**train, **{key: str(Path(train[key]).resolve()) for key in TEXT_FILES
+                                     if isinstance(train.get(key), str)}}
     entries = []
     for entry in data.get("strategies") or []:
         if isinstance(entry, dict) and len(entry) == 1:

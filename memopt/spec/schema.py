@@ -178,6 +178,8 @@ class TrainSpec(_Frozen):
     steps: int = Field(3, gt=0, le=10_000, description="measured steps after one warm-up step")
     data: str | None = Field(None, description="a text file: batches are its tokens (a Hugging Face checkpoint's "
                              "tokenizer when it has one, else UTF-8 bytes); default seeded random token ids")
+    held_out: str | None = Field(None, description="a text file the model did not train on: lossy strategies report "
+                                 "the change of the loss on it (tokenized as train.data)")
 
 
 Mode = Literal["train", "infer", "generate"]
