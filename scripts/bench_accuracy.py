@@ -55,9 +55,11 @@ GENERATE_ROWS = [
 def profile(ckpt: Path, strategy: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "memopt", "profile", "--hf", str(ckpt), "--data", str(ckpt / "train.txt"),
            "--held-out", str(ckpt / "held_out.txt"), "-s", strategy, "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--steps", "1", "--json"]
+           "--steps", "1", "--json"]
     if mode == "generate":
         cmd += ["--mode", "generate", "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    else:
+        cmd += ["--seq-len", str(args.seq_len)]
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -68,10 +70,11 @@ def profile(ckpt: Path, strategy: str, mode: str, args: argparse.Namespace) -> d
 
 def row(label: str, strategy: str, done: dict[str, Any]) -> str:
     if "error" in done:
-        return f"| {label} | `{strategy}` | {done['error']} | | | | |"
+        return f"| {label} | `{strategy}` | {done['error']} | | | | | |"
     d = done["drift"]
     tokens = f"{100 * d['tokens_differ']:.1f}%" if "tokens_differ" in d else "-"
-    return (f"| {label} | `{strategy}` | {d['held_out_loss']:.4f} | {100 * d['held_out_loss_increase']:+.2f}% | "
+    return (f"| {label} | `{strategy}` | {d['held_out_loss_ref']:.4f} | {d['held_out_loss']:.4f} | "
+            f"{100 * d['held_out_loss_increase']:+.2f}% | "
             f"{d['held_out_perplexity']:.2f} | {100 * d['logits_rel_error']:.2f}% | {tokens} |")
 
 
@@ -82,18 +85,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--only", default=None, help="comma-separated strategy labels")
+    parser.add_argument("--only", default=None, help="strategy labels separated by semicolons")
     args = parser.parse_args()
     facts = json.loads((args.checkpoint / "reference.json").read_text())
-    wanted = set(args.only.split(",")) if args.only else None
+    wanted = set(args.only.split(";")) if args.only else None
     lines = [f"Reference checkpoint: `{facts['size']}` llama, trained {facts['steps']} steps (seed {facts['seed']}) on "
              f"{facts['train_bytes'] / 2**20:.1f} MiB of the standard library's sources (Python {facts['python']}); "
              f"held-out loss {facts['held_out_loss']:.3f} (perplexity {facts['held_out_perplexity']:.2f}; "
              f"{facts['held_out_loss_before']:.2f} before training). Training rows: batch {args.batch_size} x "
              f"{args.seq_len}; generation rows: {args.batch_size} held-out prompts of {args.prompt_len} tokens, "
              f"{args.new_tokens} new tokens.", "",
-             "| strategy | setting | held-out loss | change | perplexity | logits error | tokens differ |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| strategy | setting | held-out loss, unchanged | with it | change | perplexity | logits error | "
+             "tokens differ |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for mode, rows in (("train", TRAIN_ROWS), ("generate", GENERATE_ROWS)):
         for strategy, label in rows:
             if wanted and strategy not in wanted:
