@@ -23,6 +23,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,15 +54,18 @@ GENERATE_ROWS = [
 
 
 def profile(ckpt: Path, strategy: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "memopt", "profile", "--hf", str(ckpt), "--data", str(ckpt / "train.txt"),
-           "--held-out", str(ckpt / "held_out.txt"), "-s", strategy, "--batch-size", str(args.batch_size),
-           "--steps", "1", "--json"]
-    if mode == "generate":
-        cmd += ["--mode", "generate", "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
-    else:
-        cmd += ["--seq-len", str(args.seq_len)]
-    began = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    with tempfile.TemporaryDirectory() as folder:
+        spec = Path(folder) / "spec.yaml"  # the training rows fine-tune at a fine-tuning learning rate
+        spec.write_text(f"model: {{hf: {json.dumps(str(ckpt))}}}\ntrain: {{lr: {args.lr}}}\n")
+        cmd = [sys.executable, "-m", "memopt", "profile", str(spec), "--data", str(ckpt / "train.txt"),
+               "--held-out", str(ckpt / "held_out.txt"), "-s", strategy, "--steps", "1", "--json"]
+        if mode == "generate":
+            cmd += ["--mode", "generate", "--batch-size", str(args.prompts), "--prompt-len", str(args.prompt_len),
+                    "--new-tokens", str(args.new_tokens)]
+        else:
+            cmd += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        began = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     run = json.loads(proc.stdout)["runs"][0]
@@ -83,7 +87,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a folder written by train_reference.py")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-4, help="the training rows' AdamW learning rate")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts in the generation rows")
+    parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--only", default=None, help="strategy labels separated by semicolons")
     args = parser.parse_args()
@@ -93,7 +99,8 @@ def main() -> None:
              f"{facts['train_bytes'] / 2**20:.1f} MiB of the standard library's sources (Python {facts['python']}); "
              f"held-out loss {facts['held_out_loss']:.3f} (perplexity {facts['held_out_perplexity']:.2f}; "
              f"{facts['held_out_loss_before']:.2f} before training). Training rows: batch {args.batch_size} x "
-             f"{args.seq_len}; generation rows: {args.batch_size} held-out prompts of {args.prompt_len} tokens, "
+             f"{args.seq_len}, AdamW lr {args.lr:g}; generation rows: {args.prompts} held-out prompts of "
+             f"{args.prompt_len} tokens, "
              f"{args.new_tokens} new tokens.", "",
              "| strategy | setting | held-out loss, unchanged | with it | change | perplexity | logits error | "
              "tokens differ |", "|---|---|---:|---:|---:|---:|---:|---:|"]

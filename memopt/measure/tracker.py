@@ -321,8 +321,9 @@ class ModelWatch:
                 output.register_hook(on_output_grad)
         return hook
 
-    def _on_grad(self, grad: torch.Tensor) -> None:
-        self.tracker.mark(grad, Category.GRADS)
+    def _on_grad(self, grad: torch.Tensor | None) -> None:
+        if grad is not None:  # None: a Function that hands the gradient elsewhere (offload_states' vocab rows)
+            self.tracker.mark(grad, Category.GRADS)
 
     def _on_accumulated(self, param: torch.Tensor) -> None:
         if param.grad is not None:

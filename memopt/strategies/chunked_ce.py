@@ -12,6 +12,7 @@ The default chunk comes from the shapes the loss actually sees (per micro-batch 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,12 @@ class ChunkedCrossEntropyHead(nn.Module):
     def __init__(self, chunk_size: int | None):
         super().__init__()
         self.chunk_size = chunk_size
+        # set by offload_states:params when it streams the head's weight in chunks of vocabulary rows
+        self.streamed_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+        if self.streamed_loss is not None:
+            return self.streamed_loss(hidden, head.weight, targets)
         flat = hidden.flatten(0, -2)
         chunk = self.chunk_size or auto_chunk_size(flat.shape[0], flat.shape[1], head.weight.shape[0])
         return _ChunkedLinearCrossEntropy.apply(flat, head.weight, head.bias, targets.flatten(), chunk)

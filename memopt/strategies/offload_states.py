@@ -19,9 +19,10 @@ files in a temporary folder (removed at the end of the run, and at once when a w
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field
@@ -34,8 +35,14 @@ from memopt.core.results import Category
 from memopt.strategies import register
 from memopt.strategies.base import Options, SavedTensors, StepPlan, Strategy
 from memopt.strategies.tiers import DiskTier, FakeTier, HostTier, Tier
-
-CHUNK_ELEMENTS = 2**20  # AdamW steps an offloaded parameter this many elements at a time (8 MiB of fp32 moments)
+from memopt.strategies.vocab_stream import (  # AdamW steps an offloaded parameter CHUNK_ELEMENTS at a time
+    CHUNK_ELEMENTS,
+    VocabRows,
+    auto_rows,
+    embedding_forward,
+    logits_forward,
+    streamed_cross_entropy,
+)
 
 
 class OffloadStatesOptions(Options):
@@ -45,19 +52,23 @@ class OffloadStatesOptions(Options):
     target: Literal["auto", "cpu", "disk"] = Field("auto", description="auto: cpu on CUDA, disk on CPU")
     folder: str | None = Field(None, description="where the disk tier writes (default: the system's temporary "
                                                  "folder)")
+    vocab_rows: int | None = Field(None, ge=0, le=2**24, description=(
+        "params: the embedding and the output head are read in chunks of this many vocabulary rows, never whole "
+        "(auto: 2^20 elements a chunk); 0 brings each in whole as a unit"))
 
 
 class _Units:
     """The model's parameters in units, brought onto the device and released as the step moves along them."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], tier: Tier, capacity: int,
-                 resized: Callable[[Any], None]):
+                 resized: Callable[[Any], None], streamed: Sequence[nn.Module] = ()):
         self.tier, self.capacity, self.resized = tier, capacity, resized
         in_blocks = {id(m) for block in blocks for m in block.modules()}
         order = {id(m): i for i, m in enumerate(model.modules())}  # registration order: forward order, as a rule
         owners = sorted([*blocks, *(m for m in model.modules() if id(m) not in in_blocks
                                     and any(True for _ in m.parameters(recurse=False)))], key=lambda m: order[id(m)])
-        seen: set[int] = set()
+        self.streamed: list[nn.Parameter] = [m.weight for m in streamed]  # type: ignore[misc]  # read in rows
+        seen: set[int] = {id(p) for p in self.streamed}
         self.params: list[list[nn.Parameter]] = []
         self.modules: list[nn.Module] = []
         for owner in owners:
@@ -68,12 +79,14 @@ class _Units:
                 self.modules.append(owner)
         self.unit_of = {storage_key(p): i for i, ps in enumerate(self.params) for p in ps}
         self.key_of = {id(p): f"p{i}_{j}" for i, ps in enumerate(self.params) for j, p in enumerate(ps)}
-        self.nbytes = {id(p): p.untyped_storage().nbytes() for ps in self.params for p in ps}
+        self.key_of.update({id(p): f"v{i}" for i, p in enumerate(self.streamed)})
+        self.nbytes = {id(p): p.untyped_storage().nbytes() for p in self.all_params()}
         self.resident: OrderedDict[int, None] = OrderedDict()  # unit -> None, least recently used first
 
     def all_params(self) -> Iterator[nn.Parameter]:
         for ps in self.params:
             yield from ps
+        yield from self.streamed
 
     def offload_all(self) -> None:
         """Write every parameter to the tier and free it on the device."""
@@ -148,6 +161,7 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
         self.tier: Tier | None = None
         self.step_in_backward = any(s.name == "optim_in_bwd" for s in spec.strategies)
         self._handles: list[Any] = []
+        self.vocab_rows: list[VocabRows] = []
 
     def check(self) -> None:
         opts = self.options
@@ -173,7 +187,9 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
         if not self.options.params:
             return
         blocks = [getattr(b, "inner", b) for b in model.blocks()]
-        self.units = _Units(model.model, blocks, self.tier, 1 + self.options.prefetch, self.saved.resized)
+        streamed = self._streamed_modules(model)
+        self.units = _Units(model.model, blocks, self.tier, 1 + self.options.prefetch, self.saved.resized,
+                            streamed)
         for i, module in enumerate(self.units.modules):
             self._handles.append(module.register_forward_pre_hook(self._runs(i)))
         head = model.head()
@@ -182,7 +198,40 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
             unit = self.units.unit_of.get(storage_key(head[1].weight))
             if unit is not None:
                 self._handles.append(loss_head.register_forward_pre_hook(self._runs(unit)))
+        self._stream(streamed, loss_head)
         self.units.offload_all()
+
+    def _streamed_modules(self, model: ModelAdapter) -> list[nn.Embedding | nn.Linear]:
+        """The embedding and the head to read in chunks of vocabulary rows, where the step allows it: training
+        with AdamW state off the device, weights not tied, a plain nn.Embedding, a head without bias whose loss
+        is chunked_ce's."""
+        opts, train = self.options, self.spec.train
+        if opts.vocab_rows == 0 or self.spec.run.mode != "train" or not opts.optimizer or train.optimizer != "adamw" \
+                or model.tied_embeddings():
+            return []
+        found: list[nn.Embedding | nn.Linear] = []
+        embedding = model.embedding()
+        if embedding is not None and type(embedding[1]) is nn.Embedding and embedding[1].max_norm is None \
+                and not embedding[1].sparse and not embedding[1].scale_grad_by_freq:
+            found.append(embedding[1])
+        head = model.head()
+        if head is not None and type(head[1]) is nn.Linear and head[1].bias is None \
+                and hasattr(getattr(model.model, "loss_head", None), "streamed_loss"):
+            found.append(head[1])
+        return found
+
+    def _stream(self, streamed: list[nn.Embedding | nn.Linear], loss_head: Any) -> None:
+        assert self.units is not None and self.tier is not None
+        for module in streamed:
+            weight = cast(nn.Parameter, module.weight)
+            rows = VocabRows(weight, self.units.key_of[id(weight)], self.tier,
+                             self.options.vocab_rows or auto_rows(weight.shape[1]), self.saved)
+            self.vocab_rows.append(rows)
+            if isinstance(module, nn.Embedding):
+                module.forward = embedding_forward(module, rows)  # type: ignore[method-assign]
+            else:
+                module.forward = logits_forward(rows)  # type: ignore[method-assign]
+                loss_head.streamed_loss = functools.partial(streamed_cross_entropy, rows)
 
     def _runs(self, unit: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any) -> None:
@@ -196,8 +245,13 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
             return None
         train = self.spec.train
         assert self.tier is not None
-        return OffloadedOptimizer(params, lambda ps: make_optimizer(train.optimizer, ps, train.lr), self.tier,
-                                  self.units, self.options.optimizer, self.step_in_backward, self.saved, self.device)
+        optimizer = OffloadedOptimizer(params, lambda ps: make_optimizer(train.optimizer, ps, train.lr), self.tier,
+                                       self.units, self.options.optimizer, self.step_in_backward, self.saved,
+                                       self.device)
+        for rows in self.vocab_rows:
+            rows.gradients = optimizer
+            optimizer.chunk_elements[id(rows.param)] = rows.rows * rows.d_model  # step it in its chunks of rows
+        return optimizer
 
     def configure(self, plan: StepPlan) -> None:
         if self.units is not None:
@@ -238,6 +292,8 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
         facts = {"target": self.target, "moved_off_device_bytes": tier.written, "moved_to_device_bytes": tier.read}
         if self.units is not None:
             facts["units"] = len(self.units.params)
+        if self.vocab_rows:
+            facts["vocab_rows_per_chunk"] = self.vocab_rows[0].rows
         return facts
 
 
@@ -263,7 +319,10 @@ class OffloadedOptimizer:
         self.grad_keys = {id(p): f"g{i}" for i, p in enumerate(params)}
         self.has_grad: set[int] = set()
         self.steps: dict[int, int] = {}  # AdamW steps taken per parameter (chunked path)
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self.streamed = {id(p) for p in units.streamed} if units is not None else set()  # read in rows of vocab
+        self.chunk_elements: dict[int, int] = {}  # per parameter, where not CHUNK_ELEMENTS
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params
+                         if id(p) not in self.streamed]  # theirs arrive in chunks, not through autograd
 
     def _stepped(self, p: torch.Tensor) -> torch.Tensor:
         return self.masters[id(p)] if self.on_host else p
@@ -295,12 +354,49 @@ class OffloadedOptimizer:
         self.has_grad.add(id(p))
         p.grad = None
 
+    def add_streamed_grad(self, p: nn.Parameter, start_row: int, grad: torch.Tensor) -> None:
+        """Rows of a streamed matrix's gradient, from ``start_row``: into the tier, summed with what an earlier
+        micro-batch left there."""
+        key, offset = self.grad_keys[id(p)], start_row * grad.shape[1] * grad.element_size()
+        if id(p) in self.has_grad:
+            earlier = torch.empty_like(grad)
+            self.saved.mark(earlier, Category.GRADS)
+            self.tier.read_into(key, earlier, offset)
+            grad.add_(earlier)
+            del earlier
+        self.tier.reserve(key, p.shape, p.dtype)
+        self.tier.write_at(key, grad, offset)
+
+    def streamed_grad_done(self, p: nn.Parameter) -> None:
+        """A streamed matrix's gradient is complete for this micro-batch (with optim_in_bwd: step it now)."""
+        self.has_grad.add(id(p))
+        if self.in_backward:
+            self._step_streamed(p)
+
+    def _step_streamed(self, p: nn.Parameter) -> None:
+        self.has_grad.discard(id(p))
+        opt = self.optimizers[id(p)]
+        if self.host_step_traced:
+            return
+        if self.on_host:  # the master and the gradient are both in pinned memory: step there
+            assert isinstance(self.tier, HostTier)
+            master = self.masters[id(p)]
+            master.grad = self.tier.host[self.grad_keys[id(p)]]
+            opt.step()
+            master.grad = None
+            return
+        self._adamw_in_chunks(p, None, opt)
+
     def step(self) -> None:
         if self.in_backward:
             return
         if self.units is not None:
             self.units.release_all()  # step one parameter at a time, each brought in alone
         for p in self.params:
+            if id(p) in self.streamed:
+                if id(p) in self.has_grad:
+                    self._step_streamed(p)
+                continue
             grad = p.grad
             if id(p) in self.has_grad:
                 grad = torch.empty(p.shape, dtype=p.dtype, device=p.device)
@@ -343,25 +439,32 @@ class OffloadedOptimizer:
             self.units.store_param(p)
 
     @torch.no_grad()
-    def _adamw_in_chunks(self, p: torch.Tensor, grad: torch.Tensor, opt: Any) -> None:
+    def _adamw_in_chunks(self, p: torch.Tensor, grad: torch.Tensor | None, opt: Any) -> None:
         """torch's single-tensor AdamW step, CHUNK_ELEMENTS of the parameter at a time: only one chunk of its two
-        moments is ever on the device (read from the tier, updated, written back)."""
+        moments is ever on the device (read from the tier, updated, written back). ``grad`` None: a streamed
+        matrix, whose parameter and gradient are read from the tier a chunk at a time too."""
         group = opt.param_groups[0]
         beta1, beta2 = group["betas"]
         lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
         steps = self.steps.get(id(p), 0) + 1
         self.steps[id(p)] = steps
         prefix = self._state_keys(p)
-        flat, gflat = p.data.view(-1), grad.reshape(-1)
-        size = p.element_size()
-        bias1, bias2_sqrt = 1 - beta1 ** steps, (1 - beta2 ** steps) ** 0.5
-        starts = range(0, flat.numel(), CHUNK_ELEMENTS)
+        size, numel = p.element_size(), p.numel()
+        streamed, step = grad is None, self.chunk_elements.get(id(p), CHUNK_ELEMENTS)
+        starts = range(0, numel, step)
         traced = _first_and_last(starts) if in_fake_mode() else starts
-        skipped = (len(starts) - len(traced)) * CHUNK_ELEMENTS * size * 2  # both moments of the middle chunks
-        self.tier.read += skipped if steps > 1 else 0  # an estimate traces the first and the last chunk: the
-        self.tier.written += skipped                   # middle ones repeat the first exactly
+        skipped = (len(starts) - len(traced)) * step * size  # bytes of each tensor in the middle chunks
+        # an estimate traces the first and the last chunk: the middle ones repeat the first exactly
+        self.tier.read += skipped * ((2 if steps > 1 else 0) + (2 if streamed else 0))
+        self.tier.written += skipped * (2 + (1 if streamed else 0))
+        assert self.units is not None or not streamed
         for start in traced:
-            chunk, g = flat[start:start + CHUNK_ELEMENTS], gflat[start:start + CHUNK_ELEMENTS]
+            n = min(step, numel - start)
+            if grad is None:
+                chunk = self._read_chunk(self.units.key_of[id(p)], n, p, start, Category.PARAMS)  # type: ignore[union-attr]
+                g = self._read_chunk(self.grad_keys[id(p)], n, p, start, Category.GRADS)
+            else:
+                chunk, g = p.data.view(-1)[start:start + n], grad.reshape(-1)[start:start + n]
             moments = []
             for name in ("exp_avg", "exp_avg_sq"):
                 value = torch.zeros_like(chunk) if steps == 1 else torch.empty_like(chunk)
@@ -373,12 +476,20 @@ class OffloadedOptimizer:
             chunk.mul_(1 - lr * decay)
             exp_avg.lerp_(g, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
-            chunk.addcdiv_(exp_avg, denom, value=-lr / bias1)
+            denom = (exp_avg_sq.sqrt() / (1 - beta2 ** steps) ** 0.5).add_(eps)
+            chunk.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** steps))
             del denom
             self.tier.write_at(f"{prefix}_exp_avg", exp_avg, start * size)
             self.tier.write_at(f"{prefix}_exp_avg_sq", exp_avg_sq, start * size)
-            del exp_avg, exp_avg_sq, moments
+            if grad is None:
+                self.tier.write_at(self.units.key_of[id(p)], chunk, start * size)  # type: ignore[union-attr]
+            del exp_avg, exp_avg_sq, moments, chunk, g
+
+    def _read_chunk(self, key: str, n: int, like: torch.Tensor, start: int, category: Category) -> torch.Tensor:
+        chunk = torch.empty(n, dtype=like.dtype, device=like.device)
+        self.saved.mark(chunk, category)
+        self.tier.read_into(key, chunk, start * chunk.element_size())
+        return chunk
 
     def _load_state(self, opt: Any, target: torch.Tensor, prefix: str) -> None:
         names = getattr(opt, "_memopt_state_layout", None)

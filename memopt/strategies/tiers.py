@@ -48,6 +48,9 @@ class Tier:
         """Write ``t`` into the tensor stored under ``key`` at byte ``offset`` (created if need be)."""
         raise NotImplementedError
 
+    def reserve(self, key: str, shape: torch.Size, dtype: torch.dtype) -> None:
+        """Make room under ``key`` for a tensor that ``write_at`` fills in pieces (files grow as written)."""
+
     def take(self, key: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The tensor stored under ``key``, brought back to ``device``; the tier forgets it."""
         t = torch.empty(shape, dtype=dtype, device=device)
@@ -125,6 +128,10 @@ class HostTier(Tier):
             home = self.host[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
         home.copy_(t.detach(), non_blocking=True)
         self.written += t.numel() * t.element_size()
+
+    def reserve(self, key: str, shape: torch.Size, dtype: torch.dtype) -> None:
+        if key not in self.host:
+            self.host[key] = torch.zeros(shape, dtype=dtype, device="cpu", pin_memory=True)
 
     def read_into(self, key: str, t: torch.Tensor, offset: int = 0) -> None:
         source = self.host[key].view(-1)[offset // t.element_size():][:t.numel()].view(t.shape)
