@@ -479,7 +479,26 @@ def test_hf_infer_estimate_equals_profile(configs):
     assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.01)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_hf_kv_quant_keeps_codes_and_scales_and_estimate_equals_profile(configs, bits):
+    """kv_quant on a transformers model: per layer, keys and values as int8 (int4: two per byte) codes plus a
+    float16 scale per token and head, for every position; greedy tokens from a cache that close to float."""
+    spec = hf_generate_spec(configs["llama"], "static", (f"kv_quant:bits={bits}",))
+    real, traced = run(spec), run(spec, fake=True)
+    assert real.inference is not None and real.memory is not None and traced.memory is not None
+    layers, kv_heads, head_dim, positions = SHAPE["num_hidden_layers"], SHAPE["num_key_value_heads"], 16, PROMPT + NEW
+    per_tensor = 3 * kv_heads * positions * (head_dim * bits // 8 + 2)  # codes + the float16 scale
+    assert real.inference["kv_cache_bytes"] == 2 * layers * per_tensor
+    assert traced.memory.peak_bytes == pytest.approx(real.memory.peak_bytes, rel=0.01)
+    assert real.drift is not None and real.drift["logits_rel_error"] < (0.01 if bits == 8 else 0.1)
+
+
 def test_hf_refuses_memopt_kv_strategies(configs):
     result = invoke(["profile", "--hf", configs["llama"], "--mode", "generate", "--prompt-len", "16", "--new-tokens",
-                     "4", "-s", "kv_quant"])
-    assert result.exit_code == 1 and "kv_quant: memopt's quantized cache works on memopt's decoder" in result.output
+                     "4", "-s", "kv_window:window=8"])
+    assert result.exit_code == 1 and "kv_window" in result.output and "Traceback" not in result.output
+    result = invoke(["profile", "--hf", configs["mistral"], "--mode", "generate", "--prompt-len", "16",
+                     "--new-tokens", "4", "-s", "kv_quant"])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        "error: kv_quant: this model has sliding-window attention layers; memopt's quantized cache keeps every "
+        "position (use transformers' static cache without kv_quant)"]

@@ -26,6 +26,7 @@ from memopt.adapters import (
     LossFromHidden,
     LossModule,
 )
+from memopt.adapters.hf_cache import quantized_cache
 from memopt.adapters.module import ModuleAdapter
 from memopt.core._torch_private import is_fake
 from memopt.model.hf import unpacked_positions
@@ -184,10 +185,13 @@ class HfAdapter(ModuleAdapter):
         from transformers import DynamicCache, StaticCache
         from transformers.cache_utils import DynamicLayer
 
+        if plan.layout == "quant":
+            quantized: Any = quantized_cache(self.config, positions, plan.bits, on_new)
+            quantized._memopt_on_new = on_new
+            return quantized
         if plan.layout not in ("static", "dynamic"):
-            raise AdapterError(f"the {plan.layout} KV cache is memopt's own (kv_quant, kv_window) and works on "
-                               "memopt's decoder; a Hugging Face model generates with transformers' static or "
-                               "dynamic cache")
+            raise AdapterError(f"the {plan.layout} KV cache is memopt's own (kv_window) and works on memopt's "
+                               "decoder; a Hugging Face model generates with transformers' static or dynamic cache")
         cache: Any = (StaticCache(config=self.config, max_cache_len=positions) if plan.layout == "static"
                       else DynamicCache(config=self.config))
         update = cache.update
@@ -221,6 +225,9 @@ class HfAdapter(ModuleAdapter):
 
         on_new = cache._memopt_on_new
         for layer in cache.layers:  # a static layer is indexed by position, a sliding static one counts
+            if hasattr(layer, "stored"):  # kv_quant's layer: preallocated, it counts its positions
+                layer.length = length
+                continue
             if hasattr(layer, "cumulative_length_int"):
                 layer.cumulative_length_int = length
             keys = getattr(layer, "keys", None)

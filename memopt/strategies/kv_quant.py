@@ -20,7 +20,7 @@ class KvQuantOptions(Options):
 class KvQuant(Strategy[KvQuantOptions]):
     name = "kv_quant"
     Options = KvQuantOptions
-    summary = "KV cache as int8 / packed int4 with a float16 absmax scale per token and head (memopt's decoder)"
+    summary = "KV cache as int8 / packed int4 with a float16 absmax scale per token and head"
     saves = "kv_cache: ~2x (int8) or ~4x (int4) smaller than 16-bit keys/values, scales included"
     lossy = True
     order = 20
@@ -29,9 +29,9 @@ class KvQuant(Strategy[KvQuantOptions]):
     candidates = ({"bits": 8}, {"bits": 4})
 
     def check(self) -> None:
-        if self.spec.model.kind != "builtin":
-            raise StrategyError("kv_quant: memopt's quantized cache works on memopt's decoder; a Hugging Face model "
-                                "generates with transformers' static or dynamic cache")
+        if self.spec.model.kind not in ("builtin", "hf"):
+            raise StrategyError("kv_quant: memopt's quantized cache works on memopt's decoder and Hugging Face causal "
+                                "LMs; a Python factory's model keeps its own cache")
         if self.spec.generate.cache == "dynamic":
             raise StrategyError("kv_quant: the quantized cache is preallocated; it needs generate.cache: static")
 
