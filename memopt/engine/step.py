@@ -183,7 +183,7 @@ def train_step(session: Session, tracker: TensorTracker | None = None, watch: Mo
     if before_step is not None:
         before_step(session)
     with phase(tracker, "optimizer"), reporting_to(session.saved, tracker) if tracker else contextlib.nullcontext():
-        if optimizer is not None and not session.plan.step_in_backward:
+        if optimizer is not None:  # stepped in backward already (plan.step_in_backward): step() only tidies up
             optimizer.step()
         if watch is not None:
             watch.rescan_optimizer()

@@ -24,7 +24,7 @@ class StepPlan:
 
     contexts: entered around each micro-batch's forward+backward (outermost first).
     micro_batches: the global batch is split into this many, gradients accumulate.
-    step_in_backward: the optimizer already stepped inside backward; the runner skips ``step()``.
+    step_in_backward: the optimizer steps inside backward; its ``step()`` after backward only tidies up.
     notes: what the report should tell the user about this step (e.g. a kernel that could not be used).
     kv: the KV cache a generation uses (the spec's layout unless a kv strategy changes it).
     prefill_chunk: the prefill runs this many prompt tokens at a time (None: all at once).

@@ -77,6 +77,9 @@ class _Units:
             if own:
                 self.params.append(own)
                 self.modules.append(owner)
+        for p in self.all_params():
+            if not p.untyped_storage().resizable():  # e.g. a checkpoint's weights: a storage that can be released
+                p.data = p.data.clone()
         self.unit_of = {storage_key(p): i for i, ps in enumerate(self.params) for p in ps}
         self.key_of = {id(p): f"p{i}_{j}" for i, ps in enumerate(self.params) for j, p in enumerate(ps)}
         self.key_of.update({id(p): f"v{i}" for i, p in enumerate(self.streamed)})
@@ -388,10 +391,10 @@ class OffloadedOptimizer:
         self._adamw_in_chunks(p, None, opt)
 
     def step(self) -> None:
+        if self.units is not None:
+            self.units.release_all()  # step one parameter at a time, each brought in alone (none left after it)
         if self.in_backward:
             return
-        if self.units is not None:
-            self.units.release_all()  # step one parameter at a time, each brought in alone
         for p in self.params:
             if id(p) in self.streamed:
                 if id(p) in self.has_grad:
