@@ -25,6 +25,7 @@ from typing import Any
 
 from memopt.analysis.optimize import Candidate, Outcome, optimize, ranks_of
 from memopt.app.isolate import run_isolated
+from memopt.core.errors import MemoptError
 from memopt.core.units import format_bytes
 from memopt.render.text import drift_text
 from memopt.spec import Spec, load_spec
@@ -66,6 +67,30 @@ def measure_all(spec: Spec, sets: list[Candidate]) -> dict[str, tuple[float, int
     return out
 
 
+def print_table(outcomes: list[tuple[str, int, bool, float | None, Outcome, float]], failed: dict[str, str],
+                checked: dict[str, tuple[float, int]]) -> None:
+    print("| budget | lossy | winner | est. peak | measured peak | x baseline (search) | drift | sets estimated | "
+          "search time | fastest fitting set, measured once each | winner / fastest |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for label, why in failed.items():
+        print(f"| {label} | | {why} | | | | | | | | |")
+    for label, budget, lossy, cap, outcome, seconds in outcomes:
+        w = outcome.winner
+        ratio = w.ratio.text() if w.ratio is not None else "-"
+        allowed = "no" if not lossy else f"yes, drift <= {cap:.0%}" if cap is not None else "yes"
+        fastest = target = "-"
+        fitting = {k: v for k, v in checked.items() if v[1] <= budget and k in {c.label for c in outcome.fitting}}
+        if fitting and w.label in checked:
+            best = min(fitting, key=lambda k: fitting[k][0])
+            fastest = f"{best} ({fitting[best][0]:.2f}x of {len(fitting)})"
+            share = checked[w.label][0] / fitting[best][0]
+            target = f"{share:.2f} {'ok' if share <= 1.10 else 'OVER 1.10'}"
+        print(f"| {label} ({format_bytes(budget)}) | {allowed} | {w.label} | {format_bytes(w.peak)} | "
+              f"{format_bytes(w.measured_peak or 0)} {'ok' if (w.measured_peak or 0) <= budget else 'OVER'} | "
+              f"{ratio} | {drift_text(w.drift)} | {outcome.evaluated} | {seconds:.0f} s | {fastest} | {target} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=None)
@@ -84,11 +109,16 @@ def main() -> None:
     base = run_isolated(spec, "baseline").to_json()
     print(f"baseline peak {format_bytes(base['peak_bytes'])}, step {base['step_time_s']:.2f} s", file=sys.stderr)
     outcomes: list[tuple[str, int, bool, float | None, Outcome, float]] = []
+    failed: dict[str, str] = {}
     for label, fraction, lossy, cap in cases:
         budget = int(base["peak_bytes"] * fraction)
         started = time.perf_counter()
-        outcome = optimize(spec, budget, run_one=run_isolated, allow_lossy=lossy, top=3, max_drift=cap,
-                           progress=_say(started))
+        try:
+            outcome = optimize(spec, budget, run_one=run_isolated, allow_lossy=lossy, top=3, max_drift=cap,
+                               progress=_say(started))
+        except MemoptError as exc:  # nothing fits: that row says so
+            failed[label] = str(exc)
+            continue
         outcomes.append((label, budget, lossy, cap, outcome, time.perf_counter() - started))
     checked: dict[str, tuple[float, int]] = {}
     if args.check_fastest:
@@ -99,25 +129,7 @@ def main() -> None:
         checked = measure_all(spec, list(sets.values()))
     print(f"{args.config or 'the default model'}, batch {spec.train.batch_size} x {spec.train.seq_len}, baseline "
           f"peak {format_bytes(base['peak_bytes'])}, {base['step_time_s']:.2f} s a step\n")
-    print("| budget | lossy | winner | est. peak | measured peak | x baseline (search) | drift | sets estimated | "
-          "search time | fastest fitting set, measured once each | winner / fastest |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
-    for label, budget, lossy, cap, outcome, seconds in outcomes:
-        w = outcome.winner
-        ratio = w.ratio.text() if w.ratio is not None else "-"
-        allowed = "no" if not lossy else f"yes, drift <= {cap:.0%}" if cap is not None else "yes"
-        fastest = target = "-"
-        fitting = {k: v for k, v in checked.items() if v[1] <= budget and k in {c.label for c in outcome.fitting}}
-        if fitting and w.label in checked:
-            best = min(fitting, key=lambda k: fitting[k][0])
-            fastest = f"{best} ({fitting[best][0]:.2f}x of {len(fitting)})"
-            share = checked[w.label][0] / fitting[best][0]
-            target = f"{share:.2f} {'ok' if share <= 1.10 else 'OVER 1.10'}"
-        print(f"| {label} ({format_bytes(budget)}) | {allowed} | {w.label} | {format_bytes(w.peak)} | "
-              f"{format_bytes(w.measured_peak or 0)} {'ok' if (w.measured_peak or 0) <= budget else 'OVER'} | "
-              f"{ratio} | {drift_text(w.drift)} | {outcome.evaluated} | {seconds:.0f} s | {fastest} | {target} |",
-              flush=True)
-
+    print_table(outcomes, failed, checked)
 
 if __name__ == "__main__":
     main()

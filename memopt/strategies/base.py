@@ -38,6 +38,10 @@ class StepPlan:
     prefill_chunk: int | None = None
 
 
+ADAPTERS_NOTE = ("{name}: only the adapters train, not the model's weights: its drift is the distance from a full "
+                 "fine-tune after the same steps (another training), not an accuracy loss")
+
+
 class SavedTensors:
     """Where a strategy tells the tracker what its own hooks do: tensors kept for backward (checkpointing's
     recomputation, offload's kept tensors), a tensor of a known category (offloaded optimizer state read back),

@@ -30,7 +30,7 @@ from memopt.core.errors import MemoptError, StrategyError
 from memopt.core.files import read_input
 from memopt.model.quantize import LoraLinear, QuantLinear
 from memopt.strategies import register
-from memopt.strategies.base import Strategy
+from memopt.strategies.base import ADAPTERS_NOTE, StepPlan, Strategy
 from memopt.strategies.quant import LoraOptions, float_dtype, require
 
 
@@ -133,6 +133,9 @@ class Lora(Strategy[LoraStrategyOptions]):
             if quant is not None and getattr(quant.options, "backend", "memopt") == "memopt":
                 raise StrategyError("lora.backend peft: peft cannot wrap memopt's quantized layers; use "
                                     "lora backend memopt, or quant:backend=bitsandbytes (peft's QLoRA layers)")
+
+    def configure(self, plan: StepPlan) -> None:
+        plan.notes.append(ADAPTERS_NOTE.format(name="lora"))
 
     def _from_peft(self) -> tuple[LoraStrategyOptions, list[str]]:
         """The options with a peft_config's r, lora_alpha and target_modules, and its modules_to_save."""

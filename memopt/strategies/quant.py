@@ -38,7 +38,7 @@ from memopt.core._torch_private import in_fake_mode
 from memopt.core.errors import StrategyError
 from memopt.model.quantize import LoraLinear, QuantLinear, dequantize, packed_parameters
 from memopt.strategies import register
-from memopt.strategies.base import Options, StepPlan, Strategy
+from memopt.strategies.base import ADAPTERS_NOTE, Options, StepPlan, Strategy
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit quantization accepts
 DEFAULT_GROUP = 64
@@ -247,6 +247,8 @@ class Quant(Strategy[QuantOptions]):
                 p.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
 
     def configure(self, plan: StepPlan) -> None:
+        if self.options.lora and self.spec.run.mode == "train":
+            plan.notes.append(ADAPTERS_NOTE.format(name="quant.lora"))
         if self.options.backend == "bitsandbytes" and self.options.bits == 8:
             plan.contexts.append(quiet_bitsandbytes_matmul)
             plan.notes.append("quant: bitsandbytes' 8-bit layers (LLM.int8) quantize their inputs through float16 "
