@@ -188,6 +188,12 @@ def _child(variant: str, ckpt: Path, batch: int, seq: int) -> dict[str, Any]:
     return result
 
 
+def _save(path: Path | None, key: str, value: Any) -> None:
+    if path is not None:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**saved, key: value}, indent=1))
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
@@ -202,6 +208,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="winner/full fine-tune rounds after each search")
     parser.add_argument("--shares", help="the searches' budgets as shares of the full fine-tune's peak "
                         "(lossless,lossy; default 0.05,0.03)")
+    parser.add_argument("--winners", help="skip the searches: the sets an earlier search found, as "
+                        "LOSSLESS;LOSSY (each +-joined)")
+    parser.add_argument("--save", type=Path, help="write every result to this JSON file as it comes")
     parser.add_argument("--only", help="comma-separated variants: " + ", ".join([*PEERS, *SEARCHES]))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,6 +222,7 @@ def main() -> None:
     shares = dict(zip(SEARCHES, map(float, args.shares.split(",")))) if args.shares else \
         {v: share for v, (_, share, _) in SEARCHES.items()}
     peers = {v: _child(v, ckpt, b, s) for v in PEERS if v in chosen or (v == "full" and set(chosen) & set(SEARCHES))}
+    _save(args.save, "peers", peers)
     full = peers["full"]
     reference = full["held_out_loss"]
     rows: list[tuple[str, str, dict[str, Any], Any, dict[str, Any] | None]] = []
@@ -221,9 +231,14 @@ def main() -> None:
             ratio = ratio_of([(r["step_times_s"], full["step_times_s"])]) if variant != "full" else None
             rows.append((PEERS[variant], "-", r, ratio, None))
     for variant in [v for v in SEARCHES if v in chosen]:
-        print(f"  memopt optimize ({variant}) ...", file=sys.stderr, flush=True)
-        found = search(variant, ckpt, b, s, full["peak_bytes"], shares[variant])
-        print(f"  {variant}: {found['strategies']} in {found['search_s']:.0f} s", file=sys.stderr, flush=True)
+        if args.winners:
+            found = {"budget": int(full["peak_bytes"] * shares[variant]), "search_ratio": None,
+                     "strategies": dict(zip(SEARCHES, args.winners.split(";")))[variant]}
+        else:
+            print(f"  memopt optimize ({variant}) ...", file=sys.stderr, flush=True)
+            found = search(variant, ckpt, b, s, full["peak_bytes"], shares[variant])
+        _save(args.save, variant, found)
+        print(f"  {variant}: {found['strategies']} in {found.get('search_s', 0):.0f} s", file=sys.stderr, flush=True)
         rounds: list[Any] = []
         mine: dict[str, Any] | None = None
         for _ in range(args.rounds):  # the winner beside the transformers loop, alternated
@@ -231,6 +246,7 @@ def main() -> None:
             theirs = _child("full", ckpt, b, s)
             rounds.append((mine["step_times_s"], theirs["step_times_s"]))
         assert mine is not None
+        _save(args.save, f"{variant} rounds", rounds)
         label = f"{SEARCHES[variant][0]}, budget {_mib(found['budget'])}"
         rows.append((label, f"`{found['strategies']}`", mine, ratio_of(rounds), found))
     torch_version = __import__("torch").__version__
@@ -251,7 +267,7 @@ def main() -> None:
         in_search = "-"
         if settled and settled["search_ratio"]:
             sr = settled["search_ratio"]
-            in_search = f"{sr['value']:.2f}x ±{sr['spread']:.2f}"
+            in_search = f"{sr['ratio']:.2f}x ±{sr['spread']:.2f}" if sr["spread"] is not None else "±?"
         drift = f"{100 * r['drift']:.2f}%" if r.get("drift") is not None else "-"
         print(f"| {label} | {mix} | {_mib(r['peak_bytes'])} | {100 * r['peak_bytes'] / full['peak_bytes']:.1f}% | "
               f"{step:.2f} s | {ratio.text() if ratio else '1.00x'} | {in_search} | {r['trainable']:,} | {change} | "

@@ -67,7 +67,7 @@ class _Units:
         order = {id(m): i for i, m in enumerate(model.modules())}  # registration order: forward order, as a rule
         owners = sorted([*blocks, *(m for m in model.modules() if id(m) not in in_blocks
                                     and any(True for _ in m.parameters(recurse=False)))], key=lambda m: order[id(m)])
-        self.streamed: list[nn.Parameter] = [m.weight for m in streamed]  # type: ignore[misc]  # read in rows
+        self.streamed = [cast(nn.Parameter, m.weight) for m in streamed]  # read in chunks of rows, never a unit
         seen: set[int] = {id(p) for p in self.streamed}
         self.params: list[list[nn.Parameter]] = []
         self.modules: list[nn.Module] = []
@@ -230,10 +230,11 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
             rows = VocabRows(weight, self.units.key_of[id(weight)], self.tier,
                              self.options.vocab_rows or auto_rows(weight.shape[1]), self.saved)
             self.vocab_rows.append(rows)
+            # the instance's own forward, in its __dict__ (nn.Module keeps plain callables there)
             if isinstance(module, nn.Embedding):
-                module.forward = embedding_forward(module, rows)  # type: ignore[method-assign]
+                module.__dict__["forward"] = embedding_forward(module, rows)
             else:
-                module.forward = logits_forward(rows)  # type: ignore[method-assign]
+                module.__dict__["forward"] = logits_forward(rows)
                 loss_head.streamed_loss = functools.partial(streamed_cross_entropy, rows)
 
     def _runs(self, unit: int) -> Callable[..., None]:
@@ -460,11 +461,11 @@ class OffloadedOptimizer:
         # an estimate traces the first and the last chunk: the middle ones repeat the first exactly
         self.tier.read += skipped * ((2 if steps > 1 else 0) + (2 if streamed else 0))
         self.tier.written += skipped * (2 + (1 if streamed else 0))
-        assert self.units is not None or not streamed
+        param_key = self.units.key_of[id(p)] if self.units is not None else ""  # a streamed matrix's home
         for start in traced:
             n = min(step, numel - start)
             if grad is None:
-                chunk = self._read_chunk(self.units.key_of[id(p)], n, p, start, Category.PARAMS)  # type: ignore[union-attr]
+                chunk = self._read_chunk(param_key, n, p, start, Category.PARAMS)
                 g = self._read_chunk(self.grad_keys[id(p)], n, p, start, Category.GRADS)
             else:
                 chunk, g = p.data.view(-1)[start:start + n], grad.reshape(-1)[start:start + n]
@@ -485,7 +486,7 @@ class OffloadedOptimizer:
             self.tier.write_at(f"{prefix}_exp_avg", exp_avg, start * size)
             self.tier.write_at(f"{prefix}_exp_avg_sq", exp_avg_sq, start * size)
             if grad is None:
-                self.tier.write_at(self.units.key_of[id(p)], chunk, start * size)  # type: ignore[union-attr]
+                self.tier.write_at(param_key, chunk, start * size)
             del exp_avg, exp_avg_sq, moments, chunk, g
 
     def _read_chunk(self, key: str, n: int, like: torch.Tensor, start: int, category: Category) -> torch.Tensor:
