@@ -183,7 +183,7 @@ def train_step(session: Session, tracker: TensorTracker | None = None, watch: Mo
     if before_step is not None:
         before_step(session)
     with phase(tracker, "optimizer"), reporting_to(session.saved, tracker) if tracker else contextlib.nullcontext():
-        if optimizer is not None:  # stepped in backward already (plan.step_in_backward): step() only tidies up
+        if optimizer is not None:  # one that stepped in backward (optim_in_bwd) only tidies up here
             optimizer.step()
         if watch is not None:
             watch.rescan_optimizer()

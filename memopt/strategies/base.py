@@ -24,7 +24,6 @@ class StepPlan:
 
     contexts: entered around each micro-batch's forward+backward (outermost first).
     micro_batches: the global batch is split into this many, gradients accumulate.
-    step_in_backward: the optimizer steps inside backward; its ``step()`` after backward only tidies up.
     notes: what the report should tell the user about this step (e.g. a kernel that could not be used).
     kv: the KV cache a generation uses (the spec's layout unless a kv strategy changes it).
     prefill_chunk: the prefill runs this many prompt tokens at a time (None: all at once).
@@ -32,7 +31,6 @@ class StepPlan:
 
     contexts: list[Callable[[], AbstractContextManager[Any]]] = field(default_factory=list)
     micro_batches: int = 1
-    step_in_backward: bool = False
     notes: list[str] = field(default_factory=list)
     kv: KvPlan = field(default_factory=KvPlan)
     prefill_chunk: int | None = None

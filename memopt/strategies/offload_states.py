@@ -260,8 +260,6 @@ class OffloadStates(Strategy[OffloadStatesOptions]):
     def configure(self, plan: StepPlan) -> None:
         if self.units is not None:
             plan.contexts.append(self.context)
-        if self.step_in_backward:
-            plan.step_in_backward = True
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -454,6 +452,7 @@ class OffloadedOptimizer:
         self.steps[id(p)] = steps
         prefix = self._state_keys(p)
         size, numel = p.element_size(), p.numel()
+        bias1, bias2_sqrt = 1 - beta1 ** steps, (1 - beta2 ** steps) ** 0.5
         streamed, step = grad is None, self.chunk_elements.get(id(p), CHUNK_ELEMENTS)
         starts = range(0, numel, step)
         traced = _first_and_last(starts) if in_fake_mode() else starts
@@ -480,8 +479,8 @@ class OffloadedOptimizer:
             chunk.mul_(1 - lr * decay)
             exp_avg.lerp_(g, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / (1 - beta2 ** steps) ** 0.5).add_(eps)
-            chunk.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** steps))
+            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+            chunk.addcdiv_(exp_avg, denom, value=-lr / bias1)
             del denom
             self.tier.write_at(f"{prefix}_exp_avg", exp_avg, start * size)
             self.tier.write_at(f"{prefix}_exp_avg_sq", exp_avg_sq, start * size)

@@ -15,7 +15,7 @@ from torch import nn
 from memopt.adapters import ModelAdapter
 from memopt.core.errors import StrategyError
 from memopt.strategies import register
-from memopt.strategies.base import Options, StepPlan, Strategy
+from memopt.strategies.base import Options, Strategy
 
 
 class FusedOptimizer:
@@ -69,5 +69,3 @@ class OptimInBwd(Strategy[OptimInBwdOptions]):
         train = self.spec.train
         return FusedOptimizer(params, lambda ps: make_optimizer(train.optimizer, ps, train.lr))
 
-    def configure(self, plan: StepPlan) -> None:
-        plan.step_in_backward = True

@@ -26,6 +26,7 @@ from torch import nn
 
 from memopt.core.results import Category
 from memopt.strategies.base import SavedTensors
+from memopt.strategies.chunked_ce import auto_chunk_size
 from memopt.strategies.tiers import Tier
 
 CHUNK_ELEMENTS = 2**20  # elements of a vocabulary matrix per chunk (4 MiB in fp32)
@@ -135,13 +136,6 @@ def embedding_forward(module: nn.Embedding, source: VocabRows) -> Any:
     return forward
 
 
-def token_chunk(tokens: int, d_model: int, rows: int) -> int:
-    """Tokens per chunk of the streamed loss: the smallest power of two whose logits (chunk x rows) are at least
-    the hidden states plus their gradient (2 x tokens x d_model), as chunked_ce sizes its chunks; at most all."""
-    need = -(-2 * tokens * d_model // rows)
-    return min(tokens, max(1, 1 << max(need - 1, 0).bit_length()))
-
-
 class _StreamedLinearCrossEntropy(torch.autograd.Function):
     """mean_i CE(hidden_i @ W^T, target_i) with W read from ``source`` a chunk of vocabulary rows at a time."""
 
@@ -200,7 +194,7 @@ def streamed_cross_entropy(source: VocabRows, hidden: torch.Tensor, weight: torc
                            targets: torch.Tensor) -> torch.Tensor:
     """The mean cross-entropy of ``hidden @ weight^T`` against ``targets``, the weight streamed from ``source``."""
     flat = hidden.flatten(0, -2)
-    chunk = token_chunk(flat.shape[0], source.d_model, source.rows)
+    chunk = auto_chunk_size(flat.shape[0], source.d_model, source.rows)  # chunked_ce's rule, rows for vocab
     return _StreamedLinearCrossEntropy.apply(flat, weight, targets.flatten(), source, chunk)
 
 
