@@ -80,6 +80,17 @@ CacheOpt = Annotated[Optional[str], typer.Option("--cache", help="--mode generat
 FitCheckOpt = Annotated[bool, typer.Option(
     "--no-fit-check", help="Start even when memopt's estimate says the run (or its --world-size ranks, one Python "
     "interpreter each) will not fit in this machine's memory or --device-memory: the OS may then kill it.")]
+HtmlOpt = Annotated[Optional[str], typer.Option(
+    "--html", metavar="FILE.html", help="Write the interactive report: one self-contained page (hover, zoom, the "
+    "tensors alive at the peak, per-phase and per-module peaks).", show_default=False)]
+SnapshotOpt = Annotated[Optional[str], typer.Option(
+    "--snapshot", metavar="FILE.pickle", help="Write the step as a PyTorch memory snapshot (open it at "
+    "pytorch.org/memory_viz, or read it back with memopt view).", show_default=False)]
+TraceOpt = Annotated[Optional[str], typer.Option(
+    "--trace", metavar="FILE.json", help="Write the step as a Chrome trace (ui.perfetto.dev, chrome://tracing): a "
+    "counter per category, slices for phases and modules.", show_default=False)]
+StacksOpt = Annotated[bool, typer.Option(
+    "--stacks", help="Record the Python stack where each tensor was made, for --html and --snapshot (slower).")]
 MarkdownOpt = Annotated[Optional[str], typer.Option("--markdown", metavar="FILE",
                                                     help="Also write the table as Markdown (for a PR comment).")]
 
@@ -233,6 +244,12 @@ def _finish(out: Any, json_stdout: bool) -> None:
         raise typer.Exit(out.exit_code)
 
 
+def _exports(html: str | None, snapshot: str | None = None, trace: str | None = None, stacks: bool = False) -> Any:
+    from memopt.render.exports import Exports
+
+    return Exports(html, snapshot, trace, stacks)
+
+
 def _spec(config: str | None, strategies: list[str] | None = None, **overrides: Any) -> Any:
     return _commands().SpecOptions(config, strategies, overrides)
 
@@ -266,7 +283,8 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
             cache: CacheOpt = None, world_size: WorldOpt = None, no_fit_check: FitCheckOpt = False,
             timeline: Annotated[Optional[str], typer.Option(
                 "--timeline", metavar="FILE", help="Write live memory over the step: FILE.png or FILE.html.",
-                show_default=False)] = None) -> None:
+                show_default=False)] = None, html: HtmlOpt = None, snapshot: SnapshotOpt = None,
+            trace: TraceOpt = None, stacks: StacksOpt = False) -> None:
     """Build the model, run a warm-up and measured training steps, and show where every byte went.
 
     Example: [bold]memopt profile configs/tiny.yaml -s ckpt+chunked_ce --json-out out.json[/bold]
@@ -275,6 +293,8 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
 
     Serving: [bold]memopt profile configs/tiny-decoder.yaml --mode generate --prompt-len 48 --new-tokens 16
     -s kv_quant:bits=4[/bold]
+
+    To look at: [bold]memopt profile configs/tiny.yaml --html step.html --snapshot step.pickle --trace step.json[/bold]
     """
     spec = _spec(config, strategies, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
                  seq_len=seq_len,
@@ -282,7 +302,7 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
                  new_tokens=new_tokens, cache=cache, world_size=world_size)
     with _ui() as ui:
         out = _commands().profile(spec, ui, json_out=json_out, timeline=timeline, device_memory=device_memory,
-                                  fit_check=not no_fit_check)
+                                  fit_check=not no_fit_check, exports=_exports(html, snapshot, trace, stacks))
     _finish(out, json_stdout)
 
 
@@ -300,10 +320,12 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
             data: DataOpt = None, held_out: HeldOutOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None,
             prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None, cache: CacheOpt = None,
-            world_size: WorldOpt = None) -> None:
+            world_size: WorldOpt = None, html: HtmlOpt = None, stacks: StacksOpt = False) -> None:
     """Run the baseline and each strategy set side by side, each in its own process.
 
     Example: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
+
+    Every run's timeline on one scale: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce --html cmp.html[/bold]
     """
     spec = _spec(config, None, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
                  seq_len=seq_len, steps=steps,
@@ -311,7 +333,7 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
                  new_tokens=new_tokens, cache=cache, world_size=world_size)
     with _ui(runs=True) as ui:
         out = _commands().compare(spec, ui, strategies, json_out=json_out, markdown=markdown, plot_path=plot,
-                                  device_memory=device_memory)
+                                  device_memory=device_memory, exports=_exports(html, stacks=stacks))
     _finish(out, json_stdout)
 
 
@@ -351,7 +373,8 @@ def run(ctx: typer.Context, script: Annotated[str, typer.Argument(
             show_default=False)] = None,
         device: Annotated[str, typer.Option("--device", help="The device whose tensors are counted: cpu, cuda or "
                                                              "auto.")] = "auto",
-        json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> None:
+        json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, html: HtmlOpt = None,
+        snapshot: SnapshotOpt = None, trace: TraceOpt = None, stacks: StacksOpt = False) -> None:
     """Run your training script unchanged and show where every byte of its steps went.
 
     Example: [bold]memopt run train.py --lr 3e-4[/bold] (memopt's options before the script, the rest is the script's)
@@ -364,7 +387,7 @@ def run(ctx: typer.Context, script: Annotated[str, typer.Argument(
     """
     with _ui() as ui:
         out = _run_script().run_script(script, list(ctx.args), ui, module=module, steps=steps, device=device,
-                                       json_out=json_out)
+                                       json_out=json_out, exports=_exports(html, snapshot, trace, stacks))
     _finish(out, json_stdout)
 
 
@@ -394,7 +417,8 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
                  "single strategies would make it fit. With --mode generate also the largest batch and the longest "
                  "context that fit.", show_default=False)] = None,
              mode: ModeOpt = None, prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None,
-             cache: CacheOpt = None, world_size: WorldOpt = None) -> None:
+             cache: CacheOpt = None, world_size: WorldOpt = None, html: HtmlOpt = None, snapshot: SnapshotOpt = None,
+             trace: TraceOpt = None, stacks: StacksOpt = False) -> None:
     """Predict the profile without allocating (fake tensors): for models larger than this machine.
 
     Example: [bold]memopt estimate llama-7b --batch-size 1 --seq-len 2048 --dtype bf16 --device cuda --fits 80GiB[/bold]
@@ -410,7 +434,8 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
                  python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,
                  world_size=world_size)
     with _ui() as ui:
-        out = _commands().estimate(spec, ui, json_out=json_out, budget=fits)
+        out = _commands().estimate(spec, ui, json_out=json_out, budget=fits,
+                                   exports=_exports(html, snapshot, trace, stacks))
     _finish(out, json_stdout)
 
 
@@ -457,6 +482,27 @@ def optimize(config: ConfigArg = None, *, budget: Annotated[str, typer.Option(
         out = _commands().optimize(spec, ui, budget, allow_lossy=allow_lossy, top=top, output=output,
                                    measure=not no_measure, max_drift=max_drift,
                                    max_loss_increase=max_loss_increase, rounds=rounds, json_out=json_out)
+    _finish(out, json_stdout)
+
+
+@app.command()
+@handle_errors
+def view(snapshot: Annotated[str, typer.Argument(
+             metavar="SNAPSHOT.pickle", help="A memory snapshot: torch.cuda.memory._dump_snapshot() of your own job, "
+             "or memopt's --snapshot.", show_default=False)], *,
+         top: Annotated[int, typer.Option("--top", min=1, max=1000, help="Rows in each table.")] = 15,
+         device: Annotated[Optional[int], typer.Option("--device", help="The CUDA device index to report (default: "
+                                                        "the one with the highest peak).", show_default=False)] = None,
+         html: HtmlOpt = None, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> None:
+    """Read a CUDA memory snapshot you recorded and report it as memopt reports its runs: the peak, what was alive
+    at the peak by size with its stack, grouped by the top frame of your code.
+
+    Record one: [bold]torch.cuda.memory._record_memory_history()[/bold], your steps, then
+    [bold]torch.cuda.memory._dump_snapshot("snapshot.pickle")[/bold]; then [bold]memopt view snapshot.pickle
+    --html view.html[/bold]
+    """
+    with _ui() as ui:
+        out = _commands().view(snapshot, ui, top=top, device=device, html=html, json_out=json_out)
     _finish(out, json_stdout)
 
 

@@ -289,9 +289,9 @@ def test_timeline_and_optimize_in_generate_mode(tmp_path):
     args = [CONFIGS / "tiny-decoder.yaml", "--mode", "generate", "--prompt-len", "24", "--new-tokens", "6"]
     page = tmp_path / "t.html"
     assert invoke(["profile", *args, "--timeline", page]).exit_code == 0
-    data = json.loads(page.read_text().split('id="memopt-timeline">')[1].split("</script>")[0])
-    assert data["categories"] == ["params", "buffers", "kv_cache", "temporaries"]
-    assert {"prefill", "decode"} <= set(data["phases"])
+    run = json.loads(page.read_text().split('id="memopt-timeline">')[1].split("</script>")[0])["runs"][0]
+    assert run["categories"] == ["params", "buffers", "kv_cache", "temporaries"]
+    assert {"prefill", "decode"} <= {run["names"][i] for i in run["samples"]["phase"]}
     base = json.loads(invoke(["estimate", *args, "--json"]).stdout)["runs"][0]["peak_bytes"]
     out = tmp_path / "best.yaml"
     result = invoke(["optimize", *args, "--budget", f"{int(base * 0.9)}B", "--allow-lossy", "--top", "1", "-o", out])

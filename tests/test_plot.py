@@ -22,7 +22,9 @@ def test_timeline_files_peak_at_the_runs_peak(tmp_path, suffix):
         data = json.loads(Image.open(target).text["memopt-timeline"])
     else:
         page = target.read_text()
-        data = json.loads(re.search(r'<script type="application/json" id="memopt-timeline">(.*?)</script>', page,
-                                    re.S).group(1))
+        run = json.loads(re.search(r'<script type="application/json" id="memopt-timeline">(.*?)</script>', page,
+                                   re.S).group(1))["runs"][0]
+        data = {"bytes": run["samples"]["bytes"], "peak_bytes": run["peak_bytes"],
+                "phases": [run["names"][i] for i in run["samples"]["phase"]]}
     assert max(sum(b) for b in data["bytes"]) == peak == data["peak_bytes"]
     assert set(data["phases"]) == {"forward", "backward", "optimizer"}

@@ -31,9 +31,11 @@ APPROXIMATIONS = ("CUDA estimates trace CPU kernels with 512-byte block rounding
                   "workspaces and allocator reserve/fragmentation are not included")
 
 
-def estimate(spec: Spec, name: str = "baseline", progress: Callable[[str], None] | None = None) -> RunResult:
-    """The profile of ``spec`` from a traced step on fake tensors (no real weights are allocated)."""
-    return run(spec, name, progress=progress, fake=True)
+def estimate(spec: Spec, name: str = "baseline", progress: Callable[[str], None] | None = None, *,
+             timeline: bool = False, stacks: bool = False) -> RunResult:
+    """The profile of ``spec`` from a traced step on fake tensors (no real weights are allocated); ``timeline``,
+    ``stacks``: as memopt.engine.run.run."""
+    return run(spec, name, progress=progress, fake=True, timeline=timeline, stacks=stacks)
 
 
 def analytic(spec: Spec) -> dict[str, int | None]:

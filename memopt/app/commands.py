@@ -5,6 +5,7 @@ nothing here prints or exits. Progress and notes go to the ``ui`` the caller giv
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,13 +18,17 @@ from memopt.analysis.estimate import analytic, fits
 from memopt.analysis.estimate import estimate as estimate_run
 from memopt.analysis.optimize import optimize as optimize_search
 from memopt.analysis.optimize import winner_spec
+from memopt.analysis.view import view as view_snapshot
 from memopt.app.isolate import run_isolated
 from memopt.app.profile import profile as profile_run
+from memopt.core.errors import MemoptError
 from memopt.core.units import parse_percent, parse_size
 from memopt.engine.devices import resolve_device
 from memopt.render import documents, plot, tables, text
 from memopt.render import markdown as md
+from memopt.render.exports import Exports
 from memopt.render.outputs import CommandOutput, Outputs
+from memopt.render.report_html import report_html, run_view
 from memopt.spec import HfModelSpec, Spec, config_note, load_spec
 from memopt.spec.hf_config import shadow_note
 from memopt.spec.load import absolute_paths
@@ -69,20 +74,36 @@ def _size(text: str | None, option: str) -> int | None:
     return None if text is None else parse_size(text, option)
 
 
+def _checked_exports(spec: Spec, exports: Exports | None, single_run: bool = True, fake: bool = False) -> Exports:
+    exports = exports or Exports()
+    exports.check(single_run)
+    if exports.wanted and spec.world_size > 1 and not fake:
+        raise MemoptError("--html, --snapshot and --trace draw one process's events; with --world-size, estimate "
+                          "traces one rank (memopt estimate ... --html FILE)")
+    return exports
+
+
 def profile(given: SpecOptions, ui: Ui, *, json_out: str | None = None, timeline: str | None = None,
-            device_memory: str | None = None, fit_check: bool = True) -> CommandOutput:
-    """``memopt profile``: preflight, drift, the measured run; tables, JSON and the timeline."""
+            device_memory: str | None = None, fit_check: bool = True, exports: Exports | None = None) -> CommandOutput:
+    """``memopt profile``: preflight, drift, the measured run; tables, JSON, the timeline and the exports."""
     spec = load(given, ui)
     limit = _size(device_memory, "--device-memory")
-    outputs = Outputs({"spec": given.config}, json_out=json_out, timeline=timeline)
+    exports = _checked_exports(spec, exports)
+    outputs = Outputs({"spec": given.config}, json_out=json_out, timeline=timeline, **exports.paths())
     if timeline is not None:
         plot.check_timeline_path(timeline)
-    result = profile_run(spec, progress=ui.progress, timeline=timeline is not None, device_memory=limit,
+        if spec.world_size > 1:
+            raise MemoptError("--timeline draws one process's events; with --world-size, estimate traces one rank")
+    record = timeline is not None or exports.wanted
+    result = profile_run(spec, progress=ui.progress, timeline=record, stacks=exports.stacks, device_memory=limit,
                          fit_check=fit_check)
     if result.rank:  # under torchrun: rank 0 reports for every rank
         return CommandOutput(outputs, silent=True)
+    title = text.profile_title(spec, result)
     if timeline is not None:
-        outputs.add("--timeline", plot.render_timeline(result, timeline, text.profile_title(spec, result)))
+        outputs.add("--timeline", plot.render_timeline(result, timeline, title))
+    if exports.wanted:
+        exports.add(outputs, [result], title)
     outputs.set_json(documents.to_json(spec, [result], result.device))
     return CommandOutput(outputs, lambda: tables.print_tables(tables.profile_tables(spec, result)),
                          warnings=result.warnings)
@@ -90,16 +111,19 @@ def profile(given: SpecOptions, ui: Ui, *, json_out: str | None = None, timeline
 
 def compare(given: SpecOptions, ui: Ui, sets: list[str], *, json_out: str | None = None,
             markdown: str | None = None, plot_path: str | None = None,
-            device_memory: str | None = None) -> CommandOutput:
+            device_memory: str | None = None, exports: Exports | None = None) -> CommandOutput:
     """``memopt compare``: the baseline and each set, each in its own process, side by side."""
     spec = load(given, ui)
     limit = _size(device_memory, "--device-memory")
     device = resolve_device(spec.run.device)
     planned = planned_runs(spec, parse_sets(sets), device)  # everything a run would refuse, now
-    outputs = Outputs({"spec": given.config}, json_out=json_out, markdown=markdown, plot=plot_path)
+    exports = _checked_exports(spec, exports, single_run=False)
+    outputs = Outputs({"spec": given.config}, json_out=json_out, markdown=markdown, plot=plot_path,
+                      **exports.paths())
     if plot_path is not None:
         plot.check_png_path(plot_path, "--plot")
-    runs = compare_runs(planned, run_one=run_isolated, device_memory=limit,
+    run_one = functools.partial(run_isolated, timeline=exports.wanted, stacks=exports.stacks)
+    runs = compare_runs(planned, run_one=run_one, device_memory=limit,
                         on_run=lambda name: ui.run_started(name, len(planned)))
     title = f"memopt compare - {text.spec_title(spec, device)}"
     show = lambda: tables.print_tables([tables.compare_table(runs, title)])  # noqa: E731
@@ -110,6 +134,8 @@ def compare(given: SpecOptions, ui: Ui, sets: list[str], *, json_out: str | None
         outputs.add("--markdown", md.compare_markdown(runs, title))
     if plot_path is not None:
         outputs.add("--plot", plot.render_compare_png(runs, title))
+    if exports.wanted:
+        exports.add(outputs, runs, title)
     return CommandOutput(outputs, show)
 
 
@@ -151,12 +177,17 @@ def strategies(*, json_out: str | None = None) -> CommandOutput:
     return CommandOutput(outputs, lambda: tables.print_tables([tables.strategies_table(rows)]))
 
 
-def estimate(given: SpecOptions, ui: Ui, *, json_out: str | None = None, budget: str | None = None) -> CommandOutput:
+def estimate(given: SpecOptions, ui: Ui, *, json_out: str | None = None, budget: str | None = None,
+             exports: Exports | None = None) -> CommandOutput:
     """``memopt estimate``: the profile traced on fake tensors; with a budget, whether it fits and what would."""
     spec = load(given, ui, device="cpu")
     limit = _size(budget, "--fits")
-    outputs = Outputs({"spec": given.config}, json_out=json_out)
-    result = estimate_run(spec, progress=ui.progress)
+    exports = _checked_exports(spec, exports, fake=True)
+    outputs = Outputs({"spec": given.config}, json_out=json_out, **exports.paths())
+    result = estimate_run(spec, progress=ui.progress, timeline=exports.wanted, stacks=exports.stacks)
+    if exports.wanted:
+        exports.add(outputs, [result], f"memopt estimate - {text.spec_title(spec, result.device)} (traced on fake "
+                                       f"tensors)")
     assert result.memory is not None
     fit = fits(spec, result.memory.peak_bytes, limit, ui.progress) if limit is not None else None
     room = None
@@ -188,3 +219,19 @@ def optimize(given: SpecOptions, ui: Ui, budget: str, *, allow_lossy: bool = Fal
         outputs.add("--output", documents.winner_yaml(absolute_paths(best), outcome, budget))
     outputs.set_json(documents.optimize_document(best, outcome, cap))
     return CommandOutput(outputs, lambda: tables.print_optimize(outcome, top, cap, output))
+
+
+def view(path: str, ui: Ui, *, top: int = 15, device: int | None = None, html: str | None = None,
+         json_out: str | None = None) -> CommandOutput:
+    """``memopt view``: a user's CUDA memory snapshot, reported as memopt reports its runs."""
+    exports = Exports(html)
+    exports.check()
+    outputs = Outputs({"SNAPSHOT": path}, json_out=json_out, html=html)
+    ui.progress(f"reading {path}")
+    seen = view_snapshot(path, device)
+    if html is not None:
+        title = f"memopt view {Path(path).name} - device {seen.device}"
+        view = run_view(f"device {seen.device}", seen.trace, stacks=True)
+        outputs.add("--html", report_html(title, [view], seen.note or ""))
+    outputs.set_json(documents.view_document(seen, top))
+    return CommandOutput(outputs, lambda: tables.print_tables(tables.view_tables(seen, top)))

@@ -15,9 +15,9 @@ from memopt.spec import Spec
 from memopt.strategies import build_strategies, set_up_process
 
 
-def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
-            progress: Progress | None = None, grads_to: str | None = None, fit_check: bool = True,
-            drift: bool = True) -> RunResult:
+def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, stacks: bool = False,
+            device_memory: int | None = None, progress: Progress | None = None, grads_to: str | None = None,
+            fit_check: bool = True, drift: bool = True) -> RunResult:
     """Preflight, drift, then the measured run (see memopt.engine.run.run). Raises MemoptError.
 
     Every check that can be made before a process starts is made here: the strategies' refusals and checks (for
@@ -32,6 +32,7 @@ def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, devic
         ensure_ranks_fit(spec, device_memory, say)
     measured = drift_of(spec, lambda: say(f"{name}: measuring accuracy drift against the unchanged model")) \
         if drift else None
-    result = run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress, grads_to=grads_to)
+    result = run(spec, name, timeline=timeline, stacks=stacks, device_memory=device_memory, progress=progress,
+                 grads_to=grads_to)
     result.drift = measured
     return result

@@ -24,6 +24,7 @@ from memopt.app.track import StopTracking, Tracking
 from memopt.core.errors import MemoptError
 from memopt.engine.devices import resolve_device
 from memopt.render import documents, tables
+from memopt.render.exports import Exports
 from memopt.render.outputs import CommandOutput, Outputs, strict
 
 
@@ -37,21 +38,23 @@ class ScriptRun:
 
 
 def run_script(target: str, args: list[str], ui: object, *, module: bool = False, steps: int | None = None,
-               device: str = "auto", json_out: str | None = None) -> CommandOutput:
+               device: str = "auto", json_out: str | None = None, exports: Exports | None = None) -> CommandOutput:
     """Run the script under the tracker; the report of what it did (also when it failed)."""
     if steps is not None and steps < 1:
         raise MemoptError(f"--steps: expected a number of measured steps >= 1, got {steps}")
+    exports = exports or Exports()
+    exports.check()
     path = None if module else _script(target)
     if module:
         _checked_module(target)
-    outputs = Outputs({"script": str(path) if path else None}, json_out=json_out)
+    outputs = Outputs({"script": str(path) if path else None}, json_out=json_out, **exports.paths())
     # no tracemalloc: over a whole script (its imports, its model build) it would slow it down by half
     tracking = Tracking(warmup_steps=1, stop_after=steps, device=resolve_device(device), label="memopt run",
-                        python_heap=False)
+                        python_heap=False, timeline=exports.wanted, stacks=exports.stacks)
     ended = ScriptRun()
     with tracking:
         ended = _run(target, path, args, module)
-    out = _report(tracking, outputs, target)
+    out = _report(tracking, outputs, target, exports)
     if ended.failure is not None:
         out.warnings.append(f"the script failed ({ended.failure}): the report is of what ran before it did")
     if tracking.steps == 0:
@@ -130,11 +133,13 @@ def _run(target: str, path: Path | None, args: list[str], module: bool) -> Scrip
     return ScriptRun()
 
 
-def _report(tracking: Tracking, outputs: Outputs, target: str) -> CommandOutput:
+def _report(tracking: Tracking, outputs: Outputs, target: str, exports: Exports) -> CommandOutput:
     result = tracking.result
     spec = {**tracking.spec(), "script": target}
     outputs.set_json(strict(documents.runs_document(spec, [result], result.device)))
     title = f"memopt run {target} - " + tracking.title().removeprefix("memopt run - ")
+    if exports.wanted:
+        exports.add(outputs, [result], title)
 
     def show() -> None:
         tables.print_tables(tables.profile_tables(None, result, title=title, warmed_up=tracking.steps > 1))

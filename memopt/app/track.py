@@ -37,6 +37,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,16 +50,19 @@ from memopt.measure.discover import Discovery, optimizer_parameters
 from memopt.measure.tracker import CUDA_BLOCK, ModelWatch, TensorTracker, host_peaks, mark_optimizer_state
 from memopt.model.transformer import count_parameters
 from memopt.render import documents, tables
-from memopt.render.outputs import strict
+from memopt.render.exports import SUFFIXES, Exports
+from memopt.render.outputs import Outputs, strict
 
 NAME = "track"
 _MAX_DEPTH = 4  # how deep a model's output (tuples, mappings) is searched for tensors
 
 
-def track(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> Tracking:
+def track(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
+          timeline: bool = False, stacks: bool = False) -> Tracking:
     """Measure the tensor memory of the training steps run inside the ``with`` block (see the module); a model or
-    optimizer not given is found as it runs."""
-    return Tracking(model, optimizer)
+    optimizer not given is found as it runs. ``timeline``: record every event, for ``save("step.html")``
+    (``stacks``: with the Python stack of each allocation)."""
+    return Tracking(model, optimizer, timeline=timeline or stacks, stacks=stacks)
 
 
 class StopTracking(BaseException):
@@ -112,7 +116,8 @@ class Tracking:
 
     def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
                  warmup_steps: int = 0, stop_after: int | None = None, device: str | None = None,
-                 label: str = "memopt.track", python_heap: bool = True):
+                 label: str = "memopt.track", python_heap: bool = True, timeline: bool = False,
+                 stacks: bool = False):
         if model is not None and not isinstance(model, nn.Module):
             raise MemoptError(f"memopt.track: expected a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not callable(getattr(optimizer, "register_step_pre_hook", None)):
@@ -124,6 +129,7 @@ class Tracking:
             device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.warmup_steps, self.stop_after, self.label = warmup_steps, stop_after, label
         self.python_heap = python_heap  # tracemalloc's peak too (it slows Python-heavy code: imports, model builds)
+        self.timeline, self.stacks = timeline, stacks  # record every event (and each allocation's stack)
         self.step_peaks: list[int] = []  # each optimizer step's peak (bytes), warm-up steps included
         self._watches: list[ModelWatch] = []
         self._optimizer_hooked = optimizer is not None  # its own step hooks drive the steps (else discovery's)
@@ -153,7 +159,8 @@ class Tracking:
         stack = contextlib.ExitStack()
         try:
             self._host = stack.enter_context(host_peaks(self.device, python_heap=self.python_heap))
-            tracker = TensorTracker(self.device, round_to=CUDA_BLOCK if self.device == "cuda" else 1)
+            tracker = TensorTracker(self.device, round_to=CUDA_BLOCK if self.device == "cuda" else 1,
+                                    timeline=self.timeline, stacks=self.stacks)
             self._tracker = stack.enter_context(tracker)
             stack.callback(self._remove_hooks)
             if self.model is not None:
@@ -216,6 +223,22 @@ class Tracking:
         result = self.result
         shown = tables.profile_tables(None, result, title=self.title(), warmed_up=self._warmed_up)
         tables.print_tables(shown, console)
+
+    def save(self, path: str | Path) -> None:
+        """Write the block's events by the file's suffix: ``.html`` (the interactive report), ``.pickle`` (a
+        PyTorch memory snapshot for memory_viz) or ``.json`` (a Chrome/Perfetto trace). Needs
+        ``memopt.track(..., timeline=True)``."""
+        result = self.result
+        if result.memory is None or result.memory.timeline is None:
+            raise MemoptError("memopt.track: no events were recorded; use memopt.track(..., timeline=True)")
+        suffix = Path(path).suffix.lower()
+        option = next((flag for flag, suffixes in SUFFIXES.items() if suffix in suffixes), None)
+        if option is None:
+            raise MemoptError(f"memopt.track save({str(path)!r}): use a .html, .pickle or .json file name")
+        exports = Exports(**{option.removeprefix("--"): str(path)}, stacks=self.stacks)
+        outputs = Outputs({}, **exports.paths())
+        exports.add(outputs, [result], self.title())
+        outputs.write()
 
     def to_json(self) -> dict[str, Any]:
         """The schema-1 document of ``memopt profile --json``, one run; strict (NaN and infinities as None).

@@ -155,6 +155,15 @@ def read_input(path: str | Path, what: str, limit_bytes: int) -> str:
     """The text of a user's input file (a ``what``: "spec", "baseline"), refusing anything that could hang
     or flood memory: checked with stat before opening (a FIFO or /dev/zero is never read), opened without
     blocking, read up to ``limit_bytes``, decoded as UTF-8. Problems are one MemoptError naming the path."""
+    raw = read_input_bytes(path, what, limit_bytes)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MemoptError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+
+
+def read_input_bytes(path: str | Path, what: str, limit_bytes: int) -> bytes:
+    """The bytes of a user's input file, checked as ``read_input`` checks it."""
     def too_large(size: int) -> MemoptError:
         return MemoptError(f"{path}: {format_bytes(size)} is larger than the {_size(limit_bytes)} a {what} may be")
 
@@ -173,10 +182,7 @@ def read_input(path: str | Path, what: str, limit_bytes: int) -> str:
         raise MemoptError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if len(raw) > limit_bytes:  # grew since the stat
         raise too_large(len(raw))
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MemoptError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    return raw
 
 
 def ensure_regular(path: str | Path, what: str) -> None:

@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Any
 
 from memopt.core.timing import Ratio
+from memopt.core.trace import MemoryTrace
 
 
 def _number(value: float | None) -> float:
@@ -53,7 +54,7 @@ class StepMemory:
     state_bytes: dict[str, int]
     peak_phase: str
     peak_module: str | None = None
-    timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = None  # not serialised
+    timeline: MemoryTrace | None = None  # every event of the step, when recorded; not in the run dict
 
     def to_json(self) -> dict[str, Any]:
         """The memory fields of a schema-1 run dict, in its order."""

@@ -113,8 +113,9 @@ def greedy_without_cache(session: Any, prompt: torch.Tensor, new_tokens: int) ->
     return sequence[:, prompt.shape[1]:]
 
 
-def measure_inference(spec: Spec, name: str, *, timeline: bool = False, device_memory: int | None = None,
-                      progress: Progress | None = None, grads_to: str | None = None, fake: bool = False) -> RunResult:
+def measure_inference(spec: Spec, name: str, *, timeline: bool = False, stacks: bool = False,
+                      device_memory: int | None = None, progress: Progress | None = None, grads_to: str | None = None,
+                      fake: bool = False) -> RunResult:
     """Measure one infer/generate spec: a warm-up pass, then ``train.steps`` measured ones (``grads_to``: unused,
     nothing trains)."""
     say = progress or (lambda _msg: None)
@@ -129,7 +130,7 @@ def measure_inference(spec: Spec, name: str, *, timeline: bool = False, device_m
                     watch_limit.stage = f"warm-up {spec.run.mode}"
                 _one_pass(session, None)
                 sync(session.device)
-        return _measure(spec, name, session, timeline, device_memory, say, fake)
+        return _measure(spec, name, session, timeline, stacks, device_memory, say, fake)
     finally:
         for strategy in session.strategies if session is not None else ():
             strategy.close()  # temporary files of the weights' disk tier, also when the run fails
@@ -145,15 +146,15 @@ def _one_pass(session: Any, tracker: TensorTracker | None) -> Generation | None:
     return None
 
 
-def _measure(spec: Spec, name: str, session: Any, timeline: bool, device_memory: int | None, say: Progress,
-             fake: bool) -> RunResult:
+def _measure(spec: Spec, name: str, session: Any, timeline: bool, stacks: bool, device_memory: int | None,
+             say: Progress, fake: bool) -> RunResult:
     """The measured passes under the tracker; the run's result."""
     mode = spec.run.mode
     total, _ = count_parameters(session.model)  # nothing trains
     result = RunResult(name=name, strategies=[s.to_dict() for s in spec.strategies],
                        device=session.target_device, estimated=fake, params_total=total)
     with torch.inference_mode():
-        tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory, mode=mode,
+        tracker = TensorTracker(session.device, timeline=timeline, stacks=stacks, limit_bytes=device_memory, mode=mode,
                                 round_to=block_size(session.target_device))
         runs: list[Generation] = []
         try:

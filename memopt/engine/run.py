@@ -14,11 +14,13 @@ from memopt.engine.train import measure_training
 from memopt.spec import Spec
 
 
-def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_memory: int | None = None,
-        progress: Progress | None = None, grads_to: str | None = None, fake: bool = False) -> RunResult:
+def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, stacks: bool = False,
+        device_memory: int | None = None, progress: Progress | None = None, grads_to: str | None = None,
+        fake: bool = False) -> RunResult:
     """Measure one spec: a warm-up step, then ``train.steps`` tracked steps (or passes). Raises MemoptError.
 
-    ``grads_to``: save the warm-up step's gradients there (for gradient cosine between runs).
+    ``timeline``: record every event of the step (memopt.core.trace; ``stacks``: with the Python stack of each
+    allocation). ``grads_to``: save the warm-up step's gradients there (for gradient cosine between runs).
     ``fake``: trace the very same step under FakeTensorMode (no storage): an estimate, one measured step.
     ``spec.world_size`` > 1: on that many ranks (launched here, or this process is one of torchrun's); under
     fake tensors one rank is traced in a fake process group and stands for all.
@@ -26,15 +28,15 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, device_me
     if spec.world_size > 1 and not ranks.in_process_group():
         if fake:
             with fake_process_group(spec.world_size):
-                traced = run(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
-                             fake=True)
+                traced = run(spec, name, timeline=timeline, stacks=stacks, device_memory=device_memory,
+                             progress=progress, fake=True)
             traced.world_size = spec.world_size  # every rank alike: one traced stands for all
             return traced
         if ranks.under_launcher():
-            return ranks.run_as_rank(spec, name, run, timeline=timeline, device_memory=device_memory,
+            return ranks.run_as_rank(spec, name, run, timeline=timeline, stacks=stacks, device_memory=device_memory,
                                      progress=progress)
         return ranks.launch(spec, name, device_memory=device_memory, progress=progress)
     measure = measure_training if spec.run.mode == "train" else measure_inference
     with fake_tensor_mode() if fake else contextlib.nullcontext():
-        return measure(spec, name, timeline=timeline, device_memory=device_memory, progress=progress,
+        return measure(spec, name, timeline=timeline, stacks=stacks, device_memory=device_memory, progress=progress,
                        grads_to=None if fake else grads_to, fake=fake)

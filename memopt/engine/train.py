@@ -28,16 +28,17 @@ from memopt.model.transformer import count_parameters
 from memopt.spec import Spec
 
 
-def measure_training(spec: Spec, name: str, *, timeline: bool = False, device_memory: int | None = None,
-                     progress: Progress | None = None, grads_to: str | None = None, fake: bool = False) -> RunResult:
+def measure_training(spec: Spec, name: str, *, timeline: bool = False, stacks: bool = False,
+                     device_memory: int | None = None, progress: Progress | None = None, grads_to: str | None = None,
+        fake: bool = False) -> RunResult:
     """A warm-up step, then ``train.steps`` tracked steps (under fake tensors: optimizer state made without a
     step, then one traced step). Raises MemoptError (OutOfMemory naming the stage and phase)."""
     say = progress or (lambda _msg: None)
     where = _Stage("model build")
     try:
         session, result = _warmed_up(spec, name, device_memory, say, grads_to, fake, where)
-        tracker = where.tracker = TensorTracker(session.device, timeline=timeline, limit_bytes=device_memory,
-                                                round_to=block_size(session.target_device),
+        tracker = where.tracker = TensorTracker(session.device, timeline=timeline, stacks=stacks,
+                                                limit_bytes=device_memory, round_to=block_size(session.target_device),
                                                 unshard=any(s.unshards for s in session.strategies))
         with host_peaks(session.device, python_heap=not fake) as host, tracker:
             _measured_steps(session, result, tracker, say, fake, where)

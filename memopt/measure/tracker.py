@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
+import traceback
 import tracemalloc
 import weakref
 from collections.abc import Iterable, Iterator
@@ -34,6 +36,7 @@ from memopt.core._torch_private import (
 )
 from memopt.core.errors import OutOfMemory
 from memopt.core.results import Category, HostPeaks, StepMemory
+from memopt.core.trace import Allocation, Frame, MemoryTrace
 from memopt.core.units import format_bytes
 
 CATEGORIES = (Category.PARAMS, Category.BUFFERS, Category.GRADS, Category.OPTIMIZER, Category.ACTIVATIONS,
@@ -45,6 +48,9 @@ INFERENCE_CATEGORIES = (Category.PARAMS, Category.BUFFERS, Category.KV_CACHE, Ca
 MODE_CATEGORIES = {"train": CATEGORIES, "infer": INFERENCE_CATEGORIES, "generate": INFERENCE_CATEGORIES}
 MODE_PHASES = {"train": PHASES, "infer": ("forward",), "generate": ("prefill", "decode")}
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 bytes
+STACK_DEPTH = 48  # frames kept per allocation with stacks=True
+_OWN_FRAMES = ("memopt/measure/tracker.py", "torch/utils/_python_dispatch.py", "torch/_ops.py",
+               "torch/_dynamo/eval_frame.py", "torch/_compile.py")
 
 def _by_name(by_category: dict[Category, int]) -> dict[str, int]:
     """Results hold categories by name (plain strings, as in their JSON)."""
@@ -63,7 +69,7 @@ class TensorTracker(TorchDispatchMode):
     """Live tensor bytes by category, with the step's peak, its breakdown and per-phase peaks."""
 
     def __init__(self, device_type: str, *, timeline: bool = False, limit_bytes: int | None = None,
-                 round_to: int | None = None, mode: str = "train", unshard: bool = False):
+                 round_to: int | None = None, mode: str = "train", unshard: bool = False, stacks: bool = False):
         super().__init__()
         self.device_type = device_type
         self.categories, self.phases = MODE_CATEGORIES[mode], MODE_PHASES[mode]
@@ -73,7 +79,8 @@ class TensorTracker(TorchDispatchMode):
         self._depth = 0  # entered how many times: re-entered to see inside composite ops (inference_mode)
         self.round_to = round_to or (CUDA_BLOCK if device_type == "cuda" else 1)
         self.limit_bytes = limit_bytes
-        self._live: dict[int, list[Any]] = {}  # storage key -> [weakref, category, nbytes, allocation number]
+        # storage key -> [weakref, category, nbytes, allocation number, Allocation (when recording), its trace index]
+        self._live: dict[int, list[Any]] = {}
         self._allocations = 0  # storages added so far (numbers them)
         self._peak_allocation = 0  # the number of the allocation that reached the peak
         self.bytes = dict.fromkeys(self.categories, 0)
@@ -82,7 +89,8 @@ class TensorTracker(TorchDispatchMode):
         self.module: str | None = None  # the module running now (set by ModelWatch)
         self.stage: str | None = None   # named in an out-of-memory message instead of the phase (e.g. "model build")
         self._record_timeline = timeline
-        self._frozen_timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = None
+        self._stacks = stacks
+        self._frozen_timeline: MemoryTrace | None = None
         self.begin_step()
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -99,12 +107,20 @@ class TensorTracker(TorchDispatchMode):
         self.category_peak = dict(self.bytes)
         self.phase_peak = dict.fromkeys(self.phases, 0)
         self.record_state()
-        self.timeline: list[tuple[str, str | None, tuple[int, ...]]] | None = [] if self._record_timeline else None
-        self._tick()
+        self.timeline: MemoryTrace | None = None
+        if self._record_timeline:
+            self._started_ns = time.perf_counter_ns()
+            self.timeline = MemoryTrace([str(c) for c in self.categories])
+            for entry in self._live.values():  # alive when the step begins: event 0
+                entry[5] = len(self.timeline.allocations)
+                origin = entry[4] or Allocation(entry[2], str(entry[1]))
+                self.timeline.allocations.append(Allocation(
+                    entry[2], str(entry[1]), origin.op, origin.module, origin.phase, origin.shape, origin.dtype,
+                    origin.frames))
+        self._tick("start")
 
     def result(self) -> StepMemory:
         timeline = self.timeline if self.timeline is not None else self._frozen_timeline
-        timeline = list(timeline) if timeline is not None else None
         return StepMemory(self.peak, _by_name(self.peak_breakdown), _by_name(self.category_peak), dict(self.phase_peak),
                           _by_name(self.state_bytes), self.peak_phase, self.peak_module, timeline)
 
@@ -112,12 +128,20 @@ class TensorTracker(TorchDispatchMode):
         n = storage.nbytes()
         return -(-n // self.round_to) * self.round_to
 
-    def _add(self, storage: Any, category: Category) -> None:
+    def _add(self, storage: Any, category: Category, tensor: torch.Tensor | None = None, op: Any = None,
+             origin: Allocation | None = None) -> None:
         key = storage_key(storage)
         n = self._nbytes(storage)
         ref = weakref.ref(storage, lambda _ref, k=key: self._free(k))  # type: ignore[misc]
         self._allocations += 1
-        self._live[key] = [ref, category, n, self._allocations]
+        entry = self._live[key] = [ref, category, n, self._allocations, origin, None]
+        if self._record_timeline and origin is None:
+            made_here = op is not None  # else registered (a parameter, optimizer state): not made by this step
+            entry[4] = Allocation(n, str(category), str(op) if made_here else None,
+                                  self.module if made_here else None, self.phase if made_here else None,
+                                  list(tensor.shape) if tensor is not None else None,
+                                  str(tensor.dtype).removeprefix("torch.") if tensor is not None else None,
+                                  _stack() if self._stacks else None)
         self.bytes[category] += n
         self.total += n
         if self.total > self.step_peak:
@@ -135,7 +159,13 @@ class TensorTracker(TorchDispatchMode):
             self._peak_allocation = self._allocations
         else:
             self._at_peak = False
-        self._tick()
+        if self.timeline is not None:
+            origin = entry[4]
+            entry[5] = len(self.timeline.allocations)
+            self.timeline.allocations.append(Allocation(
+                n, str(category), origin.op, origin.module, origin.phase, origin.shape, origin.dtype, origin.frames,
+                start=len(self.timeline.kinds)))
+        self._tick("alloc", entry[5])
         if self.limit_bytes is not None and self.total > self.limit_bytes:
             self._over_limit()
 
@@ -146,11 +176,22 @@ class TensorTracker(TorchDispatchMode):
         self.bytes[entry[1]] -= entry[2]
         self.total -= entry[2]
         self._at_peak = False
-        self._tick()
+        event = self._tick("free", entry[5])
+        if event is not None and entry[5] is not None:
+            self.timeline.allocations[entry[5]].end = event  # type: ignore[union-attr]
 
-    def _tick(self) -> None:
-        if self.timeline is not None:
-            self.timeline.append((self.phase, self.module, tuple(self.bytes.values())))
+    def _tick(self, kind: str, subject: int | None = None) -> int | None:
+        """Record an event (when recording the timeline and the allocation is in it); its index."""
+        if self.timeline is None or (subject is None and kind != "start"):
+            return None
+        return self.timeline.record(kind, -1 if subject is None else subject, self.phase, self.module,
+                                    list(self.bytes.values()), time.perf_counter_ns() - self._started_ns)
+
+    def _changed(self, entry: list[Any], kind: str) -> None:
+        """An allocation's size (``resize``) or category (``move``) changed: an event, and the change kept with it."""
+        event = self._tick(kind, entry[5])
+        if event is not None:
+            self.timeline.allocations[entry[5]].changes.append((event, str(entry[1]), entry[2]))  # type: ignore[union-attr]
 
     def _over_limit(self) -> None:
         limit = self.limit_bytes
@@ -171,12 +212,10 @@ class TensorTracker(TorchDispatchMode):
             self.total -= entry[2] - n
             entry[2] = n
             self._at_peak = False
-            self._tick()
+            self._changed(entry, "resize")
             return
-        self.bytes[entry[1]] -= entry[2]
-        self.total -= entry[2]
-        self._live.pop(storage_key(storage))
-        self._add(storage, entry[1])  # a growth is an allocation: peaks and the limit apply
+        self._free(storage_key(storage))
+        self._add(storage, entry[1], origin=entry[4])  # a growth is an allocation: peaks and the limit apply
 
     @contextlib.contextmanager
     def allocating_as(self, category: Category) -> Iterator[None]:
@@ -212,7 +251,7 @@ class TensorTracker(TorchDispatchMode):
         entry = self._live.get(storage_key(storage))
         if entry is None:
             if only_from is None and tensor.device.type == self.device_type:
-                self._add(storage, category)
+                self._add(storage, category, tensor)
             return
         old = entry[1]
         if old == category or (only_from is not None and old != only_from):
@@ -220,6 +259,7 @@ class TensorTracker(TorchDispatchMode):
         self.bytes[old] -= entry[2]
         self.bytes[category] += entry[2]
         entry[1] = category
+        self._changed(entry, "move")
         if self.bytes[category] > self.category_peak[category]:
             self.category_peak[category] = self.bytes[category]
         if self._at_peak:
@@ -261,7 +301,7 @@ class TensorTracker(TorchDispatchMode):
             except (RuntimeError, NotImplementedError):
                 continue
             if storage_key(storage) not in self._live and t.device.type == self.device_type:
-                self._add(storage, self.new_category)
+                self._add(storage, self.new_category, t, func)
         return out
 
     def __enter__(self) -> TensorTracker:
@@ -281,6 +321,14 @@ class TensorTracker(TorchDispatchMode):
     def saved_tensors(self) -> contextlib.AbstractContextManager[None]:
         """Around forward+backward: storages autograd saves become activations."""
         return observe_saved_tensors(self.saved)
+
+
+def _stack() -> list[Frame]:
+    """The Python stack here, innermost first, without the tracker's and the dispatcher's own frames."""
+    frames = traceback.extract_stack(limit=STACK_DEPTH + 8)
+    kept = [(f.filename, f.lineno or 0, f.name) for f in reversed(frames)
+            if not f.filename.replace("\\", "/").endswith(_OWN_FRAMES)]
+    return kept[:STACK_DEPTH]
 
 
 class ModelWatch:

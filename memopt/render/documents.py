@@ -62,3 +62,18 @@ def optimize_document(best: dict[str, Any], outcome: Any, cap: Any) -> dict[str,
             "max_loss_increase": cap.limit if cap is not None and cap.option == "--max-loss-increase" else None,
             "left_out_for_drift": outcome.rejected,
             "baseline_step_s": outcome.baseline.measured_s}
+
+
+def view_document(seen: Any, top: int) -> dict[str, Any]:
+    """``memopt view``'s document (schema 1): the snapshot's peak, the ``top`` largest allocations alive at it with
+    their frames (innermost first) and the groups by top user frame."""
+    return {"schema": SCHEMA, "memopt_version": __version__, "snapshot": seen.path, "device": seen.device,
+            "devices": {str(d): peak for d, peak in seen.devices.items()}, "peak_bytes": seen.peak_bytes,
+            "events": len(seen.trace.kinds), "alive_at_peak_count": len(seen.alive),
+            "alive_at_peak": [{"bytes": x.nbytes, "top_frame": x.allocation.op,
+                               "frames": [{"filename": f, "line": line, "name": name}
+                                          for f, line, name in x.allocation.frames or []]}
+                              for x in seen.alive[:top]],
+            "groups": [{"top_frame": name, "bytes": nbytes, "allocations": count}
+                       for name, nbytes, count in seen.groups[:top]],
+            "note": seen.note}

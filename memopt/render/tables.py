@@ -380,3 +380,34 @@ def print_optimize(outcome: Any, top: int, cap: Any, output: str | None) -> None
         console.print(f"left out for their own drift over {cap.option} {100 * cap.limit:g}%: "
                       f"{', '.join(outcome.rejected)}")
     console.print(f"winner: [bold]{outcome.winner.label}[/bold]" + (f" -> {output}" if output else ""))
+
+
+def view_tables(seen: Any, top: int) -> list[Table]:
+    """``memopt view``: the peak, the groups by top user frame, the largest allocations alive at the peak."""
+    summary = Table(title=f"memopt view {seen.path} - device {seen.device}", show_header=False,
+                    title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_column(style="dim")
+    summary.add_row("peak", format_bytes(seen.peak_bytes), f"{seen.peak_bytes:,} B, at event {seen.peak_index} of "
+                    f"{len(seen.trace.kinds) - 1}")
+    summary.add_row("alive at the peak", str(len(seen.alive)), "allocations")
+    if len(seen.devices) > 1:
+        summary.add_row("devices", ", ".join(f"{d}: {format_bytes(p)}" for d, p in seen.devices.items()),
+                        "--device N picks one")
+    if seen.note:
+        summary.caption, summary.caption_justify = f"note: {seen.note}", "left"
+    groups = Table(title="alive at the peak, by the top frame of your code", title_justify="left")
+    for col in ("top frame", "bytes", "share", "allocations"):
+        groups.add_column(col, justify="left" if col == "top frame" else "right", overflow="fold")
+    for name, nbytes, count in seen.groups[:top]:
+        groups.add_row(name, format_bytes(nbytes), percent_of(nbytes, seen.peak_bytes), str(count))
+    largest = Table(title=f"the {min(top, len(seen.alive))} largest allocations alive at the peak",
+                    title_justify="left")
+    for col in ("size", "top frame", "made in (innermost first)"):
+        largest.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+    for x in seen.alive[:top]:
+        frames = [f"{name} {f.rsplit('/', 1)[-1]}:{line}" for f, line, name in (x.allocation.frames or [])
+                  if f.endswith(".py")][:3]
+        largest.add_row(format_bytes(x.nbytes), x.allocation.op or "-", " < ".join(frames) or "-")
+    return [summary, groups, largest]
