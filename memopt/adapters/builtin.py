@@ -90,6 +90,9 @@ class BuiltinAdapter:
     def loss(self, batch: Batch) -> torch.Tensor:
         return self.lm(*batch)
 
+    def loss_through_root(self) -> None:
+        """Nothing to do: ``loss`` calls the root module."""
+
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.lm.logits(batch[0])
 

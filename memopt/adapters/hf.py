@@ -69,6 +69,15 @@ class _Projections:
             self.__dict__[name] = value
 
 
+def as_root_forward(model: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()`` run as ``model``'s forward: the hooks on ``model`` run around it."""
+    model.forward = compute  # the instance's attribute, in front of the class's forward for this one call
+    try:
+        return model()
+    finally:
+        del model.forward
+
+
 def _conv1d_to_linear(conv: Any) -> nn.Linear:
     """transformers' Conv1D (y = x W + b, W: in x out) as an nn.Linear with the same numbers."""
     n_in, n_out = conv.weight.shape
@@ -100,6 +109,8 @@ def _reporting_growth(layer: Any, on_new: OnNew) -> Callable[..., tuple[torch.Te
 
 class HfAdapter(ModuleAdapter):
     """``ModelAdapter`` for a transformers ``PreTrainedModel`` with a causal-LM head."""
+
+    _through_root = False
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -173,7 +184,14 @@ class HfAdapter(ModuleAdapter):
         self.model.loss_head = loss if isinstance(loss, nn.Module) else LossModule(loss)
 
     def loss(self, batch: Batch) -> torch.Tensor:
+        if self._through_root:
+            return as_root_forward(self.model, lambda: self.loss_from_hidden(self.hidden_states(batch), batch))
         return self.loss_from_hidden(self.hidden_states(batch), batch)
+
+    def loss_through_root(self) -> None:
+        """The loss is the base model plus memopt's loss head, not the root's own forward: run it as the root's
+        forward from now on."""
+        self._through_root = True
 
     def logits(self, batch: Batch) -> torch.Tensor:
         head = self.head()

@@ -164,6 +164,9 @@ class ModuleAdapter:
                                "model.loss: pkg.module:loss_fn")
         return default_loss(output, batch[1])
 
+    def loss_through_root(self) -> None:
+        """Nothing to do: ``loss`` calls the root module."""
+
     def logits(self, batch: Any) -> torch.Tensor:
         return output_logits(self._call(batch))
 

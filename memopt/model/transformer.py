@@ -138,6 +138,7 @@ class Rope(nn.Module):
         s = x.shape[-2]
         x1, x2 = x[..., 0::2], x[..., 1::2]
         cos, sin = self.cos[start:start + s], self.sin[start:start + s]  # type: ignore[index]  # buffers
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no copy unless computing in another dtype (FSDP's bf16)
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 

@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from memopt.adapters import ModelAdapter
 from memopt.core._torch_private import device_mesh, fsdp_memory_reporting, in_fake_mode, replicate
 from memopt.core.errors import StrategyError
 from memopt.core.results import Category
+from memopt.spec.schema import DTYPE_ALIASES
 from memopt.strategies import register
 from memopt.strategies.base import Options, StepPlan, Strategy
 
@@ -38,6 +39,12 @@ class FsdpOptions(Options):
         "float32")
     cpu_offload: bool = Field(False, description="FSDP's CPUOffloadPolicy: sharded parameters, gradients and "
                               "optimizer state in CPU memory (CUDA only)")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _dtype_spelling(cls, value: Any) -> Any:
+        """bf16 and fp16 as run.dtype spells them."""
+        return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
 
 class DdpOptions(Options):
@@ -88,9 +95,6 @@ class Fsdp(Strategy[FsdpOptions]):
         _needs_ranks(self)
         if self.options.cpu_offload and self.device != "cuda":
             raise StrategyError("fsdp.cpu_offload: the states are in CPU memory already on a CPU device")
-        if self.options.mixed_precision:
-            raise StrategyError("fsdp.mixed_precision: not with memopt's models yet (their float32 RoPE tables meet "
-                                "the policy's bfloat16 activations); set run.dtype: bfloat16 instead")
 
     def apply(self, model: ModelAdapter) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -106,6 +110,7 @@ class Fsdp(Strategy[FsdpOptions]):
             kwargs["offload_policy"] = CPUOffloadPolicy()
         for unit in [*model.blocks(), model.model]:
             fully_shard(unit, **kwargs)
+        model.loss_through_root()  # the root's own parameters are gathered in its forward hooks
 
     def configure(self, plan: StepPlan) -> None:
         plan.contexts.append(self.context)
