@@ -136,7 +136,7 @@ def test_out_of_memory_on_the_ranks_is_one_error_and_leaves_no_process():
     (["-s", "fsdp+optim8bit"], "fsdp+optim8bit: refused"),
     (["-s", "fsdp+ddp"], "fsdp+ddp: refused"),
     (["-s", "fsdp:cpu_offload=true"], "fsdp.cpu_offload: the states are in CPU memory already"),
-    (["-s", "fsdp:mixed_precision=bfloat16"], "fsdp.mixed_precision: not with memopt's models yet"),
+    (["-s", "fsdp:mixed_precision=int8"], "fsdp.mixed_precision: input should be 'bfloat16' or 'float16'"),
     (["-s", "fsdp+prune"], "fsdp+prune: refused"),
     (["--world-size", "2", "--device", "cuda"], "run.device: cuda was requested but no CUDA device"),
     (["--world-size", "2", "--mode", "generate", "--prompt-len", "8", "--new-tokens", "4"],
