@@ -181,6 +181,51 @@ def device_mesh(device: str, world_size: int) -> Any:
         return init_device_mesh(device, (world_size,))
 
 
+_MESHES: dict[tuple[Any, ...], Any] = {}
+
+
+def parallel_mesh(device: str, world_size: int, tp: int = 1) -> dict[str, Any]:
+    """The process group's DeviceMesh by dimension: {"dp": every rank} or, with ``tp`` > 1, the two dimensions of the
+    2-D mesh ("dp", "tp") = (world / tp, tp) (TorchTitan's layout: a tensor-parallel group is ``tp`` consecutive
+    ranks). One mesh per process group and layout, so that tp and fsdp share it (FSDP2 needs its mesh and the
+    tensor-parallel one from the same parent); made outside any FakeTensorMode, as ``device_mesh``."""
+    import torch.distributed as dist
+
+    key = (id(dist.group.WORLD), device, world_size, tp)
+    if key not in _MESHES:
+        _MESHES.clear()  # meshes of a destroyed process group are of no use
+        if tp == 1:
+            _MESHES[key] = {"dp": device_mesh(device, world_size)}
+        else:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+            from torch.distributed.device_mesh import init_device_mesh
+
+            with unset_fake_temporarily():
+                mesh = init_device_mesh(device, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+                _MESHES[key] = {"dp": mesh["dp"], "tp": mesh["tp"]}
+    return _MESHES[key]
+
+
+@contextlib.contextmanager
+def meshes_outside_fake_mode() -> Iterator[None]:
+    """Inside, ``DeviceMesh._concatenate`` runs outside any FakeTensorMode: FSDP2 concatenates its mesh with a
+    tensor-parallel parameter's (the 2-D layout), and a mesh's rank tensors are real, which FakeTensorMode refuses."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    original = DeviceMesh._concatenate
+
+    def concatenate(meshes: list[Any]) -> Any:
+        with unset_fake_temporarily():
+            return original(meshes)
+
+    DeviceMesh._concatenate = staticmethod(concatenate)  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        DeviceMesh._concatenate = staticmethod(original)  # type: ignore[method-assign]
+
+
 @contextlib.contextmanager
 def fake_process_group(world_size: int) -> Iterator[None]:
     """A process group of ``world_size`` ranks in which this process is rank 0 and collectives do nothing

@@ -109,9 +109,9 @@ def make_batch(spec: Spec, device: str, step: int = 0) -> Any:
 
 def rank_shard(spec: Spec, batch: Any) -> Any:
     """This rank's rows of the global batch (all of it in a single process)."""
-    if spec.world_size == 1:
+    if spec.batch_shards == 1:
         return batch
-    return split_batch(batch, spec.world_size)[rank()]
+    return split_batch(batch, spec.batch_shards)[rank() // (spec.world_size // spec.batch_shards)]
 
 
 def split_batch(batch: Any, k: int) -> list[Any]:

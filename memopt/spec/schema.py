@@ -241,6 +241,11 @@ class Spec(_Frozen):
         """Ranks the run takes: the world_size of the strategy that runs it on ranks, else 1."""
         return max((s.world_size for s in self.strategies), default=1)
 
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the global batch is split: the ranks over those that share rows (tensor parallelism)."""
+        return self.world_size // max((s.ranks_per_batch for s in self.strategies), default=1)
+
     def with_strategies(self, strategies: Iterable[StrategySpec]) -> Spec:
         """The spec with these strategies (already validated StrategySpecs) instead of its own."""
         return self.model_copy(update={"strategies": tuple(strategies)})

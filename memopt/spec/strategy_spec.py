@@ -84,6 +84,11 @@ class StrategySpec(BaseModel):
         """The ranks this strategy runs on (1 unless its options say ``world_size``)."""
         return int(getattr(self.options, "world_size", 1))
 
+    @property
+    def ranks_per_batch(self) -> int:
+        """Ranks that step on the same rows of the batch (a tensor-parallel group; 1 unless its options say)."""
+        return int(getattr(self.options, "ranks_per_batch", 1))
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, StrategySpec):
             return NotImplemented

@@ -20,7 +20,13 @@ import torch
 from pydantic import Field, field_validator
 
 from memopt.adapters import ModelAdapter
-from memopt.core._torch_private import device_mesh, fsdp_memory_reporting, in_fake_mode, replicate
+from memopt.core._torch_private import (
+    fsdp_memory_reporting,
+    in_fake_mode,
+    meshes_outside_fake_mode,
+    parallel_mesh,
+    replicate,
+)
 from memopt.core.errors import StrategyError
 from memopt.core.results import Category
 from memopt.spec.schema import DTYPE_ALIASES
@@ -54,10 +60,11 @@ class DdpOptions(Options):
 def _needs_ranks(strategy: Strategy[Any]) -> None:
     """Refuse what cannot be split over the ranks: one rank, or a batch that does not divide."""
     world, batch = strategy.options.world_size, strategy.spec.train.batch_size
+    shards = strategy.spec.batch_shards
     if world < 2:
         raise StrategyError(f"{strategy.name}.world_size: 1 rank shards nothing; give 2 or more")
-    if batch % world:
-        raise StrategyError(f"{strategy.name}.world_size: train.batch_size {batch} does not split over {world} "
+    if batch % shards:
+        raise StrategyError(f"{strategy.name}.world_size: train.batch_size {batch} does not split over {shards} "
                             "ranks (each rank steps on its own shard of the global batch)")
 
 
@@ -101,15 +108,17 @@ class Fsdp(Strategy[FsdpOptions]):
 
         world = self.options.world_size
         _process_group(self.name, world)
-        mesh = device_mesh(next(model.model.parameters()).device.type, world)
+        # beside tensor parallelism FSDP shards over the mesh's other dimension
+        mesh = parallel_mesh(next(model.model.parameters()).device.type, world, world // self.spec.batch_shards)["dp"]
         kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.options.reshard_after_forward}
         if self.options.mixed_precision:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[self.options.mixed_precision],
                                                        reduce_dtype=torch.float32)
         if self.options.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        for unit in [*model.blocks(), model.model]:
-            fully_shard(unit, **kwargs)
+        with meshes_outside_fake_mode():  # 2-D: FSDP2 joins its mesh with the tensor-parallel one
+            for unit in [*model.blocks(), model.model]:
+                fully_shard(unit, **kwargs)
         model.loss_through_root()  # the root's own parameters are gathered in its forward hooks
 
     def configure(self, plan: StepPlan) -> None:
