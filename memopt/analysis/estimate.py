@@ -46,7 +46,8 @@ def analytic(spec: Spec) -> dict[str, int | None]:
     s*b*h*(34 + 5*a*s/h) bytes per layer for 16-bit activations with 1-byte dropout masks, scaled to
     this dtype (x dtype_bytes/2); like the paper it leaves out the embedding and the output layer/loss.
     On N ranks with fsdp, per rank: the model states / N (DeepSpeed's ZeRO-3 formula), activations of the rank's
-    batch.
+    batch; with tensor parallelism over t ranks the paper's s*b*h*(10 + 24/t + 5*a*s/(h*t)) (no sequence
+    parallelism), b the rows of the rank's data-parallel group.
     """
     m, t = spec.model, spec.train
     dtype_bytes = DTYPE_BYTES[spec.run.dtype]
@@ -59,8 +60,9 @@ def analytic(spec: Spec) -> dict[str, int | None]:
     acts: int | None = None
     if not isinstance(m, PythonModelSpec):  # a user's module: no shape facts to put in the formula
         shape = m.facts if isinstance(m, HfModelSpec) else m.model_dump()
-        s, b, h, a = t.seq_len, t.batch_size // world, shape["d_model"], shape["n_heads"]  # a rank's batch
-        per_layer = s * b * h * (34 + 5 * a * s / h)
+        s, b, h, a = t.seq_len, t.batch_size // spec.batch_shards, shape["d_model"], shape["n_heads"]  # a rank's rows
+        tp = world // spec.batch_shards
+        per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
         acts = int(shape["n_layers"] * per_layer * dtype_bytes / 2)
     optimizer = {"adamw": 2 * n * dtype_bytes // sharded, "sgd": 0, "none": 0}.get(t.optimizer)
     parts = {"params": n * dtype_bytes // sharded, "grads": n * dtype_bytes // sharded if t.optimizer != "none" else 0,

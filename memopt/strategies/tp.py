@@ -53,6 +53,7 @@ class Tp(Strategy[TpOptions]):
             "attention and the FFN / size"
     order = 94  # before fsdp (95): FSDP2 shards the tensor-parallel DTensors over the other mesh dimension
     searched = False
+    shards_model_states = True  # the blocks' projections, most of a Transformer's states
     refuses = {"ddp": "use fsdp for the data-parallel dimension",
                "quant": "packed integer weights are not split", "lora": "not measured with tensor parallelism yet",
                "optim8bit": "its 8-bit state is per parameter of the whole model, not of a shard",
