@@ -6,8 +6,8 @@ clusters, beside the formula a user would otherwise use.
    the ranks) and one rank estimated on a fake process group.
 2. llama-70b and a 405B-shaped llama (seq 8192, one sequence per data-parallel group, FSDP bf16 mixed precision
    with fp32 master state, AdamW, full ckpt) on 64 x 8 and 128 x 8 meshes: one rank traced, beside the formula
-   (model states / N at 16 bytes a parameter, plus Korthikanti's activations with tensor parallelism t), with the
-   time and RSS of each estimate.
+   (model states / N at 16 bytes a parameter, plus the checkpointed layer inputs and one recomputed layer), with
+   the time and RSS of each estimate.
 
     python scripts/bench_parallel.py               # about 25 minutes on 2 CPU cores
     python scripts/bench_parallel.py --no-measure  # part 2 only
@@ -76,11 +76,12 @@ def measured_rows(folder: Path) -> list[str]:
 
 
 def formula(model: dict[str, Any], params: int, world: int, tp: int, seq: int = 8192) -> tuple[float, float]:
-    """What a user would compute by hand: model states / N (fp32 params and grads, AdamW's two moments: 16 bytes a
-    parameter) and one sequence's 16-bit activations with tensor parallelism t (Korthikanti et al. 2022, no
-    sequence parallelism, no recompute): L*s*b*h*(10 + 24/t + 5*a*s/(h*t))."""
-    h, a, layers = model["d_model"], model["n_heads"], model["n_layers"]
-    return 16 * params / world, layers * seq * h * (10 + 24 / tp + 5 * a * seq / (h * tp))
+    """What a careful user computes by hand for this layout: model states / N (fp32 params and grads, AdamW's two
+    moments: 16 bytes a parameter), and with full recompute one sequence's bf16 layer inputs kept for backward
+    (L*s*h*2, whole on every tensor-parallel rank) plus one layer recomputed with flash attention (Korthikanti et al.
+    2022 without the s^2 score term: s*h*(10 + 24/t))."""
+    h, layers = model["d_model"], model["n_layers"]
+    return 16 * params / world, layers * seq * h * 2 + seq * h * (10 + 24 / tp)
 
 
 def estimated_rows(folder: Path) -> list[str]:
@@ -124,7 +125,7 @@ def main() -> None:
         print("\n### Per-rank estimates (CUDA, seq 8192, one sequence per data-parallel group, FSDP bf16 mixed "
               "precision, AdamW, ckpt)\n")
         print("| model | mesh dp x tp (ranks) | peak GiB | model states GiB | gathered bf16 GiB | activations GiB | "
-              "formula: states / N + activations (no recompute) GiB | time | RSS |")
+              "hand formula: states / N + checkpointed activations GiB | time | RSS |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         print("\n".join(rows))
 

@@ -88,6 +88,7 @@ def test_tp_and_fsdp_on_a_two_by_two_mesh():
     single, mesh = run(decoder([])), run(decoder(["tp:size=2", "fsdp"], world=4))
     model = build_model(decoder([]).model)
     assert mesh.world_size == 4 and mesh.strategy_facts["tp"]["mesh"] == {"dp": 2, "tp": 2}
+    assert mesh.to_json()["mesh"] == {"dp": 2, "tp": 2}
     for rank in mesh.ranks or []:  # FSDP splits each rank's tensor-parallel shard again (dim 0, padded)
         assert rank["state_bytes"]["params"] == tp_shard_bytes(model, 2, dp=2)
     assert mesh.loss == pytest.approx(single.loss, rel=1e-5)
@@ -106,6 +107,8 @@ def test_tp_on_a_hugging_face_llama(tmp_path):
     assert split.loss == pytest.approx(single.loss, rel=1e-5)
     estimate_holds(llama(tmp_path, ["tp:size=2"]), split)
     mesh = run(llama(tmp_path, ["tp:size=2", "fsdp"], world=4))
+    for rank in mesh.ranks or []:
+        assert rank["state_bytes"]["params"] == tp_shard_bytes(model, 2, dp=2)
     assert mesh.loss == pytest.approx(single.loss, rel=1e-5)
     estimate_holds(llama(tmp_path, ["tp:size=2", "fsdp"], world=4), mesh)
     assert memopt_ranks() == []

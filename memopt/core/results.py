@@ -167,6 +167,7 @@ class RunResult:
     world_size: int = 1                      # ranks of a distributed run (fsdp, ddp)
     ranks: list[dict[str, Any]] | None = None  # each rank's own run dict; the run's fields are its highest rank's
     rank: int = 0                            # which rank this process is (not serialised)
+    mesh: dict[str, int] | None = None       # ranks per mesh dimension ({"dp": 2, "tp": 2}) of a run on ranks
 
     @classmethod
     def failed(cls, name: str, strategies: list[dict[str, Any]], error: str, device: str = "") -> RunResult:
@@ -193,6 +194,8 @@ class RunResult:
             data["vs_baseline"] = self.vs_baseline.to_json()
         if self.inference is not None:
             data["inference"] = self.inference
+        if self.mesh is not None:
+            data["mesh"] = self.mesh
         if self.world_size > 1:
             data["world_size"] = self.world_size
             if self.ranks is not None:
@@ -218,7 +221,7 @@ class RunResult:
                    warnings=data.get("warnings", []), pid=data.get("pid", 0),
                    vs_baseline=VsBaseline.from_json(vs) if vs is not None else None,
                    inference=data.get("inference"), world_size=data.get("world_size", 1),
-                   ranks=data.get("ranks"))
+                   ranks=data.get("ranks"), mesh=data.get("mesh"))
 
 
 # Runs one spec (``(spec, name, **options) -> RunResult``) in a process of its own: the analyses that compare runs

@@ -220,6 +220,8 @@ def add_strategy_facts(session: Session, result: RunResult) -> None:
         facts = strategy.report()
         if facts:
             result.strategy_facts[strategy.name] = facts
+            if "mesh" in facts:  # the layout of a run on ranks, by dimension
+                result.mesh = {**(result.mesh or {}), **facts["mesh"]}
     result.notes.extend(session.plan.notes)
 
 

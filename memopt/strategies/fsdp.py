@@ -139,7 +139,7 @@ class Fsdp(Strategy[FsdpOptions]):
             yield
 
     def report(self) -> dict[str, Any]:
-        return {"world_size": self.options.world_size}
+        return {"world_size": self.options.world_size, "mesh": {"dp": self.spec.batch_shards}}
 
 
 @register
@@ -164,4 +164,4 @@ class Ddp(Strategy[DdpOptions]):
         replicate(model.model)
 
     def report(self) -> dict[str, Any]:
-        return {"world_size": self.options.world_size}
+        return {"world_size": self.options.world_size, "mesh": {"dp": self.options.world_size}}
