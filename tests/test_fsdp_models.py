@@ -111,6 +111,7 @@ def decoder_spec(strategies):
     return load_spec(str(CONFIGS / "tiny-decoder.yaml"), {"steps": 1}, strategies)
 
 
+
 def test_bf16_mixed_precision_gathers_bf16_and_keeps_fp32_shards():
     """FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the gathered parameters (unshard) are half
     the float32 ones, the sharded parameters, gradients and AdamW state stay float32, and one rank's estimate is the
@@ -142,3 +143,17 @@ def test_bf16_mixed_precision_on_a_hugging_face_llama(tmp_path):
     traced = estimate(hf_spec(tmp_path, ["fsdp:world_size=2,mixed_precision=bf16"]))
     assert traced.memory is not None
     assert traced.memory.peak_bytes == pytest.approx(mixed.memory.peak_bytes, rel=0.10)
+
+
+def test_precision_bf16_mixed_on_ranks_is_fsdps_mixed_precision():
+    """--precision bf16-mixed (what Lightning and the HF Trainer call it) applies to ranks as FSDP2's policy, not as
+    autocast (which FSDP refuses): the same spec as fsdp:mixed_precision=bf16, and a contradiction is named."""
+    from memopt.core.errors import SpecError
+    from memopt.spec import load_spec
+
+    spec = load_spec(str(CONFIGS / "tiny-decoder.yaml"), {"precision": "bf16-mixed", "world_size": 2})
+    assert [s.to_dict() for s in spec.strategies] == [s.to_dict() for s in
+                                                      decoder_spec(["fsdp:world_size=2,mixed_precision=bf16"]).strategies]
+    with pytest.raises(SpecError, match="bf16-mixed computes in bf16, but fsdp.mixed_precision says float16"):
+        load_spec(str(CONFIGS / "tiny-decoder.yaml"), {"precision": "bf16-mixed", "world_size": 2},
+                  ["fsdp:mixed_precision=fp16"])

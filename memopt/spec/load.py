@@ -341,7 +341,8 @@ def _with_precision(run: dict[str, Any], problems: list[str]) -> dict[str, Any]:
 
 
 def _with_mixed_precision(spec: Spec, parsed: list[StrategySpec], problems: list[str]) -> list[StrategySpec]:
-    """``*-mixed``: the amp strategy with that compute dtype (added unless the spec has it already)."""
+    """``*-mixed``: the amp strategy with that compute dtype (added unless the spec has it already); with fsdp,
+    fsdp's mixed_precision instead (FSDP2's MixedPrecisionPolicy: bf16 compute, fp32 reduce and master state)."""
     precision = spec.run.precision
     if precision is None or not precision.endswith("-mixed"):
         return parsed
@@ -350,6 +351,15 @@ def _with_mixed_precision(spec: Spec, parsed: list[StrategySpec], problems: list
         problems.append(f"run.precision: {precision} is a training precision (fp32 master weights, autocast); for "
                         f"--mode {spec.run.mode} use {compute}-true")
         return parsed
+    fsdp = next((s for s in parsed if s.name == "fsdp"), None)
+    if fsdp is not None:  # on ranks it is FSDP2's MixedPrecisionPolicy: FSDP casts the parameters it gathers
+        said = getattr(fsdp.options, "mixed_precision", None)
+        if said is not None and said != DTYPE_ALIASES.get(compute, compute):
+            problems.append(f"run.precision: {precision} computes in {compute}, but fsdp.mixed_precision says {said}: "
+                            "give one of them")
+            return parsed
+        options = {**fsdp.options.model_dump(exclude_defaults=True), "mixed_precision": compute}
+        return [strategy_spec("fsdp", options) if s is fsdp else s for s in parsed]
     amp = [s for s in parsed if s.name == "amp"]
     if not amp:
         return [*parsed, strategy_spec("amp", {"dtype": compute})]
