@@ -1,10 +1,12 @@
 """The private PyTorch APIs memopt wraps still behave as it relies on."""
 
+import pytest
 import torch
 
 from memopt.core._torch_private import (
     TorchDispatchMode,
     current_saved_tensors_hooks,
+    meshes_outside_fake_mode,
     observe_saved_tensors,
     saved_tensors_by_node,
 )
@@ -85,3 +87,24 @@ def test_cpu_allocator_events_replay_to_what_was_allocated():
     events = cpu_allocator_events(prof)
     assert (4000 in [n for _, n in events]) and (-4000 in [n for _, n in events])
     assert sum(n for _, n in events) == 0
+
+
+def test_meshes_are_concatenated_outside_fake_mode_and_the_patch_is_undone():
+    """FSDP2 on tensor-parallel parameters calls DeviceMesh._concatenate, whose rank tensors are real: under
+    FakeTensorMode it runs outside the mode, and PyTorch's own function is back afterwards, also after an error."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    original = DeviceMesh._concatenate
+    seen = []
+    DeviceMesh._concatenate = staticmethod(lambda meshes: seen.append(torch._C._get_dispatch_mode(
+        torch._C._TorchDispatchModeKey.FAKE)) or "joined")
+    patched = DeviceMesh._concatenate
+    try:
+        with torch._subclasses.fake_tensor.FakeTensorMode(), meshes_outside_fake_mode():
+            assert DeviceMesh._concatenate([]) == "joined"
+        assert seen == [None] and DeviceMesh._concatenate is patched
+        with pytest.raises(ValueError), meshes_outside_fake_mode():
+            raise ValueError
+        assert DeviceMesh._concatenate is patched
+    finally:
+        DeviceMesh._concatenate = staticmethod(original)

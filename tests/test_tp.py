@@ -21,16 +21,16 @@ COLUMNWISE = ("attn.q", "attn.k", "attn.v", "ffn.w1", "ffn.w3", "q_proj", "k_pro
 ROWWISE = ("attn.o", "ffn.w2", "o_proj", "down_proj")
 
 
-def tp_shard_bytes(model: Any, size: int, dp: int = 1) -> int:
+def tp_shard_bytes(model: Any, size: int, dp: int = 1, column: tuple[str, ...] = (), row: tuple[str, ...] = ()) -> int:
     """A rank's parameter bytes under Megatron's split: column-parallel weights and biases by output rows,
     row-parallel weights by input columns (their bias whole), everything else whole; with FSDP over ``dp`` ranks
     beside it, dim 0 of that local shard padded to a multiple of ``dp`` and split (float32)."""
     total = 0
     for name, p in model.named_parameters():
         module, shape = name.rsplit(".", 1)[0], list(p.shape)
-        if module.endswith(COLUMNWISE):
+        if module.endswith(COLUMNWISE + column):
             shape[0] //= size
-        elif module.endswith(ROWWISE) and name.endswith("weight"):
+        elif module.endswith(ROWWISE + row) and name.endswith("weight"):
             shape[1] //= size
         total += math.ceil(shape[0] / dp) * math.prod(shape[1:]) * 4
     return total
@@ -111,6 +111,22 @@ def test_tp_on_a_hugging_face_llama(tmp_path):
         assert rank["state_bytes"]["params"] == tp_shard_bytes(model, 2, dp=2)
     assert mesh.loss == pytest.approx(single.loss, rel=1e-5)
     estimate_holds(llama(tmp_path, ["tp:size=2", "fsdp"], world=4), mesh)
+    assert memopt_ranks() == []
+
+
+def test_tp_splits_the_encoders_attention_once_it_is_split_into_linears():
+    """The encoder's nn.MultiheadAttention becomes q/k/v/o Linears when the adapter is asked for them; tp splits
+    those and linear1/linear2 (its feed-forward)."""
+    from memopt.engine.step import prepare
+
+    spec = load_spec(str(CONFIGS / "tiny.yaml"), {"steps": 1})
+    session = prepare(spec)
+    session.adapter.attention_projections()  # as tp does: the attention split into Linears
+    expected = tp_shard_bytes(session.model, 2, column=("linear1",), row=("linear2",))
+    single, split = run(spec), run(load_spec(str(CONFIGS / "tiny.yaml"), {"steps": 1}, ["tp:size=2"]))
+    assert [r["state_bytes"]["params"] for r in split.ranks or []] == [expected, expected]
+    assert split.loss == pytest.approx(single.loss, rel=1e-5)
+    estimate_holds(load_spec(str(CONFIGS / "tiny.yaml"), {"steps": 1}, ["tp:size=2"]), split)
     assert memopt_ranks() == []
 
 

@@ -22,11 +22,17 @@ class SnapshotView:
     device: int
     devices: dict[int, int]       # every device in the snapshot -> its peak
     trace: MemoryTrace
-    peak_bytes: int
-    peak_index: int
     alive: list[Live]
     groups: list[tuple[str, int, int]]  # (top user frame, bytes, allocations), largest first
     note: str | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.trace.peak_bytes()
+
+    @property
+    def peak_index(self) -> int:
+        return self.trace.peak_index()
 
 
 def view(path: str | Path, device: int | None = None) -> SnapshotView:
@@ -40,8 +46,7 @@ def view(path: str | Path, device: int | None = None) -> SnapshotView:
     peaks = {d: t.peak_bytes() for d, t in traces.items()}
     chosen = device if device is not None else max(peaks, key=peaks.__getitem__)
     trace = traces[chosen]
-    peak = trace.peak_index()
-    alive = trace.alive_at(peak)
+    alive = trace.alive_at(trace.peak_index())
     groups: dict[str, list[int]] = {}
     for live in alive:
         group = groups.setdefault(top_user_frame(live.allocation.frames or []) or NO_FRAME, [0, 0])
@@ -51,5 +56,5 @@ def view(path: str | Path, device: int | None = None) -> SnapshotView:
     if len(trace.kinds) == 1:
         note = ("the snapshot has no recorded events (memory history was not being recorded): this is what was "
                 "alive when it was taken, not the peak")
-    return SnapshotView(str(path), chosen, peaks, trace, trace.peak_bytes(), peak, alive,
+    return SnapshotView(str(path), chosen, peaks, trace, alive,
                         sorted(((k, v[0], v[1]) for k, v in groups.items()), key=lambda g: -g[1]), note)

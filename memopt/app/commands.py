@@ -74,12 +74,17 @@ def _size(text: str | None, option: str) -> int | None:
     return None if text is None else parse_size(text, option)
 
 
-def _checked_exports(spec: Spec, exports: Exports | None, single_run: bool = True, fake: bool = False) -> Exports:
+def _checked_exports(spec: Spec, exports: Exports | None, single_run: bool = True, fake: bool = False,
+                     timeline: str | None = None) -> Exports:
+    """The event-level files asked for (and profile's ``--timeline``), refused before anything runs where they
+    cannot be written."""
     exports = exports or Exports()
     exports.check(single_run)
-    if exports.wanted and spec.world_size > 1 and not fake:
-        raise MemoptError("--html, --snapshot and --trace draw one process's events; with --world-size, estimate "
-                          "traces one rank (memopt estimate ... --html FILE)")
+    if timeline is not None:
+        plot.check_timeline_path(timeline)
+    if (exports.wanted or timeline is not None) and spec.world_size > 1 and not fake:
+        raise MemoptError("--timeline, --html, --snapshot and --trace draw one process's events; with --world-size, "
+                          "estimate traces one rank (memopt estimate ... --html FILE)")
     return exports
 
 
@@ -88,12 +93,8 @@ def profile(given: SpecOptions, ui: Ui, *, json_out: str | None = None, timeline
     """``memopt profile``: preflight, drift, the measured run; tables, JSON, the timeline and the exports."""
     spec = load(given, ui)
     limit = _size(device_memory, "--device-memory")
-    exports = _checked_exports(spec, exports)
+    exports = _checked_exports(spec, exports, timeline=timeline)
     outputs = Outputs({"spec": given.config}, json_out=json_out, timeline=timeline, **exports.paths())
-    if timeline is not None:
-        plot.check_timeline_path(timeline)
-        if spec.world_size > 1:
-            raise MemoptError("--timeline draws one process's events; with --world-size, estimate traces one rank")
     record = timeline is not None or exports.wanted
     result = profile_run(spec, progress=ui.progress, timeline=record, stacks=exports.stacks, device_memory=limit,
                          fit_check=fit_check)

@@ -30,7 +30,7 @@ from memopt.spec import Spec
 
 def measure_training(spec: Spec, name: str, *, timeline: bool = False, stacks: bool = False,
                      device_memory: int | None = None, progress: Progress | None = None, grads_to: str | None = None,
-        fake: bool = False) -> RunResult:
+                     fake: bool = False) -> RunResult:
     """A warm-up step, then ``train.steps`` tracked steps (under fake tensors: optimizer state made without a
     step, then one traced step). Raises MemoptError (OutOfMemory naming the stage and phase)."""
     say = progress or (lambda _msg: None)

@@ -22,6 +22,7 @@ import traceback
 import tracemalloc
 import weakref
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import psutil
@@ -112,11 +113,7 @@ class TensorTracker(TorchDispatchMode):
             self._started_ns = time.perf_counter_ns()
             self.timeline = MemoryTrace([str(c) for c in self.categories])
             for entry in self._live.values():  # alive when the step begins: event 0
-                entry[5] = len(self.timeline.allocations)
-                origin = entry[4] or Allocation(entry[2], str(entry[1]))
-                self.timeline.allocations.append(Allocation(
-                    entry[2], str(entry[1]), origin.op, origin.module, origin.phase, origin.shape, origin.dtype,
-                    origin.frames))
+                self._enter_timeline(entry, start=0)
         self._tick("start")
 
     def result(self) -> StepMemory:
@@ -160,11 +157,7 @@ class TensorTracker(TorchDispatchMode):
         else:
             self._at_peak = False
         if self.timeline is not None:
-            origin = entry[4]
-            entry[5] = len(self.timeline.allocations)
-            self.timeline.allocations.append(Allocation(
-                n, str(category), origin.op, origin.module, origin.phase, origin.shape, origin.dtype, origin.frames,
-                start=len(self.timeline.kinds)))
+            self._enter_timeline(entry, start=len(self.timeline.kinds))
         self._tick("alloc", entry[5])
         if self.limit_bytes is not None and self.total > self.limit_bytes:
             self._over_limit()
@@ -177,15 +170,23 @@ class TensorTracker(TorchDispatchMode):
         self.total -= entry[2]
         self._at_peak = False
         event = self._tick("free", entry[5])
-        if event is not None and entry[5] is not None:
+        if event is not None:
             self.timeline.allocations[entry[5]].end = event  # type: ignore[union-attr]
 
-    def _tick(self, kind: str, subject: int | None = None) -> int | None:
-        """Record an event (when recording the timeline and the allocation is in it); its index."""
-        if self.timeline is None or (subject is None and kind != "start"):
+    def _enter_timeline(self, entry: list[Any], start: int) -> None:
+        """The live storage ``entry`` as an allocation of this step's timeline, from event ``start``."""
+        assert self.timeline is not None
+        origin = entry[4] or Allocation(entry[2], str(entry[1]))  # where it was made, when that was recorded
+        entry[5] = len(self.timeline.allocations)
+        self.timeline.allocations.append(replace(origin, nbytes=entry[2], category=str(entry[1]), start=start,
+                                                 end=None, changes=[]))
+
+    def _tick(self, kind: str, subject: int = -1) -> int | None:
+        """Record an event (``subject``: the allocation's index in the timeline) when recording; its index."""
+        if self.timeline is None:
             return None
-        return self.timeline.record(kind, -1 if subject is None else subject, self.phase, self.module,
-                                    list(self.bytes.values()), time.perf_counter_ns() - self._started_ns)
+        return self.timeline.record(kind, subject, self.phase, self.module, list(self.bytes.values()),
+                                    time.perf_counter_ns() - self._started_ns)
 
     def _changed(self, entry: list[Any], kind: str) -> None:
         """An allocation's size (``resize``) or category (``move``) changed: an event, and the change kept with it."""

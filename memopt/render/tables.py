@@ -169,8 +169,8 @@ def ranks_table(result: RunResult) -> Table:
         columns = [(f"min (rank {low['rank']})", [low]), (f"max (rank {high['rank']})", [high])]
     for name, _ in columns:
         table.add_column(name, justify="right")
-    mesh = (result.strategy_facts.get("tp") or {}).get("mesh")
-    if mesh:  # a 2-D run: where each rank sits, (data-parallel index, tensor-parallel index)
+    mesh = result.mesh or {}
+    if mesh.get("tp", 1) > 1:  # a 2-D run: where each rank sits, (data-parallel index, tensor-parallel index)
         table.add_row("mesh (dp, tp)", *(f"({rs[0]['rank'] // mesh['tp']}, {rs[0]['rank'] % mesh['tp']})"
                                          for _, rs in columns))
     table.add_row("peak", *(format_bytes(rs[0]["peak_bytes"]) for _, rs in columns), style="bold")

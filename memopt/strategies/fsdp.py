@@ -57,7 +57,7 @@ class DdpOptions(Options):
     world_size: int = Field(2, ge=1, le=2**16, description="ranks (processes), each with the whole model")
 
 
-def _needs_ranks(strategy: Strategy[Any]) -> None:
+def needs_ranks(strategy: Strategy[Any]) -> None:
     """Refuse what cannot be split over the ranks: one rank, or a batch that does not divide."""
     world, batch = strategy.options.world_size, strategy.spec.train.batch_size
     shards = strategy.spec.batch_shards
@@ -68,7 +68,7 @@ def _needs_ranks(strategy: Strategy[Any]) -> None:
                             "ranks (each rank steps on its own shard of the global batch)")
 
 
-def _process_group(name: str, world: int) -> None:
+def require_process_group(name: str, world: int) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -99,7 +99,7 @@ class Fsdp(Strategy[FsdpOptions]):
                "prune": "the pruned model's embedding reaches FSDP's forward unsharded (fails on the ranks)"}
 
     def check(self) -> None:
-        _needs_ranks(self)
+        needs_ranks(self)
         if self.options.cpu_offload and self.device != "cuda":
             raise StrategyError("fsdp.cpu_offload: the states are in CPU memory already on a CPU device")
 
@@ -107,7 +107,7 @@ class Fsdp(Strategy[FsdpOptions]):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         world = self.options.world_size
-        _process_group(self.name, world)
+        require_process_group(self.name, world)
         # beside tensor parallelism FSDP shards over the mesh's other dimension
         mesh = parallel_mesh(next(model.model.parameters()).device.type, world, world // self.spec.batch_shards)["dp"]
         kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.options.reshard_after_forward}
@@ -154,13 +154,13 @@ class Ddp(Strategy[DdpOptions]):
                "optim_in_bwd": "the optimizer would step before the gradients are all-reduced"}
 
     def check(self) -> None:
-        _needs_ranks(self)
+        needs_ranks(self)
         if in_fake_mode():
             raise StrategyError("ddp: cannot be estimated (DDP's start-up checks read the weights, which fake tensors "
                                 "do not have); measure it with memopt profile, or estimate fsdp")
 
     def apply(self, model: ModelAdapter) -> None:
-        _process_group(self.name, self.options.world_size)
+        require_process_group(self.name, self.options.world_size)
         replicate(model.model)
 
     def report(self) -> dict[str, Any]:

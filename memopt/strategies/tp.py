@@ -20,7 +20,7 @@ from memopt.core._torch_private import parallel_mesh
 from memopt.core.errors import StrategyError
 from memopt.strategies import register
 from memopt.strategies.base import Options, Strategy
-from memopt.strategies.fsdp import _needs_ranks, _process_group
+from memopt.strategies.fsdp import needs_ranks, require_process_group
 
 
 class TpOptions(Options):
@@ -73,18 +73,19 @@ class Tp(Strategy[TpOptions]):
                                 "--world-size for both")
         if self.spec.run.mode != "train":
             raise StrategyError(f"tp: applies to --mode train, not to run.mode {self.spec.run.mode}")
-        _needs_ranks(self)
+        needs_ranks(self)
 
     def apply(self, model: ModelAdapter) -> None:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         size, world = self.options.size, self.options.world_size
-        _process_group(self.name, world)
+        require_process_group(self.name, world)
         device = next(model.model.parameters()).device.type
         mesh = parallel_mesh(device, world, size)
+        projections = model.attention_projections()  # first: an encoder's attention is split into Linears here
         names = {id(m): name for name, m in model.model.named_modules()}
         plan: dict[str, Any] = {}
-        for attn in model.attention_projections():
+        for attn in projections:
             for what, count in (("heads", attn.n_heads), ("key/value heads", attn.n_kv_heads)):
                 if count % size:
                     raise StrategyError(f"tp.size: {count} attention {what} do not split over {size} ranks")
