@@ -206,6 +206,20 @@ def parallel_mesh(device: str, world_size: int, tp: int = 1) -> dict[str, Any]:
     return _MESHES[key]
 
 
+def leave_process_group() -> None:
+    """Destroy the process group, and first the meshes made of it: a DeviceMesh alive past
+    ``destroy_process_group`` keeps gloo's process group, whose destructor then runs at interpreter exit and
+    aborts the process now and then ("terminate called without an active exception", SIGABRT)."""
+    import gc
+
+    import torch.distributed as dist
+
+    _MESHES.clear()
+    gc.collect()  # a sharded model's reference cycles may hold a mesh too
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def meshes_outside_fake_mode() -> Iterator[None]:
     """Inside, ``DeviceMesh._concatenate`` runs outside any FakeTensorMode: FSDP2 concatenates its mesh with a
@@ -237,7 +251,7 @@ def fake_process_group(world_size: int) -> Iterator[None]:
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 @contextlib.contextmanager

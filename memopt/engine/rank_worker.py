@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-import torch.distributed as dist
-
+from memopt.core._torch_private import leave_process_group
 from memopt.core.errors import MemoptError
 from memopt.core.processes import die_with_parent, user_output_to_stderr
 from memopt.engine.devices import resolve_device
@@ -33,8 +32,7 @@ def main() -> None:
         except Exception as exc:
             reply, code = {"error": f"{type(exc).__name__}: {exc}"}, 1
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            leave_process_group()
     print(json.dumps(reply), flush=True)
     sys.exit(code)
 

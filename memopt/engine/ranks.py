@@ -84,6 +84,8 @@ def run_as_rank(spec: Spec, name: str, run: Callable[..., RunResult], **kwargs: 
     """Under torchrun: this process's run, and on rank 0 every rank's combined (other ranks get their own)."""
     import torch.distributed as dist
 
+    from memopt.core._torch_private import leave_process_group
+
     join_process_group(resolve_device(spec.run.device))
     try:
         if dist.get_world_size() != spec.world_size:
@@ -97,7 +99,7 @@ def run_as_rank(spec: Spec, name: str, run: Callable[..., RunResult], **kwargs: 
             return mine
         return combine([RunResult.from_json(r, device=mine.device) for r in gathered])
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _free_port() -> int:
