@@ -59,6 +59,13 @@ HfOpt = Annotated[Optional[str], typer.Option(
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", metavar="PKG.MODULE:FACTORY", help="Your own nn.Module instead of the spec's model: the factory is "
     "imported (which runs that module's code) and called; see README.", show_default=False)]
+KerasOpt = Annotated[Optional[str], typer.Option(
+    "--keras", metavar="PKG.MODULE:FACTORY", help="A Keras 3 model instead of the spec's model: the factory returns a "
+    "keras.Model, compiled or not (then the spec's optimizer and sparse cross-entropy on logits). Needs pip install "
+    "'memopt\\[tf]'.", show_default=False)]
+BackendOpt = Annotated[Optional[str], typer.Option(
+    "--backend", metavar="torch|tensorflow", help="The Keras model's backend: torch (memopt's tracker) or tensorflow "
+    "(TensorFlow's allocator, in a process of its own).", show_default=False)]
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", metavar="FILE", help="Batches from this text file (train.data): a Hugging Face checkpoint's tokenizer "
     "when it has one, else UTF-8 bytes. Default: seeded random token ids.", show_default=False)]
@@ -276,7 +283,7 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
 @handle_errors
 def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
             device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
-            hf: HfOpt = None, model: ModelOpt = None,
+            hf: HfOpt = None, model: ModelOpt = None, keras: KerasOpt = None, backend: BackendOpt = None,
             data: DataOpt = None, held_out: HeldOutOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, strategies: StrategiesOpt = None, device_memory: DeviceMemoryOpt = None,
             mode: ModeOpt = None, prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None,
@@ -295,9 +302,11 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
     -s kv_quant:bits=4[/bold]
 
     To look at: [bold]memopt profile configs/tiny.yaml --html step.html --snapshot step.pickle --trace step.json[/bold]
+
+    A Keras model on TensorFlow: [bold]memopt profile --keras mypkg.models:make_lm --backend tensorflow[/bold]
     """
     spec = _spec(config, strategies, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
-                 seq_len=seq_len,
+                 seq_len=seq_len, keras=keras, backend=backend,
                  steps=steps, hf=hf, python=model, data=data, held_out=held_out, mode=mode, prompt_len=prompt_len,
                  new_tokens=new_tokens, cache=cache, world_size=world_size)
     with _ui() as ui:
@@ -308,15 +317,18 @@ def profile(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out:
 
 @app.command()
 @handle_errors
-def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.Option(
+def compare(config: ConfigArg = None, *, strategies: Annotated[Optional[list[str]], typer.Option(
                 "--strategies", "-s", metavar="SETS",
                 help="Strategy sets, each run on its own: sets are separated by commas, + joins strategies into "
-                     "one set, e.g. 'ckpt,chunked_ce,ckpt+chunked_ce'. " + STRATEGY_GRAMMAR)],
+                     "one set, e.g. 'ckpt,chunked_ce,ckpt+chunked_ce'. " + STRATEGY_GRAMMAR,
+                show_default=False)] = None,
             json_stdout: JsonOpt = False, json_out: JsonOutOpt = None, markdown: MarkdownOpt = None,
             plot: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png",
                                                         help="Bar chart of peak by category per run.")] = None,
             device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
-            hf: HfOpt = None, model: ModelOpt = None,
+            hf: HfOpt = None, model: ModelOpt = None, keras: KerasOpt = None, backend: Annotated[Optional[str],
+                typer.Option("--backend", metavar="BACKENDS", help="The Keras model's backend, or several side by "
+                             "side: torch,tensorflow (each in its own process).", show_default=False)] = None,
             data: DataOpt = None, held_out: HeldOutOpt = None, batch_size: BatchOpt = None, seq_len: SeqOpt = None,
             steps: StepsOpt = None, device_memory: DeviceMemoryOpt = None, mode: ModeOpt = None,
             prompt_len: PromptLenOpt = None, new_tokens: NewTokensOpt = None, cache: CacheOpt = None,
@@ -326,13 +338,17 @@ def compare(config: ConfigArg = None, *, strategies: Annotated[list[str], typer.
     Example: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce,ckpt+chunked_ce --markdown pr.md[/bold]
 
     Every run's timeline on one scale: [bold]memopt compare configs/tiny.yaml -s ckpt,chunked_ce --html cmp.html[/bold]
+
+    A Keras model on both backends: [bold]memopt compare --keras mypkg.models:make_lm --backend torch,tensorflow[/bold]
     """
+    backends = [b for b in (backend or "").split(",") if b.strip()]
     spec = _spec(config, None, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
-                 seq_len=seq_len, steps=steps,
+                 seq_len=seq_len, steps=steps, keras=keras, backend=backends[0] if backends else None,
                  hf=hf, python=model, data=data, held_out=held_out, mode=mode, prompt_len=prompt_len,
                  new_tokens=new_tokens, cache=cache, world_size=world_size)
     with _ui(runs=True) as ui:
-        out = _commands().compare(spec, ui, strategies, json_out=json_out, markdown=markdown, plot_path=plot,
+        out = _commands().compare(spec, ui, strategies or [], backends=backends, json_out=json_out, markdown=markdown,
+                                  plot_path=plot,
                                   device_memory=device_memory, exports=_exports(html, stacks=stacks))
     _finish(out, json_stdout)
 
@@ -411,8 +427,9 @@ def strategies(*, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None) -> 
 @handle_errors
 def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out: JsonOutOpt = None,
              device: DeviceOpt = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
-             hf: HfOpt = None, model: ModelOpt = None, batch_size: BatchOpt = None,
-             seq_len: SeqOpt = None, strategies: StrategiesOpt = None, fits: Annotated[Optional[str], typer.Option(
+             hf: HfOpt = None, model: ModelOpt = None, keras: KerasOpt = None, backend: BackendOpt = None,
+             batch_size: BatchOpt = None, seq_len: SeqOpt = None, strategies: StrategiesOpt = None,
+             fits: Annotated[Optional[str], typer.Option(
                  "--fits", metavar="SIZE", help="Answer whether it fits in SIZE (e.g. 24GiB); if not, which "
                  "single strategies would make it fit. With --mode generate also the largest batch and the longest "
                  "context that fit.", show_default=False)] = None,
@@ -430,7 +447,7 @@ def estimate(config: ConfigArg = None, *, json_stdout: JsonOpt = False, json_out
     --device cuda --fits 24GiB[/bold]
     """
     spec = _spec(config, strategies, device=device, dtype=dtype, precision=precision, batch_size=batch_size,
-                 seq_len=seq_len, hf=hf,
+                 seq_len=seq_len, hf=hf, keras=keras, backend=backend,
                  python=model, mode=mode, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,
                  world_size=world_size)
     with _ui() as ui:

@@ -119,6 +119,11 @@ class ModelAdapter(Protocol):
         """The training objective for one batch: a scalar."""
         ...
 
+    def own_optimizer(self) -> Any | None:
+        """The optimizer the model brings (a compiled Keras model's), stepped as a torch one; None: memopt makes the
+        spec's."""
+        ...
+
     def loss_through_root(self) -> None:
         """From now on compute ``loss`` inside a call of the root module, so that hooks on the root run around it
         (FSDP2 gathers the root's own parameters there: embeddings, final norm, head)."""

@@ -23,12 +23,28 @@ from memopt.model.transformer import (
     default_dtype,
     parameter_count,
 )
-from memopt.spec import AnyModelSpec, HfModelSpec, ModelSpec, PythonModelSpec, Spec
+from memopt.spec import AnyModelSpec, HfModelSpec, KerasModelSpec, ModelSpec, PythonModelSpec, Spec
+
+_KERAS_VOCAB: dict[str, int | None] = {}  # a Keras model's vocabulary, found when it was built (by its spec)
 
 
 def build_adapter(spec: Spec, device: str) -> ModelAdapter:
     """The spec's model on ``device`` in the run's dtype (seed it first), behind its adapter."""
+    if isinstance(spec.model, KerasModelSpec):
+        return keras_adapter(spec)
     return model_adapter(spec.model, spec.run.dtype, device)
+
+
+def keras_adapter(spec: Spec) -> ModelAdapter:
+    """A Keras model on the PyTorch backend (the TensorFlow backend is measured in a process of its own)."""
+    from memopt.adapters.keras import KerasAdapter, build_keras, keras_vocab_size
+
+    assert isinstance(spec.model, KerasModelSpec)
+    if spec.model.backend != "torch":
+        raise MemoptError(f"model.backend: {spec.model.backend} runs in its own process, not through the tracker")
+    built = build_keras(spec.model, spec)
+    _KERAS_VOCAB[spec.model.model_dump_json()] = keras_vocab_size(spec.model, built)
+    return KerasAdapter(built, spec.model)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -47,6 +63,8 @@ def model_adapter(model: AnyModelSpec, dtype: str, device: str) -> ModelAdapter:
         return BuiltinAdapter(build_model(model, dtype, device))
     if isinstance(model, HfModelSpec):
         return HfAdapter(build_hf(model, TORCH_DTYPES[dtype], device))  # adapter_for would find it too
+    if isinstance(model, KerasModelSpec):
+        raise MemoptError("model.keras: a Keras model is built with its spec (memopt.adapters.build.build_adapter)")
     loss = _entry(model.loss, "loss") if model.loss else None
     return ModuleAdapter(build_python(model, dtype, device), loss, custom_batch=model.batch is not None,
                          source=model)
@@ -77,6 +95,11 @@ def build_python(model: PythonModelSpec, dtype: str, device: str) -> nn.Module:
 
 def vocab_size(model: AnyModelSpec) -> int:
     """The token-id range of random batches."""
+    if isinstance(model, KerasModelSpec):
+        found = model.vocab_size or _KERAS_VOCAB.get(model.model_dump_json())
+        if found is None:
+            raise MemoptError(f"model.vocab_size: unknown for {model.keras} before it is built; set model.vocab_size")
+        return found
     if not isinstance(model, PythonModelSpec):
         return model.vocab_size
     if model.vocab_size is not None:

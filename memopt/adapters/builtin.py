@@ -90,6 +90,10 @@ class BuiltinAdapter:
     def loss(self, batch: Batch) -> torch.Tensor:
         return self.lm(*batch)
 
+    def own_optimizer(self) -> None:
+        """None: memopt makes the spec's optimizer."""
+        return None
+
     def loss_through_root(self) -> None:
         """Nothing to do: ``loss`` calls the root module."""
 

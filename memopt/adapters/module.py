@@ -164,6 +164,10 @@ class ModuleAdapter:
                                "model.loss: pkg.module:loss_fn")
         return default_loss(output, batch[1])
 
+    def own_optimizer(self) -> Any | None:
+        """None: memopt makes the spec's optimizer."""
+        return None
+
     def loss_through_root(self) -> None:
         """Nothing to do: ``loss`` calls the root module."""
 

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from memopt.core.errors import StrategyError
+from memopt.core.errors import MemoptError, StrategyError
 from memopt.core.results import RunOne, RunResult, VsBaseline
 from memopt.core.timing import ratio_of
 from memopt.spec import Spec, spec_from_data
@@ -23,10 +23,16 @@ def set_spec(spec: Spec, entries: list[StrategyEntry]) -> Spec:
     return spec_from_data(spec.to_dict(), strategies=strategies, strategies_option="--strategies")
 
 
-def planned_runs(spec: Spec, sets: list[list[StrategyEntry]], device: str) -> list[tuple[str, Spec]]:
+def planned_runs(spec: Spec, sets: list[list[StrategyEntry]], device: str,
+                 backends: list[Spec] | None = None) -> list[tuple[str, Spec]]:
     """(name, spec) of the baseline and every set, each checked as its run would check it (options, refused
-    pairs, devices, each strategy's own checks), so that nothing a run would refuse starts at all."""
+    pairs, devices, each strategy's own checks), so that nothing a run would refuse starts at all. ``backends``:
+    the same Keras model on other backends, each a baseline of its own (named by its backend)."""
     planned = [("baseline", spec)]
+    if backends:
+        planned = [(f"baseline ({getattr(s.model, 'backend', '')})", s) for s in [spec, *backends]]
+        if len({name for name, _ in planned}) < len(planned):
+            raise MemoptError("--backend: each backend once, e.g. --backend torch,tensorflow")
     for entries in sets:
         label = set_label(entries)
         if label in (name for name, _ in planned):

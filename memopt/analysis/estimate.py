@@ -23,7 +23,7 @@ from memopt.core.errors import MemoptError
 from memopt.core.results import RunResult
 from memopt.engine.devices import resolve_device
 from memopt.engine.run import run
-from memopt.spec import DTYPE_BYTES, HfModelSpec, PythonModelSpec, Spec
+from memopt.spec import DTYPE_BYTES, HfModelSpec, KerasModelSpec, PythonModelSpec, Spec
 from memopt.strategies import StrategySpec, shards_model_states
 
 DEADLINE_S = 60.0  # --fits: how long to look for single strategies that would make it fit
@@ -50,6 +50,8 @@ def analytic(spec: Spec) -> dict[str, int | None]:
     parallelism), b the rows of the rank's data-parallel group.
     """
     m, t = spec.model, spec.train
+    if isinstance(m, KerasModelSpec):  # its parameters are known once it is built, in its own process
+        return {"params": None, "grads": None, "optimizer": None, "activations": None, "peak": None}
     dtype_bytes = DTYPE_BYTES[spec.run.dtype]
     n = parameter_total(m)
     if spec.run.mode != "train":  # weights + the KV formula: what serving calculators say

@@ -110,14 +110,20 @@ def profile(given: SpecOptions, ui: Ui, *, json_out: str | None = None, timeline
                          warnings=result.warnings)
 
 
-def compare(given: SpecOptions, ui: Ui, sets: list[str], *, json_out: str | None = None,
-            markdown: str | None = None, plot_path: str | None = None,
+def compare(given: SpecOptions, ui: Ui, sets: list[str], *, backends: list[str] | None = None,
+            json_out: str | None = None, markdown: str | None = None, plot_path: str | None = None,
             device_memory: str | None = None, exports: Exports | None = None) -> CommandOutput:
-    """``memopt compare``: the baseline and each set, each in its own process, side by side."""
+    """``memopt compare``: the baseline and each set, each in its own process, side by side; with several Keras
+    ``backends``, the baseline on each."""
     spec = load(given, ui)
+    others = [load(SpecOptions(given.config, given.strategies, {**(given.overrides or {}), "backend": b}), ui)
+              for b in (backends or [])[1:]]
+    if not sets and not others:
+        raise MemoptError("--strategies: give the strategy sets to compare with the baseline, e.g. -s ckpt,chunked_ce "
+                          "(or, for a Keras model, several backends: --backend torch,tensorflow)")
     limit = _size(device_memory, "--device-memory")
     device = resolve_device(spec.run.device)
-    planned = planned_runs(spec, parse_sets(sets), device)  # everything a run would refuse, now
+    planned = planned_runs(spec, parse_sets(sets), device, others)  # everything a run would refuse, now
     exports = _checked_exports(spec, exports, single_run=False)
     outputs = Outputs({"spec": given.config}, json_out=json_out, markdown=markdown, plot=plot_path,
                       **exports.paths())

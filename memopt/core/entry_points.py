@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -50,6 +51,24 @@ def exception_text(exc: BaseException) -> str:
     problems)."""
     text = " ".join(str(exc).split()).replace("; ", ", ")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def find_entry_point_module(text: str, field: str) -> None:
+    """That the module ``text`` names can be found, without importing it (its code may choose, by importing Keras,
+    what cannot be chosen later); ValueError("FIELD: TEXT why") when it cannot."""
+    module_name = text.partition(":")[0]
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        found = None
+    except Exception as exc:  # a parent package that raises on import
+        raise ValueError(f"{field}: {text} cannot be imported, importing {module_name} raised "
+                         f"{exception_text(exc)}") from None
+    if found is None:
+        raise ValueError(f"{field}: {text} cannot be imported, no module named {module_name!r} (the import path "
+                         "holds the current directory and PYTHONPATH)")
 
 
 def load_entry_point(text: str, field: str) -> Callable[..., Any]:

@@ -168,6 +168,7 @@ class RunResult:
     ranks: list[dict[str, Any]] | None = None  # each rank's own run dict; the run's fields are its highest rank's
     rank: int = 0                            # which rank this process is (not serialised)
     mesh: dict[str, int] | None = None       # ranks per mesh dimension ({"dp": 2, "tp": 2}) of a run on ranks
+    tensorflow: dict[str, Any] | None = None  # a Keras model on TensorFlow: its allocator's own figures, XLA's
 
     @classmethod
     def failed(cls, name: str, strategies: list[dict[str, Any]], error: str, device: str = "") -> RunResult:
@@ -196,6 +197,8 @@ class RunResult:
             data["inference"] = self.inference
         if self.mesh is not None:
             data["mesh"] = self.mesh
+        if self.tensorflow is not None:
+            data["tensorflow"] = self.tensorflow
         if self.world_size > 1:
             data["world_size"] = self.world_size
             if self.ranks is not None:
@@ -221,7 +224,8 @@ class RunResult:
                    warnings=data.get("warnings", []), pid=data.get("pid", 0),
                    vs_baseline=VsBaseline.from_json(vs) if vs is not None else None,
                    inference=data.get("inference"), world_size=data.get("world_size", 1),
-                   ranks=data.get("ranks"), mesh=data.get("mesh"))
+                   ranks=data.get("ranks"), mesh=data.get("mesh"),
+                   tensorflow=data.get("tensorflow"))
 
 
 # Runs one spec (``(spec, name, **options) -> RunResult``) in a process of its own: the analyses that compare runs

@@ -9,9 +9,10 @@ from memopt.core._torch_private import fake_process_group, fake_tensor_mode
 from memopt.core.results import RunResult
 from memopt.engine import ranks
 from memopt.engine.inference import measure_inference
+from memopt.engine.keras_tf import run_tensorflow
 from memopt.engine.step import Progress
 from memopt.engine.train import measure_training
-from memopt.spec import Spec
+from memopt.spec import KerasModelSpec, Spec
 
 
 def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, stacks: bool = False,
@@ -25,6 +26,8 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, stacks: b
     ``spec.world_size`` > 1: on that many ranks (launched here, or this process is one of torchrun's); under
     fake tensors one rank is traced in a fake process group and stands for all.
     """
+    if isinstance(spec.model, KerasModelSpec) and spec.model.backend == "tensorflow":
+        return run_tensorflow(spec, name, fake=fake)
     if spec.world_size > 1 and not ranks.in_process_group():
         if fake:
             with fake_process_group(spec.world_size):

@@ -21,7 +21,7 @@ from memopt.engine.devices import resolve_device
 from memopt.engine.ranks import rank
 from memopt.measure.tracker import ModelWatch, TensorTracker
 from memopt.model.kv_plan import KvPlan
-from memopt.spec import PythonModelSpec, Spec
+from memopt.spec import KerasModelSpec, PythonModelSpec, Spec
 from memopt.strategies import StepPlan, Strategy, build_strategies
 from memopt.strategies.base import SavedTensors
 
@@ -81,9 +81,10 @@ def prepare(spec: Spec, fake: bool = False) -> Session:
                 what = "has no parameters"
             raise MemoptError(f"model: {spec.model.title()} {what}: a training step has nothing to update "
                               "(--mode infer measures a forward pass)")
+        optimizer = adapter.own_optimizer()  # a compiled Keras model's
         for strategy in strategies:
             optimizer = strategy.attach_optimizer(adapter, make_optimizer) or optimizer
-        if optimizer is None:
+        if optimizer is None and not isinstance(spec.model, KerasModelSpec):
             optimizer = make_optimizer(spec.train.optimizer, trainable, spec.train.lr)
     else:
         adapter.model.eval()  # inference: dropout off
@@ -99,6 +100,11 @@ def make_batch(spec: Spec, device: str, step: int = 0) -> Any:
     seed = spec.run.seed * 1_000_003 + step
     if isinstance(spec.model, PythonModelSpec) and spec.model.batch is not None:
         return user_batch(spec.model.batch, spec.train.batch_size, spec.train.seq_len, device, seed)
+    if isinstance(spec.model, KerasModelSpec):  # (x, y) as the model's fit takes them
+        from memopt.adapters.keras import keras_batch
+
+        vocab = None if spec.model.batch is not None else vocab_size(spec.model)
+        return tuple(torch.as_tensor(part, device=device) for part in keras_batch(spec.model, spec, vocab, step))
     if spec.train.data is not None and not in_fake_mode():  # an estimate needs the shapes only
         return text_batch(spec, device, step)
     gen = torch.Generator().manual_seed(seed)

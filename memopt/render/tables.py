@@ -61,10 +61,26 @@ def _memory_rows(result: RunResult) -> list[Row]:
     rows = [("Peak tensor memory", format_bytes(mem.peak_bytes), f"during {mem.peak_phase}{where}")]
     if result.host.cuda:
         rows += _cuda_rows(mem, result.host.cuda)
+    if result.tensorflow is not None:
+        return rows + _tensorflow_rows(mem, result.tensorflow)
     rows.append(("Process RSS peak", format_bytes(result.host.rss_peak_bytes), "OS view of the process"))
     if not result.estimated and result.host.python_heap_peak_bytes:  # 0: not traced (memopt run)
         rows.append(("Python heap peak", format_bytes(result.host.python_heap_peak_bytes), "tracemalloc: not tensors"))
     return rows
+
+
+def _tensorflow_rows(mem: StepMemory, facts: dict[str, Any]) -> list[Row]:
+    """TensorFlow's own figures beside the tensors' peak: its allocator's peak, or XLA's buffer assignment."""
+    if "allocator_peak_bytes" in facts:
+        over = facts["allocator_peak_bytes"] - mem.peak_bytes
+        return [("TF allocator peak", format_bytes(facts["allocator_peak_bytes"]),
+                 f"get_memory_info: its chunks, {format_bytes(abs(over))} {'above' if over >= 0 else 'below'} the "
+                 "tensors' peak")]
+    xla = facts.get("xla_buffer_assignment", {})
+    return [("XLA parameters", format_bytes(xla.get("parameter_bytes", 0)), "weights, optimizer slots, the batch"),
+            ("XLA temp buffer", format_bytes(xla.get("temp_bytes", 0)), "every intermediate, overlapped"),
+            ("XLA outputs", format_bytes(xla.get("output_bytes", 0) + xla.get("constant_bytes", 0)),
+             "and constants")]
 
 
 def _cuda_rows(mem: StepMemory, cuda: dict[str, int]) -> list[Row]:
@@ -84,7 +100,9 @@ def _cuda_rows(mem: StepMemory, cuda: dict[str, int]) -> list[Row]:
 def _run_rows(result: RunResult, warmed_up: bool) -> list[Row]:
     """Time, loss, the inference facts and the parameters."""
     runs = f"of {len(result.step_times_s)}"
-    if result.estimated:
+    if result.estimated and result.tensorflow is not None:
+        rows = [("Compile + step", f"{result.step_time_s:.1f} s", "XLA compiles the step at its first call")]
+    elif result.estimated:
         rows = [("Trace time", f"{result.step_time_s:.1f} s", "one step on fake tensors")]
     elif result.inference is not None:
         what = "generation" if result.inference["mode"] == "generate" else "forward pass"
@@ -350,7 +368,8 @@ def print_check(found: list[Any], tolerance: float, peak: int, baseline_peak: in
 def print_estimate(spec: Spec, result: RunResult, formulas: dict[str, int | None], fit: Any,
                    capacity: Any = None) -> None:
     tables = profile_tables(spec, result)
-    tables[0].title = str(tables[0].title).replace("memopt profile", "memopt estimate (traced, nothing allocated)")
+    how = "(XLA's buffer assignment)" if result.tensorflow is not None else "(traced, nothing allocated)"
+    tables[0].title = str(tables[0].title).replace("memopt profile", f"memopt estimate {how}")
     console = stdout_console()
     extra = [capacity_table(spec, capacity)] if capacity is not None else []
     print_tables([*tables, estimate_table(result, formulas), *extra], console)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         AnyModelSpec,
         GenerateSpec,
         HfModelSpec,
+        KerasModelSpec,
         ModelSpec,
         PythonModelSpec,
         RunSpec,
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
 _HOMES = {
     **dict.fromkeys(("MODEL_OVERRIDES", "OVERRIDE_PATHS", "PRESETS", "config_note", "load_spec", "read_yaml",
                      "spec_from_data"), "load"),
-    **dict.fromkeys(("DTYPE_ALIASES", "DTYPE_BYTES", "AnyModelSpec", "GenerateSpec", "HfModelSpec", "ModelSpec",
-                     "PythonModelSpec", "RunSpec", "Spec", "TrainSpec"), "schema"),
+    **dict.fromkeys(("DTYPE_ALIASES", "DTYPE_BYTES", "AnyModelSpec", "GenerateSpec", "HfModelSpec", "KerasModelSpec",
+                     "ModelSpec", "PythonModelSpec", "RunSpec", "Spec", "TrainSpec"), "schema"),
     **dict.fromkeys(("Options", "StrategySpec"), "strategy_spec"),
 }
 
@@ -52,5 +53,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["DTYPE_ALIASES", "DTYPE_BYTES", "MODEL_OVERRIDES", "OVERRIDE_PATHS", "PRESETS", "AnyModelSpec",
-           "GenerateSpec", "HfModelSpec", "ModelSpec", "Options", "PythonModelSpec", "RunSpec", "Spec", "StrategySpec",
-           "TrainSpec", "config_note", "load_spec", "read_yaml", "spec_from_data"]
+           "GenerateSpec", "HfModelSpec", "KerasModelSpec", "ModelSpec", "Options", "PythonModelSpec", "RunSpec",
+           "Spec", "StrategySpec", "TrainSpec", "config_note", "load_spec", "read_yaml", "spec_from_data"]

@@ -14,12 +14,21 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from memopt.core.entry_points import load_entry_point
+from memopt.core.entry_points import find_entry_point_module, load_entry_point
 from memopt.core.errors import MemoptError, SpecError
 from memopt.core.files import read_input
 from memopt.core.wording import describe, describe_value_error, suggest
 from memopt.spec.hf_config import is_bare_name, is_model_type, load_config
-from memopt.spec.schema import DTYPE_ALIASES, PRECISIONS, AnyModelSpec, HfModelSpec, ModelSpec, PythonModelSpec, Spec
+from memopt.spec.schema import (
+    DTYPE_ALIASES,
+    PRECISIONS,
+    AnyModelSpec,
+    HfModelSpec,
+    KerasModelSpec,
+    ModelSpec,
+    PythonModelSpec,
+    Spec,
+)
 from memopt.spec.strategy_args import parse_strategy
 from memopt.spec.strategy_spec import StrategySpec, catalog, strategy_spec
 
@@ -38,13 +47,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TEXT_FILES = ("data", "held_out")  # train's fields that name a text file
-MODEL_OVERRIDES = {"hf": "--hf", "python": "--model"}  # override key -> option: replaces the spec's model
+MODEL_OVERRIDES = {"hf": "--hf", "python": "--model", "keras": "--keras"}  # override key -> option: the model
+BACKEND_ALIASES = {"tf": "tensorflow", "pytorch": "torch"}  # how users spell a Keras backend -> Keras's name
 OVERRIDE_PATHS = {"batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
                   "steps": ("train", "steps"), "device": ("run", "device"), "dtype": ("run", "dtype"),
                   "optimizer": ("train", "optimizer"), "data": ("train", "data"), "held_out": ("train", "held_out"),
                   "mode": ("run", "mode"),
                   "prompt_len": ("generate", "prompt_len"), "new_tokens": ("generate", "new_tokens"),
-                  "cache": ("generate", "cache"), "precision": ("run", "precision")}
+                  "cache": ("generate", "cache"), "precision": ("run", "precision"), "backend": ("model", "backend")}
 # how users spell a precision (Lightning's old names among them) -> memopt's
 PRECISION_ALIASES = {"32": "fp32", "32-true": "fp32", "fp32-true": "fp32", "float32": "fp32", "bf16": "bf16-mixed",
                      "16": "fp16-mixed", "16-mixed": "fp16-mixed", "16-true": "fp16-true", "fp16": "fp16-mixed",
@@ -302,15 +312,9 @@ def _spec_from_data(data: Any, overrides: dict[str, Any] | None, strategies: lis
 
 def _with_overrides(data: dict[str, Any], overrides: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     """The spec's data with its preset expanded, the command line's overrides set and dtype aliases resolved."""
-    data["model"] = _expand_preset(data.get("model", {}), problems)
-    both = all(overrides.get(key) is not None for key in MODEL_OVERRIDES)
-    if both:
-        problems.append("--hf and --model each name a model: give one of them")
+    data["model"] = _with_model_overrides(_expand_preset(data.get("model", {}), problems), overrides, problems)
     for key, value in overrides.items():
-        if value is None or key == "world_size":  # world_size: a strategy option, set with the strategies
-            continue
-        if key in MODEL_OVERRIDES:  # --hf PATH / --model pkg.mod:factory replace the spec's model
-            data["model"] = {} if both else {key: value}  # both: neither is imported or read
+        if value is None or key in ("world_size", "backend") or key in MODEL_OVERRIDES:  # set apart
             continue
         section, field = OVERRIDE_PATHS[key]
         if isinstance(data.get(section, {}), dict):  # not a mapping: reported by validation
@@ -325,6 +329,36 @@ def _with_overrides(data: dict[str, Any], overrides: dict[str, Any], problems: l
     if isinstance(run, dict) and isinstance(run.get("precision"), str):
         data["run"] = _with_precision(run, problems)
     return data
+
+
+def _with_model_overrides(model: Any, overrides: dict[str, Any], problems: list[str]) -> Any:
+    """--hf PATH / --model / --keras pkg.mod:factory replace the spec's model; then --backend sets its backend."""
+    given = [key for key in MODEL_OVERRIDES if overrides.get(key) is not None]
+    if len(given) > 1:
+        problems.append(f"{' and '.join(MODEL_OVERRIDES[k] for k in given)} each name a model: give one of them")
+        return {}  # none of them is imported or read
+    if given:
+        model = {given[0]: overrides[given[0]], **_kept_backend(model, given[0])}
+    if overrides.get("backend") is not None:
+        model = _with_backend(model, overrides, problems)
+    return model
+
+
+def _kept_backend(model: Any, key: str) -> dict[str, Any]:
+    """--keras over a spec whose model is a Keras one: the spec's backend stays (--backend may still replace it)."""
+    return {"backend": model["backend"]} if key == "keras" and isinstance(model, dict) and "backend" in model else {}
+
+
+def _with_backend(model: Any, overrides: dict[str, Any], problems: list[str]) -> Any:
+    """``--backend``: the Keras model's backend (``tf`` and ``pytorch`` read as Keras names them)."""
+    keras = overrides.get("keras") is not None or (isinstance(model, dict) and "keras" in model)
+    if not keras:
+        problems.append("--backend: applies to a Keras model (--keras pkg.module:factory or model.keras)")
+        return model
+    value = overrides["backend"]
+    if isinstance(value, str):
+        value = BACKEND_ALIASES.get(value.strip().lower(), value.strip().lower())
+    return {**model, "backend": value} if isinstance(model, dict) else model
 
 
 def _with_precision(run: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -409,8 +443,8 @@ def _model_section(model: Any, problems: list[str], overrides: dict[str, Any]) -
     if not isinstance(model, dict):
         return model
     kind = next((k for k in MODEL_OVERRIDES if k in model), None)
-    classes: dict[str | None, type[ModelSpec | HfModelSpec | PythonModelSpec]] = {
-        "hf": HfModelSpec, "python": PythonModelSpec, None: ModelSpec}
+    classes: dict[str | None, type[AnyModelSpec]] = {
+        "hf": HfModelSpec, "python": PythonModelSpec, "keras": KerasModelSpec, None: ModelSpec}
     cls = classes[kind]
     option = f"{MODEL_OVERRIDES[kind]} " if kind is not None and overrides.get(kind) is not None else ""
     try:
@@ -436,6 +470,11 @@ def _check_sources(model: AnyModelSpec) -> None:
             text = getattr(model, field)
             if text is not None:
                 load_entry_point(text, field)
+    elif isinstance(model, KerasModelSpec):  # found, not imported: Keras picks its backend when first imported
+        for field in ("keras", "batch"):
+            text = getattr(model, field)
+            if text is not None:
+                find_entry_point_module(text, field)
 
 
 def _cross_problems(spec: Spec) -> list[str]:

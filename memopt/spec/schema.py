@@ -167,7 +167,41 @@ class PythonModelSpec(_Frozen):
         return f"python {self.python}"
 
 
-AnyModelSpec = ModelSpec | HfModelSpec | PythonModelSpec
+class KerasModelSpec(_Frozen):
+    """A Keras 3 model from a factory ``pkg.module:function`` (compiled or not), trained on Keras's PyTorch backend
+    (memopt's tracker) or on TensorFlow (its allocator's events, in a process of its own)."""
+
+    keras: str = Field(pattern=ENTRY_POINT, description="pkg.module:factory returning a keras.Model")
+    backend: Literal["torch", "tensorflow"] = Field("torch", description="the Keras backend it trains on")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    batch: str | None = Field(None, pattern=ENTRY_POINT, description=(
+        "pkg.module:make_batch(batch_size, seq_len) -> (x, y) the model's fit takes; default random token ids and "
+        "their next tokens"))
+    vocab_size: int | None = Field(None, gt=0, le=2**24, description="for random token ids; default: the input "
+                                   "size of the model's first Embedding layer")
+    max_seq_len: int = Field(2**20, gt=0, le=2**20)
+
+    @property
+    def kind(self) -> str:
+        return "keras"
+
+    @property
+    def arch(self) -> str:
+        return "custom"
+
+    @property
+    def attention(self) -> str:
+        return "custom"
+
+    @property
+    def dropout(self) -> float:
+        return 0.0
+
+    def title(self) -> str:
+        return f"keras {self.keras} ({self.backend})"
+
+
+AnyModelSpec = ModelSpec | HfModelSpec | PythonModelSpec | KerasModelSpec
 
 
 class TrainSpec(_Frozen):

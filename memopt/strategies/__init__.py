@@ -96,11 +96,28 @@ def build_strategies(spec: Any, device: str, saved: SavedTensors | None = None) 
             raise StrategyError(f"{strategy.name}: applies to {where}, not to run.mode {mode}"
                                 + ("" if mode == "train" else " (nothing is trained or saved for backward)"))
         kind = getattr(spec.model, "kind", "builtin")
+        if kind == "keras":
+            _check_keras(strategy.name, getattr(spec.model, "backend", "torch"))
         if strategy.needs_to_know and kind == "python":
             raise StrategyError(f"{strategy.name}: needs to know the model's {strategy.needs_to_know}, which memopt "
                                 "cannot for a model from a Python factory")
         strategy.check()
     return sorted(chosen, key=lambda s: s.order)
+
+
+KERAS_STRATEGIES = ("accum",)  # what acts on a Keras model on the PyTorch backend: the step's batches
+
+
+def _check_keras(name: str, backend: str) -> None:
+    """A Keras model takes the strategies that act on the step, not on torch modules (it has none to wrap or swap)."""
+    if backend != "torch":
+        raise StrategyError(f"{name}: memopt applies strategies on Keras's PyTorch backend (--backend torch); on "
+                            f"{backend} it measures the model as it is")
+    if name not in KERAS_STRATEGIES:
+        hint = (" (Keras's own: keras.config.set_dtype_policy('mixed_bfloat16') in the factory)"
+                if name == "amp" else "")
+        raise StrategyError(f"{name}: not for a Keras model: its layers are Keras layers, not the torch modules "
+                            f"{name} rewrites; a Keras model takes {', '.join(KERAS_STRATEGIES)}{hint}")
 
 
 def _options_models() -> dict[str, type[Options]]:
