@@ -65,7 +65,8 @@ def measure(spec: Spec, name: str, fake: bool, dump: Path) -> RunResult:
     if fake:
         model.jit_compile = True
     vocab = keras_vocab_size(spec.model, model)
-    batch = keras_batch(spec.model, spec, vocab, 0)
+    # tensors once, here: a step converting NumPy arrays would allocate them again, freed whenever Python lets go
+    batch = tuple(tf.convert_to_tensor(part) for part in keras_batch(spec.model, spec, vocab, 0))
     start = time.perf_counter()
     loss = _step(model, batch)  # warm-up: the optimizer's slots exist from here on (with jit_compile: XLA compiles)
     warm_up_s = time.perf_counter() - start

@@ -450,7 +450,12 @@ def _model_section(model: Any, problems: list[str], overrides: dict[str, Any]) -
     try:
         validated = cls.model_validate(model)
     except ValidationError as exc:
-        problems.extend(f"{option}model.{describe(err, cls)}" for err in exc.errors())
+        for err in exc.errors():
+            text = f"model.{describe(err, cls)}"
+            if err["loc"][:1] == ("backend",) and overrides.get("backend") is not None:  # --backend gave it
+                problems.append(f"--backend (model.backend){text[len('model.backend'):]}")
+            else:
+                problems.append(f"{option}{text}")
         return None
     try:
         _check_sources(validated)

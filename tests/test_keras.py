@@ -1,0 +1,175 @@
+"""Keras models (issue 27): ``model: {keras: pkg.module:factory, backend: torch | tensorflow}``.
+
+On the PyTorch backend memopt's tracker measures the step (the Keras optimizer's variables as optimizer state); on
+TensorFlow a process of its own replays the allocator's profiler events, and an estimate reads XLA's buffer
+assignment. The model is tests/keras_lm.py's: 2 blocks, d128, V1000; batch 4 x seq 64, AdamW."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import Any
+
+import pytest
+
+from memopt.core.errors import MemoptError, StrategyError
+from memopt.spec import spec_from_data
+from memopt.strategies import build_strategies
+
+from .helpers import invoke, run
+from .keras_lm import parameters
+
+FACTORY = "tests.keras_lm:make_lm"
+VOCAB, D, BATCH, SEQ = 1000, 128, 4, 64
+
+
+def keras_spec(backend: str = "torch", strategies: list[str] | None = None, **kwargs: Any):
+    return spec_from_data({"model": {"keras": FACTORY, "backend": backend, "kwargs": kwargs},
+                           "train": {"batch_size": BATCH, "seq_len": SEQ, "steps": 1}, "run": {"device": "cpu"}},
+                          strategies=strategies or [])
+
+
+def needs(*modules: str) -> None:
+    """Skip unless the modules are installed; found, not imported: Keras would pick its backend on import."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install 'memopt[tf]')")
+
+
+def adamw_bytes(weights: int, backend: str) -> int:
+    """Keras AdamW's variables: two moments per weight, its learning rate (float32) and iteration count (int32 on
+    the PyTorch backend, int64 on TensorFlow)."""
+    return 2 * weights + 4 + (4 if backend == "torch" else 8)
+
+
+# --- the spec and the command line (no Keras imported) ---
+
+def test_the_spec_names_keras_and_its_backend_with_the_spellings_users_type():
+    spec = spec_from_data({"model": {"keras": FACTORY}}, overrides={"backend": "TF"})
+    assert spec.model.kind == "keras" and spec.model.backend == "tensorflow"
+    assert spec_from_data({}, overrides={"keras": FACTORY, "backend": "pytorch"}).model.backend == "torch"
+    assert spec_from_data({"model": {"keras": FACTORY, "backend": "tensorflow"}},
+                          overrides={"keras": FACTORY}).model.backend == "tensorflow"  # --keras keeps the spec's
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backend", "torch"], "--backend: applies to a Keras model"),
+    (["--keras", FACTORY, "--backend", "jax"], "--backend (model.backend)"),
+    (["--keras", "memopt_test_nowhere:make"], "memopt_test_nowhere:make cannot be imported, no module named"),
+    (["--keras", FACTORY, "--model", "tests.keras_lm:make_lm"], "--model and --keras each name a model"),
+    (["--keras", "not an entry point"], "model.keras"),
+])
+def test_bad_keras_options_are_one_clear_error(args, message):
+    result = invoke(["profile", *args])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert message in " ".join(result.output.split())
+
+
+def test_strategies_that_rewrite_torch_modules_are_refused_for_a_keras_model():
+    with pytest.raises(StrategyError, match="ckpt: not for a Keras model"):
+        build_strategies(keras_spec(strategies=["ckpt"]), "cpu")
+    with pytest.raises(StrategyError, match="amp: not for a Keras model.*mixed_bfloat16"):
+        build_strategies(keras_spec(strategies=["amp"]), "cpu")
+    with pytest.raises(StrategyError, match="accum: memopt applies strategies on Keras's PyTorch backend"):
+        build_strategies(keras_spec("tensorflow", strategies=["accum:micro_batches=2"]), "cpu")
+    assert [s.name for s in build_strategies(keras_spec(strategies=["accum:micro_batches=2"]), "cpu")] == ["accum"]
+
+
+# --- the PyTorch backend, through the tracker ---
+
+@pytest.fixture(scope="module")
+def on_torch():
+    needs("keras")
+    return run(keras_spec())
+
+
+def test_on_torch_the_states_are_the_variables_sizes_exactly(on_torch):
+    weights = parameters(VOCAB, D, 2) * 4
+    assert on_torch.params_total == on_torch.params_trainable == parameters(VOCAB, D, 2) == 653_800
+    assert on_torch.memory.state_bytes["params"] == weights
+    assert on_torch.memory.state_bytes["grads"] == weights
+    assert on_torch.memory.state_bytes["optimizer"] == adamw_bytes(weights, "torch")
+
+
+def test_on_torch_the_peak_equals_pytorchs_memtracker(on_torch):
+    """An independent count: PyTorch's MemTracker (a dispatch mode of its own) around the same steady-state step,
+    told of the weights and the Keras optimizer's variables that exist before it."""
+    import torch
+
+    from memopt.engine.step import prepare, train_step
+
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    session = prepare(keras_spec())
+    train_step(session)
+    reference = mem_tracker.MemTracker()
+    reference.track_external(session.model, *[v.value for v in session.optimizer.optimizer.variables])
+    with reference:
+        train_step(session)
+    assert reference.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] == on_torch.memory.peak_bytes
+    assert on_torch.memory.peak_phase == "optimizer" and on_torch.memory.phase_peak_bytes["backward"] > 0
+
+
+def test_on_torch_accumulation_keeps_the_loss_and_lowers_the_activations(on_torch):
+    accum = run(keras_spec(strategies=["accum:micro_batches=2"]))
+    assert accum.loss == pytest.approx(on_torch.loss, rel=1e-5)
+    assert accum.memory.state_bytes == on_torch.memory.state_bytes
+    assert accum.memory.category_peak_bytes["activations"] < on_torch.memory.category_peak_bytes["activations"]
+
+
+# --- TensorFlow, in a process of its own ---
+
+@pytest.fixture(scope="module")
+def tensorflow_available():
+    needs("tensorflow", "keras")
+
+
+def test_on_tensorflow_weights_slots_and_gradients_are_the_variable_arithmetic(tensorflow_available):
+    result = run(keras_spec("tensorflow"))
+    weights = parameters(VOCAB, D, 2) * 4
+    states = result.memory.state_bytes
+    assert states["params"] == weights and states["optimizer"] == adamw_bytes(weights, "tensorflow")
+    # the embedding's gradient is sparse (IndexedSlices): the looked-up rows and their int32 indices, not V x d
+    assert states["grads"] == weights - VOCAB * D * 4 + BATCH * SEQ * (D * 4 + 4)
+    assert result.memory.peak_bytes >= states["params"] + states["optimizer"]
+    facts = result.tensorflow
+    assert facts["jit_compile"] is False and len(set(facts["step_peaks_bytes"])) == 1  # one order in a process
+    assert facts["allocator_peak_bytes"] >= result.memory.peak_bytes - states["optimizer"]  # chunks, not tensors
+    assert sum(result.memory.peak_breakdown.values()) == result.memory.peak_bytes
+
+
+def test_on_tensorflow_a_jit_step_is_the_same_to_the_byte_and_within_xlas_buffer_assignment(tensorflow_available):
+    spec = keras_spec("tensorflow", jit=True)
+    first, second = run(spec), run(spec)
+    assert first.memory.peak_bytes == second.memory.peak_bytes
+    assert first.tensorflow["step_peaks_bytes"] == second.tensorflow["step_peaks_bytes"]
+    estimate = run(spec, fake=True)
+    xla = estimate.tensorflow["xla_buffer_assignment"]
+    assert estimate.estimated and estimate.memory.peak_bytes == xla["total_bytes"]
+    assert xla["total_bytes"] == sum(xla[k] for k in ("parameter_bytes", "temp_bytes", "output_bytes",
+                                                       "constant_bytes"))
+    weights = parameters(VOCAB, D, 2) * 4
+    batch = 2 * BATCH * SEQ * 4  # x and y, int32
+    extra = xla["parameter_bytes"] - (weights + adamw_bytes(weights, "tensorflow") + batch)
+    assert 0 <= extra <= 16  # Keras's own scalars
+    # what the allocator hands out: weights and slots (there already), XLA's temp buffer and small outputs; XLA's
+    # constants live in the program and the batch was converted before the step
+    floor = xla["total_bytes"] - xla["constant_bytes"] - batch - xla["output_bytes"]
+    assert floor <= first.memory.peak_bytes <= xla["total_bytes"]
+
+
+def test_compare_runs_both_backends_side_by_side(tensorflow_available, tmp_path):
+    out = tmp_path / "cmp.json"
+    result = invoke(["compare", "--keras", FACTORY, "--backend", "torch,tensorflow", "--batch-size", BATCH,
+                     "--seq-len", SEQ, "--steps", 1, "--json-out", out])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["name"] for r in runs] == ["baseline (torch)", "baseline (tensorflow)"]
+    assert runs[0]["state_bytes"]["params"] == runs[1]["state_bytes"]["params"] == parameters(VOCAB, D, 2) * 4
+    assert runs[0]["pid"] != runs[1]["pid"] and "tensorflow" in runs[1]
+
+
+def test_a_factory_that_returns_no_keras_model_is_named(tensorflow_available):
+    spec = spec_from_data({"model": {"keras": "tests.keras_lm:parameters", "backend": "tensorflow"},
+                           "train": {"batch_size": 2, "seq_len": 8, "steps": 1}, "run": {"device": "cpu"}})
+    with pytest.raises(MemoptError, match="returned a value of type int, not a keras.Model"):
+        run(spec)
