@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,3 +174,26 @@ def test_a_factory_that_returns_no_keras_model_is_named(tensorflow_available):
                            "train": {"batch_size": 2, "seq_len": 8, "steps": 1}, "run": {"device": "cpu"}})
     with pytest.raises(MemoptError, match="returned a value of type int, not a keras.Model"):
         run(spec)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["estimate", "--keras", FACTORY], "cannot be traced on fake tensors"),
+    (["profile", "--keras", FACTORY, "--backend", "tensorflow", "--html", "x.html"],
+     "a Keras model on TensorFlow is measured from its allocator"),
+])
+def test_what_a_backend_cannot_do_is_refused_before_anything_runs(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written here
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    result = invoke(args)
+    assert result.exit_code == 1 and message in " ".join(result.output.split())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_uncompiled_model_trains_with_the_specs_optimizer(tensorflow_available):
+    spec = spec_from_data({"model": {"keras": FACTORY, "backend": "tensorflow", "kwargs": {"compiled": False}},
+                           "train": {"batch_size": BATCH, "seq_len": SEQ, "steps": 1, "optimizer": "sgd"},
+                           "run": {"device": "cpu"}})
+    assert run(spec).memory.state_bytes["optimizer"] == 4 + 8  # plain SGD: its learning rate and iteration only
+    none = spec_from_data({**spec.to_dict(), "train": {**spec.to_dict()["train"], "optimizer": "none"}})
+    with pytest.raises(MemoptError, match="train.optimizer: none, but Keras's training step on TensorFlow"):
+        run(none)

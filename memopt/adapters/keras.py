@@ -61,6 +61,9 @@ def build_keras(model: KerasModelSpec, spec: Spec) -> Any:
         what = "None" if built is None else f"a value of type {type(built).__name__}"
         raise MemoptError(f"model.keras: {model.keras} returned {what}, not a keras.Model")
     if not built.compiled:
+        if spec.train.optimizer == "none" and model.backend == "tensorflow":
+            raise MemoptError("train.optimizer: none, but Keras's training step on TensorFlow needs an optimizer "
+                              "(--backend torch measures forward and backward alone)")
         built.compile(optimizer=_optimizer(keras, spec), loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True))
     elif spec.train.optimizer == "none":

@@ -82,6 +82,10 @@ def _checked_exports(spec: Spec, exports: Exports | None, single_run: bool = Tru
     exports.check(single_run)
     if timeline is not None:
         plot.check_timeline_path(timeline)
+    if (exports.wanted or timeline is not None) and getattr(spec.model, "backend", "torch") == "tensorflow":
+        raise MemoptError("--timeline, --html, --snapshot and --trace draw the events memopt's tracker records; a "
+                          "Keras model on TensorFlow is measured from its allocator instead (--backend torch draws "
+                          "them)")
     if (exports.wanted or timeline is not None) and spec.world_size > 1 and not fake:
         raise MemoptError("--timeline, --html, --snapshot and --trace draw one process's events; with --world-size, "
                           "estimate traces one rank (memopt estimate ... --html FILE)")

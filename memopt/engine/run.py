@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 from memopt.core._torch_private import fake_process_group, fake_tensor_mode
+from memopt.core.errors import MemoptError
 from memopt.core.results import RunResult
 from memopt.engine import ranks
 from memopt.engine.inference import measure_inference
@@ -28,6 +29,10 @@ def run(spec: Spec, name: str = "baseline", *, timeline: bool = False, stacks: b
     """
     if isinstance(spec.model, KerasModelSpec) and spec.model.backend == "tensorflow":
         return run_tensorflow(spec, name, fake=fake)
+    if isinstance(spec.model, KerasModelSpec) and fake:
+        raise MemoptError("estimate: a Keras model on the PyTorch backend cannot be traced on fake tensors (Keras "
+                          "reads its initial values as it builds); memopt profile measures it, and --backend "
+                          "tensorflow estimates from XLA's buffer assignment")
     if spec.world_size > 1 and not ranks.in_process_group():
         if fake:
             with fake_process_group(spec.world_size):
