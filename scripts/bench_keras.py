@@ -28,7 +28,7 @@ ROWS = [  # name, command, model section, what its peak means
     ("Keras on PyTorch", "profile", {**KERAS, "backend": "torch"},
      "memopt's tracker: every tensor the step holds, by storage"),
     ("Keras on TensorFlow", "profile", {**KERAS, "backend": "tensorflow"},
-     "TensorFlow's allocator events replayed (graph mode; ~1% from run to run)"),
+     "TensorFlow's allocator events replayed (graph mode; up to 2% from run to run)"),
     ("Keras on TensorFlow, jit_compile", "profile", {**KERAS, "backend": "tensorflow", "kwargs": {"jit": True}},
      "the allocator's events of the XLA step (the same every run)"),
     ("Keras on TensorFlow, jit_compile", "estimate", {**KERAS, "backend": "tensorflow", "kwargs": {"jit": True}},

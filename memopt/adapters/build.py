@@ -12,7 +12,7 @@ from memopt.adapters import ModelAdapter
 from memopt.adapters.builtin import BuiltinAdapter
 from memopt.adapters.hf import HfAdapter
 from memopt.adapters.module import ModuleAdapter
-from memopt.core.entry_points import exception_text, fenced, load_entry_point
+from memopt.core.entry_points import call_user, kind_of, load_entry_point
 from memopt.core.errors import MemoptError
 from memopt.model.hf import build_hf
 from memopt.model.transformer import (
@@ -80,16 +80,10 @@ def _entry(text: str, field: str) -> Any:
 def build_python(model: PythonModelSpec, dtype: str, device: str) -> nn.Module:
     """The user's factory called with its kwargs, tensors created on ``device`` in ``dtype`` by default."""
     factory = _entry(model.python, "python")
-    try:
-        with fenced(f"model.python: {model.python}"), torch.device(device), default_dtype(TORCH_DTYPES[dtype]):
-            built = factory(**model.kwargs)
-    except MemoptError:
-        raise
-    except Exception as exc:
-        raise MemoptError(f"model.python: {model.python} raised {exception_text(exc)}") from None
+    with torch.device(device), default_dtype(TORCH_DTYPES[dtype]):
+        built = call_user(f"model.python: {model.python}", factory, **model.kwargs)
     if not isinstance(built, nn.Module):
-        what = "None" if built is None else f"a value of type {type(built).__name__}"  # not "a int"
-        raise MemoptError(f"model.python: {model.python} returned {what}, not an nn.Module")
+        raise MemoptError(f"model.python: {model.python} returned {kind_of(built)}, not an nn.Module")
     return built
 
 
@@ -134,10 +128,4 @@ def user_batch(entry: str, batch_size: int, seq_len: int, device: str, seed: int
     """The user's ``make_batch(batch_size, seq_len, device)``, seeded."""
     make = _entry(entry, "batch")
     torch.manual_seed(seed)
-    try:
-        with fenced(f"model.batch: {entry}"):
-            return make(batch_size, seq_len, device)
-    except MemoptError:
-        raise
-    except Exception as exc:
-        raise MemoptError(f"model.batch: {entry} raised {exception_text(exc)}") from None
+    return call_user(f"model.batch: {entry}", make, batch_size, seq_len, device)

@@ -17,7 +17,7 @@ import torch
 
 from memopt.adapters import AdapterError
 from memopt.adapters.module import ModuleAdapter
-from memopt.core.entry_points import exception_text, fenced, load_entry_point
+from memopt.core.entry_points import call_user, fenced, kind_of, load_entry_point
 from memopt.core.errors import MemoptError
 from memopt.spec import KerasModelSpec, Spec
 
@@ -50,16 +50,9 @@ def build_keras(model: KerasModelSpec, spec: Spec) -> Any:
         raise MemoptError(f"model.{exc}") from None
     keras.config.set_dtype_policy(KERAS_DTYPES[spec.run.dtype])
     keras.utils.set_random_seed(spec.run.seed % 2**32)
-    try:
-        with fenced(f"model.keras: {model.keras}"):
-            built = factory(**model.kwargs)
-    except MemoptError:
-        raise
-    except Exception as exc:
-        raise MemoptError(f"model.keras: {model.keras} raised {exception_text(exc)}") from None
+    built = call_user(f"model.keras: {model.keras}", factory, **model.kwargs)
     if not isinstance(built, keras.Model):
-        what = "None" if built is None else f"a value of type {type(built).__name__}"
-        raise MemoptError(f"model.keras: {model.keras} returned {what}, not a keras.Model")
+        raise MemoptError(f"model.keras: {model.keras} returned {kind_of(built)}, not a keras.Model")
     if not built.compiled:
         if spec.train.optimizer == "none" and model.backend == "tensorflow":
             raise MemoptError("train.optimizer: none, but Keras's training step on TensorFlow needs an optimizer "
@@ -109,15 +102,9 @@ def keras_batch(model: KerasModelSpec, spec: Spec, vocab: int | None, step: int 
         except ValueError as exc:
             raise MemoptError(f"model.{exc}") from None
         torch.manual_seed(seed)
-        try:
-            with fenced(f"model.batch: {model.batch}"):
-                made = make(b, s)
-        except MemoptError:
-            raise
-        except Exception as exc:
-            raise MemoptError(f"model.batch: {model.batch} raised {exception_text(exc)}") from None
+        made = call_user(f"model.batch: {model.batch}", make, b, s)
         if not (isinstance(made, (tuple, list)) and len(made) == 2):
-            raise MemoptError(f"model.batch: {model.batch} must return (x, y), got {type(made).__name__}")
+            raise MemoptError(f"model.batch: {model.batch} must return (x, y), not {kind_of(made)}")
         return made[0], made[1]
     gen = torch.Generator().manual_seed(seed)
     if vocab is None:

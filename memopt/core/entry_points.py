@@ -46,6 +46,23 @@ def fenced(what: str) -> Iterator[None]:
         os._exit = original
 
 
+def call_user(label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, user code ``label`` names (``model.python: pkg.mod:make``), fenced; what it raises
+    becomes one MemoptError naming it."""
+    try:
+        with fenced(label):
+            return fn(*args, **kwargs)
+    except MemoptError:
+        raise
+    except Exception as exc:
+        raise MemoptError(f"{label} raised {exception_text(exc)}") from None
+
+
+def kind_of(value: Any) -> str:
+    """What a user's function returned, for a message: ``None`` or ``a value of type int`` (not "a int")."""
+    return "None" if value is None else f"a value of type {type(value).__name__}"
+
+
 def exception_text(exc: BaseException) -> str:
     """``Type: message`` on one line, for a message naming an entry point ('; ' becomes ', ': it separates spec
     problems)."""

@@ -6,8 +6,8 @@ Profile: a warm-up step (the optimizer's slots are made), ``train.steps`` timed 
 profiler, whose allocator events are replayed (memopt.measure.tensorflow): peak tensor bytes, by category and op,
 with the allocator's own peak (its chunks) beside it. TensorFlow runs one op at a time here (inter-op parallelism
 1): in one process every step allocates in the same order. In graph mode the order of independent ops (AdamW's
-weight decay, say) differs from one process to the next (TensorFlow's graph optimizer), and the peak with it, by
-about 1%; a ``jit_compile`` step is one XLA program, the same to the byte in every run.
+weight decay, say) differs from one process to the next, and the peak with it, by up to 2%; a ``jit_compile``
+step is one XLA program, the same to the byte in every run.
 
 Estimate: the step compiled by XLA (``jit_compile``), whose buffer assignment says what it needs before it runs;
 the compile happens at the first step's call, so that one step does run.
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memopt.adapters.keras import INSTALL
 from memopt.core.errors import MemoptError
 from memopt.core.processes import child_env, die_with_parent, exit_reason, last_reply, user_output_to_stderr
 from memopt.core.results import RunResult, StepMemory
@@ -54,8 +55,12 @@ def run_tensorflow(spec: Spec, name: str, *, fake: bool = False) -> RunResult:
 
 
 def measure(spec: Spec, name: str, fake: bool, dump: Path) -> RunResult:
-    """In the child: build, warm up, time, then profile one step (or, ``fake``, read XLA's buffer assignment)."""
-    import tensorflow as tf
+    """In the child: build, warm up, time, then profile two steps (or, ``fake``, read XLA's buffer assignment)."""
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise MemoptError(f"model.backend: tensorflow, but TensorFlow is not installed ({exc.name or exc} missing): "
+                          f"{INSTALL}") from None
 
     from memopt.adapters.keras import build_keras, keras_batch, keras_vocab_size, variable_bytes
 
@@ -88,9 +93,8 @@ def measure(spec: Spec, name: str, fake: bool, dump: Path) -> RunResult:
     result.step_time_s = statistics.median(result.step_times_s)
     result.loss = loss
     result.memory, result.tensorflow = _profiled_step(model, batch, states, dump)
-    result.notes.append("TensorFlow's allocator events, one op at a time; categories by op names and shapes" + (
-        "" if model.jit_compile else "; graph mode orders independent ops differently in each process: the peak "
-        "may move by about 1% from run to run (jit_compile: the same to the byte)"))
+    result.notes.append("TensorFlow's allocator events; categories by op names and shapes" + (
+        "" if model.jit_compile else "; graph mode: up to 2% from run to run (README)"))
     return result
 
 

@@ -133,7 +133,23 @@ class HfModelSpec(_Frozen):
         return f"hf {f['model_type']} d{f['d_model']} h{f['n_heads']} L{f['n_layers']} V{f['vocab_size']}"
 
 
-class PythonModelSpec(_Frozen):
+class _FactoryModel(_Frozen):
+    """What a model from a user's factory answers where memopt's own has shape facts: nothing it can know."""
+
+    @property
+    def arch(self) -> str:
+        return "custom"
+
+    @property
+    def attention(self) -> str:
+        return "custom"
+
+    @property
+    def dropout(self) -> float:
+        return 0.0
+
+
+class PythonModelSpec(_FactoryModel):
     """Your own nn.Module from a factory ``pkg.module:function`` (imported, so it runs that code)."""
 
     python: str = Field(pattern=ENTRY_POINT, description="pkg.module:factory returning an nn.Module")
@@ -151,23 +167,11 @@ class PythonModelSpec(_Frozen):
     def kind(self) -> str:
         return "python"
 
-    @property
-    def arch(self) -> str:
-        return "custom"
-
-    @property
-    def attention(self) -> str:
-        return "custom"
-
-    @property
-    def dropout(self) -> float:
-        return 0.0
-
     def title(self) -> str:
         return f"python {self.python}"
 
 
-class KerasModelSpec(_Frozen):
+class KerasModelSpec(_FactoryModel):
     """A Keras 3 model from a factory ``pkg.module:function`` (compiled or not), trained on Keras's PyTorch backend
     (memopt's tracker) or on TensorFlow (its allocator's events, in a process of its own)."""
 
@@ -184,18 +188,6 @@ class KerasModelSpec(_Frozen):
     @property
     def kind(self) -> str:
         return "keras"
-
-    @property
-    def arch(self) -> str:
-        return "custom"
-
-    @property
-    def attention(self) -> str:
-        return "custom"
-
-    @property
-    def dropout(self) -> float:
-        return 0.0
 
     def title(self) -> str:
         return f"keras {self.keras} ({self.backend})"
