@@ -180,6 +180,8 @@ def test_a_factory_that_returns_no_keras_model_is_named(tensorflow_available):
     (["estimate", "--keras", FACTORY], "cannot be traced on fake tensors"),
     (["profile", "--keras", FACTORY, "--backend", "tensorflow", "--html", "x.html"],
      "a Keras model on TensorFlow is measured from its allocator"),
+    (["profile", "--keras", FACTORY, "--backend", "tensorflow", "--mode", "infer"],
+     "run.mode: infer: memopt measures a Keras model's training step on TensorFlow"),
 ])
 def test_what_a_backend_cannot_do_is_refused_before_anything_runs(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written here

@@ -31,18 +31,18 @@ _KERAS_VOCAB: dict[str, int | None] = {}  # a Keras model's vocabulary, found wh
 def build_adapter(spec: Spec, device: str) -> ModelAdapter:
     """The spec's model on ``device`` in the run's dtype (seed it first), behind its adapter."""
     if isinstance(spec.model, KerasModelSpec):
-        return keras_adapter(spec)
+        return keras_adapter(spec, device)
     return model_adapter(spec.model, spec.run.dtype, device)
 
 
-def keras_adapter(spec: Spec) -> ModelAdapter:
+def keras_adapter(spec: Spec, device: str) -> ModelAdapter:
     """A Keras model on the PyTorch backend (the TensorFlow backend is measured in a process of its own)."""
     from memopt.adapters.keras import KerasAdapter, build_keras, keras_vocab_size
 
     assert isinstance(spec.model, KerasModelSpec)
     if spec.model.backend != "torch":
         raise MemoptError(f"model.backend: {spec.model.backend} runs in its own process, not through the tracker")
-    built = build_keras(spec.model, spec)
+    built = build_keras(spec.model, spec, device)
     _KERAS_VOCAB[spec.model.model_dump_json()] = keras_vocab_size(spec.model, built)
     return KerasAdapter(built, spec.model)
 

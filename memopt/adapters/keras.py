@@ -25,10 +25,13 @@ INSTALL = "pip install 'memopt[tf]'"
 KERAS_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def import_keras(backend: str) -> Any:
-    """Keras, on ``backend``; MemoptError when it is not installed or this process has it on another backend."""
+def import_keras(backend: str, device: str | None = None) -> Any:
+    """Keras, on ``backend`` (on the PyTorch backend, its tensors on ``device``); MemoptError when it is not
+    installed or this process has it on another backend."""
     if "keras" not in sys.modules:
         os.environ["KERAS_BACKEND"] = backend
+        if device is not None and backend == "torch":
+            os.environ["KERAS_TORCH_DEVICE"] = device
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     try:
         import keras
@@ -40,10 +43,10 @@ def import_keras(backend: str) -> Any:
     return keras
 
 
-def build_keras(model: KerasModelSpec, spec: Spec) -> Any:
+def build_keras(model: KerasModelSpec, spec: Spec, device: str | None = None) -> Any:
     """The user's factory called with its kwargs under the run's dtype policy; compiled with the spec's optimizer and
     sparse cross-entropy on logits when the factory left it uncompiled. MemoptError naming what went wrong."""
-    keras = import_keras(model.backend)
+    keras = import_keras(model.backend, device)
     try:
         factory = load_entry_point(model.keras, "keras")
     except ValueError as exc:
@@ -143,7 +146,7 @@ class KerasOptimizer:
 
     def step(self) -> None:
         weights = self._weights
-        grads = [w.value.grad if w.value.grad is not None else torch.zeros_like(w.value) for w in weights]
+        grads = [w.value.grad for w in weights]  # None for a weight the loss did not reach: Keras skips it
         with torch.no_grad():
             self.optimizer.apply(grads, weights)
 

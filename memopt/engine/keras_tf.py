@@ -36,6 +36,12 @@ TIMEOUT_S = 3600
 
 def run_tensorflow(spec: Spec, name: str, *, fake: bool = False) -> RunResult:
     """The run, measured in a child process; MemoptError with the child's reason when it fails."""
+    if spec.run.mode != "train":
+        raise MemoptError(f"run.mode: {spec.run.mode}: memopt measures a Keras model's training step on TensorFlow "
+                          "(--backend torch measures a forward pass)")
+    if spec.run.device == "cuda":
+        raise MemoptError("run.device: cuda: memopt measures TensorFlow's CPU allocator (tensorflow-cpu); "
+                          "--backend torch runs a Keras model on CUDA")
     with tempfile.TemporaryDirectory(prefix="memopt-xla-") as dump:
         env = child_env(**CHILD_ENV)
         if fake:
