@@ -44,3 +44,21 @@ def parameters(vocab: int = 1000, d: int = 128, blocks: int = 2) -> int:
     attention = 4 * (d * d + d)
     feed_forward = (d * 4 * d + 4 * d) + (4 * d * d + d)
     return vocab * d + blocks * (2 * 2 * d + attention + feed_forward) + 2 * d + (d * vocab + vocab)
+
+
+def make_subclassed(vocab: int = 300, d: int = 48) -> Any:
+    """A subclassed keras.Model, uncompiled: its weights exist only after its first call."""
+    import keras
+    from keras import layers
+
+    class TinyLM(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = layers.Embedding(vocab, d)
+            self.hidden = layers.Dense(3 * d, activation="relu")
+            self.head = layers.Dense(vocab)
+
+        def call(self, x: Any) -> Any:
+            return self.head(self.hidden(self.embedding(x)))
+
+    return TinyLM()

@@ -199,3 +199,15 @@ def test_an_uncompiled_model_trains_with_the_specs_optimizer(tensorflow_availabl
     none = spec_from_data({**spec.to_dict(), "train": {**spec.to_dict()["train"], "optimizer": "none"}})
     with pytest.raises(MemoptError, match="train.optimizer: none, but Keras's training step on TensorFlow"):
         run(none)
+
+
+def test_a_subclassed_uncompiled_model_is_built_and_compiled_by_memopt():
+    """Its weights exist after its first call: memopt calls it once on the first batch, then compiles it with the
+    spec's optimizer (AdamW) and sparse cross-entropy."""
+    needs("keras")
+    spec = spec_from_data({"model": {"keras": "tests.keras_lm:make_subclassed"},
+                           "train": {"batch_size": 3, "seq_len": 17, "steps": 1}, "run": {"device": "cpu"}})
+    result = run(spec)
+    count = 300 * 48 + (48 * 144 + 144) + (144 * 300 + 300)
+    assert result.params_total == count and result.memory.state_bytes["params"] == 4 * count
+    assert result.memory.state_bytes["optimizer"] == adamw_bytes(4 * count, "torch")

@@ -65,6 +65,9 @@ def build_keras(model: KerasModelSpec, spec: Spec, device: str | None = None) ->
     elif spec.train.optimizer == "none":
         raise MemoptError("train.optimizer: none, but the Keras model was compiled with an optimizer: compile it "
                           "without one or drop train.optimizer")
+    if not built.built:  # a subclassed model makes its weights at its first call: on the first batch's inputs
+        x, _ = keras_batch(model, spec, keras_vocab_size(model, built), 0)
+        call_user(f"model.keras: {model.keras}'s forward", built, x, training=False)
     return built
 
 
