@@ -17,7 +17,7 @@ import torch
 
 from memopt.adapters import AdapterError
 from memopt.adapters.module import ModuleAdapter
-from memopt.core.entry_points import call_user, fenced, kind_of, load_entry_point
+from memopt.core.entry_points import call_user, kind_of, load_entry_point
 from memopt.core.errors import MemoptError
 from memopt.spec import KerasModelSpec, Spec
 
@@ -186,16 +186,17 @@ class KerasAdapter(ModuleAdapter):
 
     def loss(self, batch: Any) -> torch.Tensor:
         x, y = batch
-        with fenced(f"model.keras: {self.spec_model.keras}'s forward"):
-            keras_model: Any = self.model  # a keras.Model (an nn.Module on this backend)
-            y_pred = keras_model(x, training=True)
-            loss: torch.Tensor = keras_model.compute_loss(x=x, y=y, y_pred=y_pred)
-            return loss
+        keras_model: Any = self.model  # a keras.Model (an nn.Module on this backend)
+        name = self.spec_model.keras
+        y_pred = call_user(f"model.keras: {name}'s forward", keras_model, x, training=True)
+        loss: torch.Tensor = call_user(f"model.keras: {name}'s compiled loss", keras_model.compute_loss, x=x, y=y,
+                                       y_pred=y_pred)
+        return loss
 
     def logits(self, batch: Any) -> torch.Tensor:
-        with fenced(f"model.keras: {self.spec_model.keras}'s forward"):
-            logits: torch.Tensor = self.model(batch[0], training=False)
-            return logits
+        logits: torch.Tensor = call_user(f"model.keras: {self.spec_model.keras}'s forward", self.model, batch[0],
+                                         training=False)
+        return logits
 
     def own_optimizer(self) -> KerasOptimizer | None:
         return KerasOptimizer(self.model) if self.model.optimizer is not None else None
