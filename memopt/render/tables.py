@@ -16,6 +16,7 @@ from memopt.render.text import (
     CATEGORY_HELP,
     COMPARE_COLUMNS,
     COMPARE_LEGEND,
+    TENSORFLOW_CATEGORY_HELP,
     apart,
     compare_rows,
     drift_text,
@@ -148,11 +149,12 @@ def _breakdown_table(result: RunResult) -> Table:
     for col, justify in (("category", "left"), ("at peak", "right"), ("share", "right"),
                          ("own peak", "right"), ("after step", "right"), ("what", "left")):
         breakdown.add_column(col, justify=justify)  # type: ignore[arg-type]
+    help_for = TENSORFLOW_CATEGORY_HELP if result.tensorflow is not None else CATEGORY_HELP
     for c in mem.peak_breakdown:
         state = mem.state_bytes.get(c)
         breakdown.add_row(c, format_bytes(mem.peak_breakdown[c]), percent_of(mem.peak_breakdown[c], mem.peak_bytes),
                           format_bytes(mem.category_peak_bytes[c]),
-                          format_bytes(state) if state is not None else "-", CATEGORY_HELP.get(c, ""))
+                          format_bytes(state) if state is not None else "-", help_for.get(c, ""))
     breakdown.add_row("total", format_bytes(mem.peak_bytes), "100%", "", "", "", style="bold")
     return breakdown
 

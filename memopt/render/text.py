@@ -18,6 +18,14 @@ CATEGORY_HELP = {
     "unshard": "gathered params",
     "temporaries": "all else",
 }
+# A Keras model on TensorFlow: the same categories, read from allocator events by op name and shape
+TENSORFLOW_CATEGORY_HELP = {
+    **CATEGORY_HELP,
+    "params": "weights (+ copies the update writes)",
+    "buffers": "",
+    "grads": "weight-shaped backward outputs",
+    "activations": "forward outputs alive",
+}
 
 
 def percent_of(part: int, whole: int) -> str:
