@@ -22,7 +22,6 @@ from memopt.core.errors import MemoptError
 from memopt.spec import KerasModelSpec, Spec
 
 INSTALL = "pip install 'memopt[tf]'"
-KERAS_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def import_keras(backend: str, device: str | None = None) -> Any:
@@ -51,7 +50,7 @@ def build_keras(model: KerasModelSpec, spec: Spec, device: str | None = None) ->
         factory = load_entry_point(model.keras, "keras")
     except ValueError as exc:
         raise MemoptError(f"model.{exc}") from None
-    keras.config.set_dtype_policy(KERAS_DTYPES[spec.run.dtype])
+    keras.config.set_dtype_policy(spec.run.dtype)  # memopt's dtype names are Keras's policy names
     keras.utils.set_random_seed(spec.run.seed % 2**32)
     built = call_user(f"model.keras: {model.keras}", factory, **model.kwargs)
     if not isinstance(built, keras.Model):
@@ -137,7 +136,7 @@ def _numpy_dtype(name: str) -> str:
 class KerasOptimizer:
     """A compiled Keras model's optimizer as memopt's runner steps one (PyTorch backend): ``step`` applies the
     gradients backward left in the weights' ``.grad``; ``state`` holds its variables (slots, iteration, learning
-    rate) keyed by the weight each belongs to, so the tracker counts them as optimizer state."""
+    rate), so the tracker counts them as optimizer state."""
 
     def __init__(self, model: Any):
         self.model = model
@@ -159,7 +158,7 @@ class KerasOptimizer:
 
     @property
     def state(self) -> dict[Any, dict[str, torch.Tensor]]:
-        """Every optimizer variable, under the weight its path names (else under the optimizer itself)."""
+        """Every optimizer variable (slots, iteration, learning rate), each under its own Keras path."""
         return {v.path: {"value": v.value} for v in self.optimizer.variables}
 
 

@@ -26,9 +26,8 @@ def profile(spec: Spec, name: str = "baseline", *, timeline: bool = False, stack
     say = progress or (lambda _msg: None)
     set_up_process(spec)  # e.g. the allocator strategy's settings, before anything here initialises CUDA
     build_strategies(spec, resolve_device(spec.run.device))  # refused combinations: refused before anything runs
-    if fit_check and spec.model.kind == "keras":
-        pass  # no formula to check a Keras model against up front: the run's own measurement says
-    elif fit_check and spec.world_size == 1:
+    fit_check = fit_check and spec.model.kind != "keras"  # no formula for a Keras model: its measurement says
+    if fit_check and spec.world_size == 1:
         ensure_fits_here(spec, device_memory, say)
     elif fit_check and not (ranks.in_process_group() or ranks.under_launcher()):  # torchrun started them already
         ensure_ranks_fit(spec, device_memory, say)
