@@ -24,23 +24,28 @@ SHAPE = {"batch_size": 4, "seq_len": 64, "steps": 5, "optimizer": "adamw"}
 KERAS = {"keras": "tests.keras_lm:make_lm"}
 DECODER = {"arch": "decoder", "d_model": 128, "n_heads": 4, "n_layers": 2, "vocab_size": 1000, "ffn_dim": 512,
            "max_seq_len": 64}
-ROWS = [  # name, command, model section, what its peak means
+ROWS: list[tuple[str, str, dict[str, Any], str, list[str]]] = [  # name, command, model, its peak, strategies
     ("Keras on PyTorch", "profile", {**KERAS, "backend": "torch"},
-     "memopt's tracker: every tensor the step holds, by storage"),
+     "memopt's tracker: every tensor the step holds, by storage", []),
+    ("Keras on PyTorch, ckpt", "profile", {**KERAS, "backend": "torch"},
+     "the blocks recomputed in backward (torch.utils.checkpoint on their call)", ["ckpt"]),
+    ("Keras on PyTorch, lora", "profile", {**KERAS, "backend": "torch"},
+     "Keras's enable_lora (rank 8) on the blocks' Dense/EinsumDense, the rest frozen", ["lora"]),
     ("Keras on TensorFlow", "profile", {**KERAS, "backend": "tensorflow"},
-     "TensorFlow's allocator events replayed (graph mode; up to 2% from run to run)"),
+     "TensorFlow's allocator events replayed (graph mode; up to 2% from run to run)", []),
     ("Keras on TensorFlow, jit_compile", "profile", {**KERAS, "backend": "tensorflow", "kwargs": {"jit": True}},
-     "the allocator's events of the XLA step (the same every run)"),
+     "the allocator's events of the XLA step (the same every run)", []),
     ("Keras on TensorFlow, jit_compile", "estimate", {**KERAS, "backend": "tensorflow", "kwargs": {"jit": True}},
-     "XLA's buffer assignment, total bytes"),
-    ("memopt decoder (RMSNorm, SwiGLU)", "profile", DECODER, "memopt's tracker"),
+     "XLA's buffer assignment, total bytes", []),
+    ("memopt decoder (RMSNorm, SwiGLU)", "profile", DECODER, "memopt's tracker", []),
 ]
 
 
-def memopt(command: str, model: dict[str, Any]) -> dict[str, Any]:
-    """One memopt command on a spec with this model section, in its own process; its run dict."""
+def memopt(command: str, model: dict[str, Any], strategies: list[str]) -> dict[str, Any]:
+    """One memopt command on a spec with this model section and strategies, in its own process; its run dict."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, delete=False) as spec:
-        json.dump({"model": model, "train": SHAPE, "run": {"device": "cpu", "dtype": "float32"}}, spec)
+        json.dump({"model": model, "train": SHAPE, "run": {"device": "cpu", "dtype": "float32"},
+                   "strategies": strategies}, spec)
     try:
         out = subprocess.run([sys.executable, "-m", "memopt", command, spec.name, "--json"], capture_output=True,
                              text=True, cwd=ROOT)
@@ -53,17 +58,20 @@ def memopt(command: str, model: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    print("| run | command | peak | params | grads | optimizer | step time | what the peak is |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
-    for name, command, model, meaning in ROWS:
+    print("| run | command | peak | params | grads | optimizer | activations (own peak) | step time "
+          "| what the peak is |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, command, model, meaning, strategies in ROWS:
         began = time.perf_counter()
-        run = memopt(command, model)
+        run = memopt(command, model, strategies)
         print(f"  {name} ({command}): {run['peak_bytes']:,} B in {time.perf_counter() - began:.0f} s", file=sys.stderr)
         states = run["state_bytes"]
         step = "-" if command == "estimate" else f"{run['step_time_s'] * 1000:.1f} ms"
+        activations = run["category_peak_bytes"].get("activations")
+        saved = "-" if activations is None or command == "estimate" else f"{activations / MiB:.2f} MiB"
         print(f"| {name} | {command} | {run['peak_bytes'] / MiB:.2f} MiB ({run['peak_bytes']:,} B) | "
               f"{states['params'] / MiB:.2f} MiB | {states['grads'] / MiB:.2f} MiB | "
-              f"{states['optimizer'] / MiB:.2f} MiB | {step} | {meaning} |")
+              f"{states['optimizer'] / MiB:.2f} MiB | {saved} | {step} | {meaning} |")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from typing import Any
 
 
 def make_lm(vocab: int = 1000, d: int = 128, heads: int = 4, blocks: int = 2, seq: int = 64,
-            compiled: bool = True, jit: bool = False) -> Any:
-    """The model; ``compiled``: with AdamW and sparse cross-entropy on logits (``jit``: XLA-compiled steps)."""
+            compiled: bool = True, jit: bool = False, dropout: float = 0.0) -> Any:
+    """The model; ``compiled``: with AdamW and sparse cross-entropy on logits (``jit``: XLA-compiled steps);
+    ``dropout``: the attention's dropout rate."""
     import keras
     from keras import layers
 
@@ -16,7 +17,7 @@ def make_lm(vocab: int = 1000, d: int = 128, heads: int = 4, blocks: int = 2, se
         def __init__(self, **kwargs: Any):
             super().__init__(**kwargs)
             self.norm1 = layers.LayerNormalization(epsilon=1e-5)
-            self.attention = layers.MultiHeadAttention(heads, d // heads)
+            self.attention = layers.MultiHeadAttention(heads, d // heads, dropout=dropout)
             self.norm2 = layers.LayerNormalization(epsilon=1e-5)
             self.up = layers.Dense(4 * d, activation="gelu")
             self.down = layers.Dense(d)

@@ -67,13 +67,14 @@ def test_bad_keras_options_are_one_clear_error(args, message):
 
 
 def test_strategies_that_rewrite_torch_modules_are_refused_for_a_keras_model():
-    with pytest.raises(StrategyError, match="ckpt: not for a Keras model"):
-        build_strategies(keras_spec(strategies=["ckpt"]), "cpu")
+    with pytest.raises(StrategyError, match="quant: not for a Keras model"):
+        build_strategies(keras_spec(strategies=["quant"]), "cpu")
     with pytest.raises(StrategyError, match="amp: not for a Keras model.*mixed_bfloat16"):
         build_strategies(keras_spec(strategies=["amp"]), "cpu")
     with pytest.raises(StrategyError, match="accum: memopt applies strategies on Keras's PyTorch backend"):
         build_strategies(keras_spec("tensorflow", strategies=["accum:micro_batches=2"]), "cpu")
     assert [s.name for s in build_strategies(keras_spec(strategies=["accum:micro_batches=2"]), "cpu")] == ["accum"]
+    assert [s.name for s in build_strategies(keras_spec(strategies=["ckpt", "offload"]), "cpu")] == ["ckpt", "offload"]
 
 
 # --- the PyTorch backend, through the tracker ---
@@ -115,6 +116,106 @@ def test_on_torch_accumulation_keeps_the_loss_and_lowers_the_activations(on_torc
     assert accum.loss == pytest.approx(on_torch.loss, rel=1e-5)
     assert accum.memory.state_bytes == on_torch.memory.state_bytes
     assert accum.memory.category_peak_bytes["activations"] < on_torch.memory.category_peak_bytes["activations"]
+
+
+def gradients(spec: Any) -> tuple[float, list[Any]]:
+    """One forward and backward of ``spec``'s Keras model on a fixed batch: the loss and every weight's gradient."""
+    from memopt.engine.step import forward_backward, make_batch, prepare
+
+    session = prepare(spec)
+    loss = forward_backward(session, make_batch(spec, session.device, 0))
+    return loss, [w.value.grad.clone() for w in session.model.trainable_variables]
+
+
+@pytest.mark.parametrize("policy", ["full", "selective", "every"])
+def test_on_torch_checkpointing_keras_blocks_keeps_loss_and_gradients_and_saves_less(on_torch, policy):
+    """The blocks (the class of composite layer that repeats) run under torch.utils.checkpoint: the same loss and
+    gradients, fewer bytes saved for backward; full keeps least, every k-th between full and selective."""
+    import torch
+
+    strategy = f"ckpt:policy={policy}"
+    loss, grads = gradients(keras_spec(strategies=[strategy]))
+    reference_loss, reference = gradients(keras_spec())
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for got, want in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    result = run(keras_spec(strategies=[strategy]))
+    activations = result.memory.category_peak_bytes["activations"]
+    baseline = on_torch.memory.category_peak_bytes["activations"]
+    block_input = BATCH * SEQ * D * 4
+    assert activations <= baseline - {"full": 2, "every": 1, "selective": 1}[policy] * block_input
+    assert result.memory.phase_peak_bytes["forward"] < on_torch.memory.phase_peak_bytes["forward"]
+    assert result.memory.state_bytes == on_torch.memory.state_bytes
+
+
+def test_on_torch_checkpointing_frees_what_it_recomputed_by_the_end_of_backward(on_torch):
+    """A recomputation that stops early raises through Keras's traceback filters, whose frames would keep the
+    recomputed tensors in reference cycles past backward: memopt runs it to the end, so the optimizer phase
+    holds no more saved activations than without checkpointing."""
+    result = run(keras_spec(strategies=["ckpt"]))
+    assert result.memory.peak_phase == on_torch.memory.peak_phase == "optimizer"
+    assert result.memory.peak_breakdown["activations"] <= on_torch.memory.peak_breakdown["activations"]
+    assert result.memory.peak_bytes <= on_torch.memory.peak_bytes
+
+
+def test_on_torch_offload_moves_what_backward_saves_off_the_device(on_torch):
+    result = run(keras_spec(strategies=["offload"]))
+    assert result.loss == pytest.approx(on_torch.loss, rel=1e-6)
+    activations = on_torch.memory.category_peak_bytes["activations"]
+    assert result.memory.category_peak_bytes["activations"] < activations / 100
+    assert result.strategy_facts["offload"]["moved_off_device_bytes"] > activations
+
+
+def keras_lora_parameters(rank: int, layers: str = "qkvo ud") -> int:
+    """Keras's LoRA weights by hand: A has the kernel's shape with its last axis replaced by the rank, B is rank x
+    that last axis. Per block: q, k, v (d -> heads x head_dim), o (heads x head_dim -> d), up (d -> 4d), down."""
+    heads, head_dim = 4, D // 4
+    sizes = {"q": D * heads * rank + rank * head_dim, "o": heads * head_dim * rank + rank * D,
+             "u": D * rank + rank * 4 * D, "d": 4 * D * rank + rank * D}
+    sizes["k"] = sizes["v"] = sizes["q"]
+    return 2 * sum(sizes[layer] for layer in layers if layer != " ")
+
+
+def test_on_torch_lora_is_keras_own_adapters_and_only_they_train(on_torch):
+    """Keras's enable_lora on the Dense and EinsumDense layers of the blocks, every other variable frozen: params
+    gain the adapters, gradients and AdamW state exist for them alone; B starts at zero (the same first loss)."""
+    result = run(keras_spec(strategies=["lora:rank=8"]))
+    adapters = keras_lora_parameters(8)
+    assert adapters == 50_688 and result.params_trainable == adapters
+    assert result.params_total == parameters(VOCAB, D, 2) + adapters
+    states = result.memory.state_bytes
+    assert states["params"] == on_torch.memory.state_bytes["params"] + 4 * adapters
+    assert states["grads"] == 4 * adapters and states["optimizer"] == adamw_bytes(4 * adapters, "torch")
+    assert result.drift is not None and result.drift["logits_rel_error"] > 0  # after 3 steps: another training
+    loss, _ = gradients(keras_spec(strategies=["lora:rank=8"]))
+    assert loss == pytest.approx(gradients(keras_spec())[0], rel=1e-6)
+
+
+def test_on_torch_lora_targets_are_keras_layer_paths():
+    needs("keras")
+    result = run(keras_spec(strategies=['lora:rank=4,targets=["*/query", "*/attention_output"]']))
+    assert result.params_trainable == keras_lora_parameters(4, "qo")
+    with pytest.raises(StrategyError, match=r"lora.targets: \['\*/nowhere'\] match no Dense or EinsumDense layer "
+                                            r"inside the blocks \(e.g. block"):
+        run(keras_spec(strategies=['lora:targets=["*/nowhere"]']))
+    with pytest.raises(StrategyError, match="Keras's own LoRA"):
+        run(keras_spec(strategies=["lora:backend=peft"]))
+
+
+def test_a_keras_block_that_draws_dropout_masks_is_not_checkpointed():
+    """Keras's seed generators advance at every call: a recomputed block would draw another mask."""
+    needs("keras")
+    with pytest.raises(StrategyError, match=r"Keras block block(_\d+)? draws random numbers .*dropout.*rate to 0"):
+        run(keras_spec(strategies=["ckpt"], dropout=0.1))
+
+
+def test_a_keras_model_without_blocks_says_so():
+    needs("keras")
+    spec = spec_from_data({"model": {"keras": "tests.keras_lm:make_subclassed"},
+                           "train": {"batch_size": 2, "seq_len": 8, "steps": 1}, "run": {"device": "cpu"}},
+                          strategies=["ckpt"])
+    with pytest.raises(StrategyError, match="no blocks"):
+        run(spec)
 
 
 # --- TensorFlow, in a process of its own ---

@@ -8,17 +8,20 @@ backend runs in a process of its own (memopt.engine.keras_tf for TensorFlow).
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from memopt.adapters import AdapterError
 from memopt.adapters.module import ModuleAdapter
 from memopt.core.entry_points import call_user, kind_of, load_entry_point
-from memopt.core.errors import MemoptError
+from memopt.core.errors import MemoptError, StrategyError
 from memopt.spec import KerasModelSpec, Spec
 
 INSTALL = "pip install 'memopt[tf]'"
@@ -92,8 +95,72 @@ def keras_vocab_size(model: KerasModelSpec, built: Any) -> int | None:
                       "set model.vocab_size or give model.batch")
 
 
-def _layers(model: Any) -> Iterator[Any]:
-    yield from model._flatten_layers(include_self=False, recursive=True)
+def _layers(model: Any, recursive: bool = True) -> Iterator[Any]:
+    """A Keras layer's sublayers (all of them, or its direct children): Keras's one walk of its layer tree."""
+    yield from model._flatten_layers(include_self=False, recursive=recursive)
+
+
+LORA_LAYERS = ("Dense", "EinsumDense")  # the Keras layers with enable_lora that memopt's lora targets
+
+
+def keras_blocks(model: Any, for_what: str = "checkpointing") -> list[Any]:
+    """The model's blocks: its layers that hold layers of their own, of the class that repeats most (the shallowest
+    on a tie: a decoder block rather than the attention inside it), in call order. AdapterError when there are none,
+    or when a block draws random numbers (dropout): Keras's seed generator advances at every call, so a recomputed
+    block would draw another mask and its gradients would be wrong (``for_what`` checkpointing)."""
+    found: dict[type, list[Any]] = {}
+    depth: dict[type, int] = {}
+
+    def walk(layer: Any, level: int) -> None:
+        for child in _layers(layer, recursive=False):
+            if next(_layers(child, recursive=False), None) is not None and not any(
+                    child is seen for seen in found.get(type(child), [])):
+                found.setdefault(type(child), []).append(child)
+                depth.setdefault(type(child), level)
+            walk(child, level + 1)
+
+    walk(model, 0)
+    if not found:
+        raise AdapterError(f"this Keras model has no blocks (layers holding layers of their own) for {for_what}")
+    blocks = found[max(found, key=lambda kind: (len(found[kind]), -depth[kind]))]
+    for block in blocks if for_what == "checkpointing" else ():
+        weights = {id(w) for w in block.weights}
+        drawn = [v.path for v in block.variables if id(v) not in weights]  # seed generators' states
+        if drawn:
+            raise AdapterError(f"Keras block {block.name} draws random numbers ({drawn[0]}: dropout): a recomputed "
+                               "block would draw another mask; set its dropout rate to 0 to checkpoint it")
+    return blocks
+
+
+class _LayerCall(nn.Module):
+    """A Keras layer's own ``call`` as a module a wrapper can run (the layer itself is not registered under it)."""
+
+    def __init__(self, layer: Any):
+        super().__init__()
+        self.layer_call = layer.call
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.layer_call(*args, **kwargs)
+
+
+class KerasBlocks(nn.ModuleList):
+    """A Keras model's blocks as memopt's strategies see blocks: item i is block i's own call; setting item i to a
+    wrapper of it makes block i run through the wrapper whenever Keras calls the block."""
+
+    def __init__(self, blocks: list[Any]):
+        super().__init__([_LayerCall(block) for block in blocks])
+        self.keras_layers = blocks
+
+    def __setitem__(self, idx: int, module: nn.Module) -> None:
+        super().__setitem__(idx, module)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            # A recomputation that stops early raises through Keras's traceback filters, whose frames then keep the
+            # recomputed tensors alive in reference cycles until Python's collector runs: it runs to the end instead.
+            with set_checkpoint_early_stop(False):
+                return module(*args, **kwargs)
+
+        object.__setattr__(self.keras_layers[idx], "call", call)  # an instance attribute over the class's
 
 
 def keras_batch(model: KerasModelSpec, spec: Spec, vocab: int | None, step: int = 0) -> tuple[Any, Any]:
@@ -163,16 +230,16 @@ class KerasOptimizer:
 
 
 class KerasAdapter(ModuleAdapter):
-    """``ModelAdapter`` of a Keras model on the PyTorch backend: the loss is the one it was compiled with; its layers
-    are Keras layers, not torch modules memopt can wrap or swap (strategies that need them refuse)."""
+    """``ModelAdapter`` of a Keras model on the PyTorch backend: the loss is the one it was compiled with; its blocks
+    run through a wrapper memopt installs on their calls (checkpointing); its Dense layers are not nn.Linear
+    (strategies that swap linears refuse)."""
 
     def __init__(self, model: Any, spec: KerasModelSpec):
         super().__init__(model)
         self.spec_model = spec
 
-    def blocks(self) -> Any:
-        raise AdapterError("a Keras model's layers are not torch modules memopt can wrap (checkpointing, offload "
-                           "and sharding need them)")
+    def blocks(self) -> KerasBlocks:
+        return KerasBlocks(keras_blocks(self.model))
 
     def linears(self, keep: Any = None) -> dict[str, Any]:
         raise AdapterError("a Keras model's Dense layers are not nn.Linear: memopt cannot swap them")
@@ -196,6 +263,30 @@ class KerasAdapter(ModuleAdapter):
         logits: torch.Tensor = call_user(f"model.keras: {self.spec_model.keras}'s forward", self.model, batch[0],
                                          training=False)
         return logits
+
+    def enable_lora(self, rank: int, alpha: float, patterns: list[str]) -> list[str]:
+        """Keras's own LoRA (``enable_lora``) on the Dense and EinsumDense layers inside the blocks whose paths match
+        ``patterns`` (fnmatch); every other variable frozen. The adapted layers' paths; StrategyError when none
+        match or Keras refuses a layer."""
+        layers = [layer for block in keras_blocks(self.model, for_what="LoRA")
+                  for layer in (block, *_layers(block)) if type(layer).__name__ in LORA_LAYERS]
+        chosen = [layer for layer in layers if any(fnmatch.fnmatch(layer.path, p) for p in patterns)]
+        if not chosen:
+            some = ", ".join(layer.path for layer in layers[:3]) or "none"
+            raise StrategyError(f"lora.targets: {patterns} match no Dense or EinsumDense layer inside the blocks "
+                                f"(e.g. {some})")
+        for layer in chosen:
+            try:
+                layer.enable_lora(rank, lora_alpha=alpha)
+            except (ValueError, NotImplementedError) as exc:
+                raise StrategyError(f"lora: Keras cannot add adapters to {layer.path}: {exc}") from None
+        adapters = {id(v) for layer in chosen for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
+        keras_model: Any = self.model  # a keras.Model (an nn.Module on this backend)
+        keras_model._track_variables()  # Keras's torch parameters of the model, made at its build: the adapters too
+        for variable in keras_model.trainable_variables:
+            if id(variable) not in adapters:
+                variable.trainable = False  # on this backend it sets the torch parameter's requires_grad too
+        return [layer.path for layer in chosen]
 
     def own_optimizer(self) -> KerasOptimizer | None:
         return KerasOptimizer(self.model) if self.model.optimizer is not None else None

@@ -31,7 +31,7 @@ from memopt.core.errors import MemoptError
 from memopt.engine.data import held_out_rows
 from memopt.engine.inference import generate, prompt_batch
 from memopt.engine.step import make_batch, prepare, split_batch, train_step
-from memopt.spec import PythonModelSpec, Spec
+from memopt.spec import KerasModelSpec, PythonModelSpec, Spec
 from memopt.strategies import lossy
 
 DRIFT_STEPS = 3  # identical training steps before comparing, for strategies whose cost shows in training
@@ -55,7 +55,8 @@ def measure_drift(spec: Spec, model: ModelAdapter, batch: Any, device: str, cont
     reference.model.eval()
     diff2 = ref2 = loss_ref = loss_new = 0.0
     pieces = split_batch(batch, spec.train.batch_size)
-    tokens_and_targets = isinstance(batch, tuple) and len(batch) == 2 and not isinstance(spec.model, PythonModelSpec)
+    own_loss = isinstance(spec.model, (PythonModelSpec, KerasModelSpec))  # a factory's model: the loss it brings
+    tokens_and_targets = isinstance(batch, tuple) and len(batch) == 2 and not own_loss
     for piece in pieces:
         with contextlib.ExitStack() as stack:  # the strategies' step contexts (autocast for amp)
             ref = reference.logits(piece).float().flatten(0, -2)                      # s, vocab

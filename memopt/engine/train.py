@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import statistics
 import time
@@ -108,6 +109,9 @@ def _measured_steps(session: Session, result: RunResult, tracker: TensorTracker,
         steps = 1 if fake else session.spec.train.steps
         for i in range(steps):
             say(f"{result.name}: {'traced' if fake else 'measured'} step {i + 1}/{steps}")
+            # From a collected heap: what earlier steps left in reference cycles (Keras's tree utilities leave
+            # tensors in some) is not counted, and the collector then runs at the same points of every step.
+            gc.collect()
             tracker.begin_step()
             where.stage = "measured step"
             start = time.perf_counter()

@@ -9,6 +9,8 @@ peft's own LoRA layers in place (``peft.inject_adapter_in_model``, no PeftModel 
 A/B shapes and initialisation. After ``quant`` (applied first) the adapters go on the quantized layers:
 memopt's backend calls ``QuantLinear.add_lora`` on memopt's packed layers and wraps bitsandbytes' layers;
 peft wraps bitsandbytes' layers with its QLoRA layers (it does not know memopt's, so that pair is refused).
+A Keras model (PyTorch backend) gets Keras's own LoRA: ``enable_lora`` on the Dense and EinsumDense layers
+inside its blocks, targets matched against Keras's layer paths (e.g. ``*/query``).
 ``quant``'s own ``lora`` option and this strategy both add adapters: naming both is refused.
 """
 
@@ -25,6 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from memopt.adapters import ModelAdapter
+from memopt.adapters.keras import KerasAdapter
 from memopt.core._torch_private import in_fake_mode
 from memopt.core.errors import MemoptError, StrategyError
 from memopt.core.files import read_input
@@ -151,6 +154,12 @@ class Lora(Strategy[LoraStrategyOptions]):
 
     def apply(self, model: ModelAdapter) -> None:
         opts, modules_to_save = self._from_peft()
+        if isinstance(model, KerasAdapter):
+            if opts.backend == "peft" or self.options.peft_config is not None:
+                raise StrategyError("lora: a Keras model takes Keras's own LoRA (enable_lora), not peft's: drop "
+                                    "backend and peft_config")
+            model.enable_lora(opts.rank, opts.alpha, opts.targets)
+            return
         targets = lora_targets(model, opts.targets)
         if opts.backend == "peft":
             adapters = self._inject_peft(model, list(targets))
