@@ -31,6 +31,8 @@ ROWS: list[tuple[str, str, dict[str, Any], str, list[str]]] = [  # name, command
      "the blocks recomputed in backward (torch.utils.checkpoint on their call)", ["ckpt"]),
     ("Keras on PyTorch, lora", "profile", {**KERAS, "backend": "torch"},
      "Keras's enable_lora (rank 8) on the blocks' Dense/EinsumDense, the rest frozen", ["lora"]),
+    ("Keras on PyTorch, quant", "profile", {**KERAS, "backend": "torch"},
+     "Keras's layer.quantize('int8') on the blocks' Dense/EinsumDense (kernels frozen)", ["quant"]),
     ("Keras on TensorFlow", "profile", {**KERAS, "backend": "tensorflow"},
      "TensorFlow's allocator events replayed (graph mode; up to 2% from run to run)", []),
     ("Keras on TensorFlow, jit_compile", "profile", {**KERAS, "backend": "tensorflow", "kwargs": {"jit": True}},

@@ -67,8 +67,12 @@ def test_bad_keras_options_are_one_clear_error(args, message):
 
 
 def test_strategies_that_rewrite_torch_modules_are_refused_for_a_keras_model():
-    with pytest.raises(StrategyError, match="quant: not for a Keras model"):
-        build_strategies(keras_spec(strategies=["quant"]), "cpu")
+    with pytest.raises(StrategyError, match="prune: not for a Keras model"):
+        build_strategies(keras_spec(strategies=["prune"]), "cpu")
+    with pytest.raises(StrategyError, match="quant.group_size: a Keras model is quantized Keras's own way"):
+        build_strategies(keras_spec(strategies=["quant:group_size=32"]), "cpu")
+    with pytest.raises(StrategyError, match="quant.format: .*leave format out"):
+        build_strategies(keras_spec(strategies=["quant:bits=4,format=nf4"]), "cpu")
     with pytest.raises(StrategyError, match="amp: not for a Keras model.*mixed_bfloat16"):
         build_strategies(keras_spec(strategies=["amp"]), "cpu")
     with pytest.raises(StrategyError, match="accum: memopt applies strategies on Keras's PyTorch backend"):
@@ -200,6 +204,27 @@ def test_on_torch_lora_targets_are_keras_layer_paths():
         run(keras_spec(strategies=['lora:targets=["*/nowhere"]']))
     with pytest.raises(StrategyError, match="Keras's own LoRA"):
         run(keras_spec(strategies=["lora:backend=peft"]))
+
+
+def test_on_torch_quant_is_keras_own_int8_with_one_scale_per_output_unit(on_torch):
+    """layer.quantize("int8") on the blocks' Dense and EinsumDense layers: each kernel one byte a weight and frozen,
+    one float32 scale per output unit (q/k/v/o: d each, up: 4d, down: d)."""
+    result = run(keras_spec(strategies=["quant"]))
+    kernels = 2 * 12 * D * D  # per block: q, k, v, o (d x d each) and the feed-forward (2 x 4 d^2)
+    scales = 2 * (4 * D + 4 * D + D)
+    states = result.memory.state_bytes
+    assert states["params"] == on_torch.memory.state_bytes["params"] - 3 * kernels + 4 * scales == 1_444_768
+    assert states["grads"] == on_torch.memory.state_bytes["grads"] - 4 * kernels
+    assert result.drift is not None and 0 < result.drift["logits_rel_error"] < 0.05
+    four = run(keras_spec(strategies=["quant:bits=4"]))
+    assert four.memory.state_bytes["params"] < states["params"] - kernels // 3
+
+
+def test_on_torch_quant_with_lora_trains_keras_adapters_on_the_int8_kernels(on_torch):
+    result = run(keras_spec(strategies=["quant:lora=8"]))
+    assert result.params_trainable == keras_lora_parameters(8)
+    assert result.memory.state_bytes["grads"] == 4 * keras_lora_parameters(8)
+    assert result.memory.state_bytes["params"] == 1_444_768 + 4 * keras_lora_parameters(8)
 
 
 def test_a_keras_block_that_draws_dropout_masks_is_not_checkpointed():

@@ -100,7 +100,7 @@ def _layers(model: Any, recursive: bool = True) -> Iterator[Any]:
     yield from model._flatten_layers(include_self=False, recursive=recursive)
 
 
-LORA_LAYERS = ("Dense", "EinsumDense")  # the Keras layers with enable_lora that memopt's lora targets
+KERAS_LINEARS = ("Dense", "EinsumDense")  # the Keras layers memopt's lora and quant act on (Keras's own way)
 
 
 def keras_blocks(model: Any, for_what: str = "checkpointing") -> list[Any]:
@@ -264,29 +264,49 @@ class KerasAdapter(ModuleAdapter):
                                          training=False)
         return logits
 
-    def enable_lora(self, rank: int, alpha: float, patterns: list[str]) -> list[str]:
-        """Keras's own LoRA (``enable_lora``) on the Dense and EinsumDense layers inside the blocks whose paths match
-        ``patterns`` (fnmatch); every other variable frozen. The adapted layers' paths; StrategyError when none
-        match or Keras refuses a layer."""
-        layers = [layer for block in keras_blocks(self.model, for_what="LoRA")
-                  for layer in (block, *_layers(block)) if type(layer).__name__ in LORA_LAYERS]
+    def _block_layers(self, patterns: list[str], option: str, for_what: str) -> list[Any]:
+        """The Dense and EinsumDense layers inside the blocks whose Keras paths match ``patterns`` (fnmatch);
+        StrategyError naming ``option`` when none do."""
+        layers = [layer for block in keras_blocks(self.model, for_what=for_what)
+                  for layer in (block, *_layers(block)) if type(layer).__name__ in KERAS_LINEARS]
         chosen = [layer for layer in layers if any(fnmatch.fnmatch(layer.path, p) for p in patterns)]
         if not chosen:
             some = ", ".join(layer.path for layer in layers[:3]) or "none"
-            raise StrategyError(f"lora.targets: {patterns} match no Dense or EinsumDense layer inside the blocks "
+            raise StrategyError(f"{option}: {patterns} match no Dense or EinsumDense layer inside the blocks "
                                 f"(e.g. {some})")
+        return chosen
+
+    def _tracked(self) -> None:
+        """Keras's torch parameters of the model (a ParameterDict made at its build) remade from its variables now:
+        the ones a strategy added (adapters, quantized kernels and scales) included."""
+        keras_model: Any = self.model  # a keras.Model (an nn.Module on this backend)
+        keras_model._track_variables()
+
+    def quantize(self, mode: str) -> None:
+        """Keras's own weight quantization (``layer.quantize``: int8 or int4, one scale per output unit, the kernel
+        frozen) of the Dense and EinsumDense layers inside the blocks."""
+        for layer in self._block_layers(["*"], "quant", "quantization"):
+            try:
+                layer.quantize(mode)
+            except (ValueError, NotImplementedError) as exc:
+                raise StrategyError(f"quant: Keras cannot quantize {layer.path} to {mode}: {exc}") from None
+        self._tracked()
+
+    def enable_lora(self, rank: int, alpha: float, patterns: list[str], option: str = "lora.targets") -> None:
+        """Keras's own LoRA (``enable_lora``) on the Dense and EinsumDense layers inside the blocks whose paths match
+        ``patterns``; every other variable frozen. StrategyError when none match or Keras refuses a layer."""
+        chosen = self._block_layers(patterns, option, "LoRA")
         for layer in chosen:
             try:
                 layer.enable_lora(rank, lora_alpha=alpha)
             except (ValueError, NotImplementedError) as exc:
                 raise StrategyError(f"lora: Keras cannot add adapters to {layer.path}: {exc}") from None
         adapters = {id(v) for layer in chosen for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
-        keras_model: Any = self.model  # a keras.Model (an nn.Module on this backend)
-        keras_model._track_variables()  # Keras's torch parameters of the model, made at its build: the adapters too
+        self._tracked()
+        keras_model: Any = self.model
         for variable in keras_model.trainable_variables:
             if id(variable) not in adapters:
                 variable.trainable = False  # on this backend it sets the torch parameter's requires_grad too
-        return [layer.path for layer in chosen]
 
     def own_optimizer(self) -> KerasOptimizer | None:
         return KerasOptimizer(self.model) if self.model.optimizer is not None else None

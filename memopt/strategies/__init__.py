@@ -105,8 +105,8 @@ def build_strategies(spec: Any, device: str, saved: SavedTensors | None = None) 
     return sorted(chosen, key=lambda s: s.order)
 
 
-KERAS_STRATEGIES = ("accum", "ckpt", "offload", "lora")  # act on a Keras model on the PyTorch backend: the step's
-# batches, its blocks' calls, the tensors saved for backward, Keras's own LoRA
+KERAS_STRATEGIES = ("accum", "ckpt", "offload", "lora", "quant")  # act on a Keras model on the PyTorch backend: the
+# step's batches, its blocks' calls, the tensors saved for backward, Keras's own LoRA and quantization
 
 
 def _check_keras(name: str, backend: str) -> None:

@@ -17,6 +17,10 @@ the tracker counts them with the weights, as it counts memopt's scales. The ``lo
 bitsandbytes layer in memopt's LoRA (``memopt.model.quantize.LoraLinear``, the same adapters as with the memopt
 backend); peft's own QLoRA layers are the ``lora`` strategy with ``backend: peft``. bitsandbytes'
 parameters cannot wrap fake tensors, so this backend is profiled, never estimated.
+
+A Keras model (PyTorch backend) is quantized Keras's own way: ``layer.quantize("int8" | "int4")`` on the Dense
+and EinsumDense layers inside its blocks (one scale per output unit, the kernel frozen), and ``lora`` is Keras's
+``enable_lora`` on them; group sizes, nf4, bitsandbytes, the embedding and the head are refused there.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 from torch import nn
 
 from memopt.adapters import ModelAdapter
+from memopt.adapters.keras import KerasAdapter
 from memopt.core._torch_private import in_fake_mode
 from memopt.core.errors import StrategyError
 from memopt.model.quantize import LoraLinear, QuantLinear, dequantize, packed_parameters
@@ -209,6 +214,16 @@ class Quant(Strategy[QuantOptions]):
         if opts.lora and self.spec.run.mode != "train":
             raise StrategyError(f"quant.lora: adapters are for training; run.mode {self.spec.run.mode} runs the "
                                 "quantized weights alone (leave lora out)")
+        if getattr(self.spec.model, "kind", None) == "keras":
+            refused = {"backend": opts.backend != "memopt", "format": opts.format != "int",
+                       "group_size": "group_size" in opts.model_fields_set, "embedding": opts.embedding,
+                       "head": opts.head}
+            wrong = [name for name, given in refused.items() if given]
+            if wrong:
+                raise StrategyError(f"quant.{wrong[0]}: a Keras model is quantized Keras's own way (layer.quantize: "
+                                    "int8 or int4, one scale per output unit, the blocks' Dense and EinsumDense "
+                                    f"layers); leave {', '.join(wrong)} out")
+            return
         if opts.backend != "bitsandbytes":
             return
         require("bitsandbytes", "quant.backend bitsandbytes")
@@ -225,6 +240,9 @@ class Quant(Strategy[QuantOptions]):
                                 "row, no groups; leave group_size out")
 
     def apply(self, model: ModelAdapter) -> None:
+        if isinstance(model, KerasAdapter):
+            self._apply_keras(model)
+            return
         if self.options.backend == "bitsandbytes":
             self._apply_bitsandbytes(model)
             return
@@ -253,6 +271,14 @@ class Quant(Strategy[QuantOptions]):
             plan.contexts.append(quiet_bitsandbytes_matmul)
             plan.notes.append("quant: bitsandbytes' 8-bit layers (LLM.int8) quantize their inputs through float16 "
                               "in every matmul")
+
+    def _apply_keras(self, model: KerasAdapter) -> None:
+        """Keras's own quantization (int8, int4) of the blocks' Dense and EinsumDense layers, then Keras's LoRA on
+        them (quant.lora); check() refused the options that mean nothing there."""
+        opts = self.options
+        model.quantize(f"int{opts.bits}")
+        if opts.lora:
+            model.enable_lora(opts.lora.rank, opts.lora.alpha, opts.lora.targets, option="quant.lora.targets")
 
     def _apply_bitsandbytes(self, model: ModelAdapter) -> None:
         opts = self.options
