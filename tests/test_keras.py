@@ -214,7 +214,7 @@ def test_on_torch_lora_targets_are_keras_layer_paths():
                                             r"inside the blocks \(e.g. block"):
         run(keras_spec(strategies=['lora:targets=["*/nowhere"]']))
     with pytest.raises(StrategyError, match="Keras's own LoRA"):
-        run(keras_spec(strategies=["lora:backend=peft"]))
+        build_strategies(keras_spec(strategies=["lora:backend=peft"]), "cpu")  # refused before anything runs
 
 
 def test_on_torch_quant_is_keras_own_int8_with_one_scale_per_output_unit(on_torch):

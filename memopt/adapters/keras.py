@@ -105,16 +105,16 @@ KERAS_LINEARS = ("Dense", "EinsumDense")  # the Keras layers memopt's lora and q
 
 def keras_blocks(model: Any, for_what: str = "checkpointing") -> list[Any]:
     """The model's blocks: its layers that hold layers of their own, of the class that repeats most (the shallowest
-    on a tie: a decoder block rather than the attention inside it), in call order. AdapterError when there are none,
-    or when a block draws random numbers (dropout): Keras's seed generator advances at every call, so a recomputed
-    block would draw another mask and its gradients would be wrong (``for_what`` checkpointing)."""
+    on a tie: a decoder block rather than the attention inside it), in call order. AdapterError naming ``for_what``
+    when there are none."""
     found: dict[type, list[Any]] = {}
     depth: dict[type, int] = {}
+    seen: set[int] = set()
 
     def walk(layer: Any, level: int) -> None:
         for child in _layers(layer, recursive=False):
-            if next(_layers(child, recursive=False), None) is not None and not any(
-                    child is seen for seen in found.get(type(child), [])):
+            if id(child) not in seen and next(_layers(child, recursive=False), None) is not None:
+                seen.add(id(child))
                 found.setdefault(type(child), []).append(child)
                 depth.setdefault(type(child), level)
             walk(child, level + 1)
@@ -122,14 +122,19 @@ def keras_blocks(model: Any, for_what: str = "checkpointing") -> list[Any]:
     walk(model, 0)
     if not found:
         raise AdapterError(f"this Keras model has no blocks (layers holding layers of their own) for {for_what}")
-    blocks = found[max(found, key=lambda kind: (len(found[kind]), -depth[kind]))]
-    for block in blocks if for_what == "checkpointing" else ():
+    return found[max(found, key=lambda kind: (len(found[kind]), -depth[kind]))]
+
+
+def refuse_random_blocks(blocks: list[Any]) -> None:
+    """AdapterError when a block draws random numbers (dropout: its seed generators' state variables, which are
+    variables but not weights): Keras's seed generator advances at every call, so a recomputed block would draw
+    another mask and its gradients would be wrong."""
+    for block in blocks:
         weights = {id(w) for w in block.weights}
-        drawn = [v.path for v in block.variables if id(v) not in weights]  # seed generators' states
+        drawn = [v.path for v in block.variables if id(v) not in weights]
         if drawn:
             raise AdapterError(f"Keras block {block.name} draws random numbers ({drawn[0]}: dropout): a recomputed "
                                "block would draw another mask; set its dropout rate to 0 to checkpoint it")
-    return blocks
 
 
 class _LayerCall(nn.Module):
@@ -239,7 +244,15 @@ class KerasAdapter(ModuleAdapter):
         self.spec_model = spec
 
     def blocks(self) -> KerasBlocks:
-        return KerasBlocks(keras_blocks(self.model))
+        """The blocks, to run through a wrapper (checkpointing: blocks that draw dropout masks are refused)."""
+        blocks = keras_blocks(self.keras_model)
+        refuse_random_blocks(blocks)
+        return KerasBlocks(blocks)
+
+    @property
+    def keras_model(self) -> Any:
+        """The keras.Model (an nn.Module on this backend, with Keras's own API beside)."""
+        return self.model
 
     def linears(self, keep: Any = None) -> dict[str, Any]:
         raise AdapterError("a Keras model's Dense layers are not nn.Linear: memopt cannot swap them")
@@ -252,10 +265,9 @@ class KerasAdapter(ModuleAdapter):
 
     def loss(self, batch: Any) -> torch.Tensor:
         x, y = batch
-        keras_model: Any = self.model  # a keras.Model (an nn.Module on this backend)
         name = self.spec_model.keras
-        y_pred = call_user(f"model.keras: {name}'s forward", keras_model, x, training=True)
-        loss: torch.Tensor = call_user(f"model.keras: {name}'s compiled loss", keras_model.compute_loss, x=x, y=y,
+        y_pred = call_user(f"model.keras: {name}'s forward", self.keras_model, x, training=True)
+        loss: torch.Tensor = call_user(f"model.keras: {name}'s compiled loss", self.keras_model.compute_loss, x=x, y=y,
                                        y_pred=y_pred)
         return loss
 
@@ -267,7 +279,7 @@ class KerasAdapter(ModuleAdapter):
     def _block_layers(self, patterns: list[str], option: str, for_what: str) -> list[Any]:
         """The Dense and EinsumDense layers inside the blocks whose Keras paths match ``patterns`` (fnmatch);
         StrategyError naming ``option`` when none do."""
-        layers = [layer for block in keras_blocks(self.model, for_what=for_what)
+        layers = [layer for block in keras_blocks(self.keras_model, for_what=for_what)
                   for layer in (block, *_layers(block)) if type(layer).__name__ in KERAS_LINEARS]
         chosen = [layer for layer in layers if any(fnmatch.fnmatch(layer.path, p) for p in patterns)]
         if not chosen:
@@ -279,8 +291,7 @@ class KerasAdapter(ModuleAdapter):
     def _tracked(self) -> None:
         """Keras's torch parameters of the model (a ParameterDict made at its build) remade from its variables now:
         the ones a strategy added (adapters, quantized kernels and scales) included."""
-        keras_model: Any = self.model  # a keras.Model (an nn.Module on this backend)
-        keras_model._track_variables()
+        self.keras_model._track_variables()
 
     def quantize(self, mode: str) -> None:
         """Keras's own weight quantization (``layer.quantize``: int8 or int4, one scale per output unit, the kernel
@@ -303,8 +314,7 @@ class KerasAdapter(ModuleAdapter):
                 raise StrategyError(f"lora: Keras cannot add adapters to {layer.path}: {exc}") from None
         adapters = {id(v) for layer in chosen for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
         self._tracked()
-        keras_model: Any = self.model
-        for variable in keras_model.trainable_variables:
+        for variable in self.keras_model.trainable_variables:
             if id(variable) not in adapters:
                 variable.trainable = False  # on this backend it sets the torch parameter's requires_grad too
 

@@ -126,6 +126,10 @@ class Lora(Strategy[LoraStrategyOptions]):
     candidates = ({"rank": 8},)
 
     def check(self) -> None:
+        if getattr(self.spec.model, "kind", None) == "keras" and (
+                self.options.backend == "peft" or self.options.peft_config is not None):
+            raise StrategyError("lora: a Keras model takes Keras's own LoRA (enable_lora), not peft's: drop "
+                                "backend and peft_config")
         self._from_peft()  # a peft_config that cannot be read or clashes: refused before anything runs
         quant = next((s for s in self.spec.strategies if s.name == "quant"), None)
         if quant is not None and getattr(quant.options, "lora", None) is not None:
@@ -155,9 +159,6 @@ class Lora(Strategy[LoraStrategyOptions]):
     def apply(self, model: ModelAdapter) -> None:
         opts, modules_to_save = self._from_peft()
         if isinstance(model, KerasAdapter):
-            if opts.backend == "peft" or self.options.peft_config is not None:
-                raise StrategyError("lora: a Keras model takes Keras's own LoRA (enable_lora), not peft's: drop "
-                                    "backend and peft_config")
             model.enable_lora(opts.rank, opts.alpha, opts.targets)
             return
         targets = lora_targets(model, opts.targets)
